@@ -1,0 +1,7 @@
+"""diffusers-curriculum: timestep-aware training regimes for Hugging Face Diffusers."""
+
+__version__ = "0.1.0.dev0"
+
+from .sampling import IntervalSampler, LogitNormalSampler, TimestepSampler, UniformSampler
+from .schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler, RegimeSchedulerMixin
+from .weighting import loss_weights, min_snr_weights, p2_weights

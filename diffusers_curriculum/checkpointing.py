@@ -1,0 +1,102 @@
+"""Crash-safe ``accelerator.save_state`` checkpoints named ``checkpoint-<global step>``.
+
+A checkpoint is written to a hidden ``.checkpoint-<step>.tmp`` folder and renamed into place only when
+complete, so ``--resume_from_checkpoint latest`` never sees a half-written one. Rotation by
+``--checkpoints_total_limit`` runs after the new checkpoint is in place and never removes the newest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import UsageError
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+def list_checkpoints(output_dir: str) -> List[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def checkpoint_step(path: Path) -> int:
+    match = _NAME.match(Path(path).name)
+    if match is None:
+        raise UsageError(f"--resume_from_checkpoint {path}: not a checkpoint-<step> folder")
+    return int(match.group(1))
+
+
+def resolve_resume_path(output_dir: str, resume_from_checkpoint: Optional[str]) -> Optional[Path]:
+    """The checkpoint to resume from: ``None`` (fresh start), ``latest`` (newest complete one, or a fresh
+    start when there is none, so re-running a pre-empted command just continues), or a path / a name in
+    ``output_dir`` that must exist."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from_checkpoint)
+    if not path.is_dir() and (Path(output_dir) / resume_from_checkpoint).is_dir():
+        path = Path(output_dir) / resume_from_checkpoint
+    if not path.is_dir():
+        raise UsageError(f"--resume_from_checkpoint {resume_from_checkpoint}: no checkpoint folder there")
+    checkpoint_step(path)
+    return path
+
+
+def load_checkpoint(accelerator, path: Path) -> int:
+    """``accelerator.load_state(path)``; returns the global step. A corrupt checkpoint is a UsageError."""
+    step = checkpoint_step(path)
+    try:
+        accelerator.load_state(str(path))
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(
+            f"--resume_from_checkpoint {path}: cannot load it ({type(e).__name__}: {detail})"
+        ) from None
+    return step
+
+
+def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: Optional[int] = None) -> Path:
+    """Writes ``checkpoint-<global_step>`` atomically on every rank, then rotates on the main process."""
+    final = Path(output_dir) / f"checkpoint-{global_step}"
+    tmp = Path(output_dir) / f".checkpoint-{global_step}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave neither
+            old = final.with_name(f".checkpoint-{global_step}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, final)
+        if total_limit is not None:
+            for stale in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flushes every file below ``root`` to disk before it is renamed into place."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

@@ -1,0 +1,203 @@
+"""Training images: the embedded offline data sets, image folders and Hub data sets.
+
+Every source becomes a ``torch.utils.data.Dataset`` of ``{"pixel_values": (C, H, W) float in [-1, 1],
+"labels": int}`` items (``labels`` is -1 where the source has none).
+
+* ``fashion_mnist`` (default): Fashion-MNIST from Debian's ``dataset-fashion-mnist`` package, read from
+  its IDX files; falls back to the Hub copy through ``datasets`` when the package is missing.
+* ``digits``: scikit-learn's 8×8 digits, the tiny fallback for smoke tests.
+* ``--train_data_dir``: any image folder (``datasets``' ``imagefolder``).
+* any other ``--dataset_name``: a ``datasets`` data set with an image column.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import UsageError
+
+FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
+BUILTIN_DATASETS = ("fashion_mnist", "digits")
+HUB_DATASET_IDS = {"fashion_mnist": FASHION_MNIST_HUB_ID}  # what a model card names as the data
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Reads a (gzipped) IDX file (the MNIST format) into a uint8 array."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise UsageError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise UsageError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {array.size}")
+    return array.reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train", root: Optional[Path] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST as ``(images uint8 (N, 28, 28), labels int64 (N,))``.
+
+    Reads the Debian package's files; where they are missing, tries the Hub copy (needs network).
+    """
+    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images_path = root / f"{prefix}-images-idx3-ubyte.gz"
+    labels_path = root / f"{prefix}-labels-idx1-ubyte.gz"
+    if images_path.exists() and labels_path.exists():
+        return read_idx(images_path), read_idx(labels_path).astype(np.int64)
+    try:
+        import datasets
+
+        hub = datasets.load_dataset(FASHION_MNIST_HUB_ID, split=split)
+        images = np.stack([np.asarray(image, dtype=np.uint8) for image in hub["image"]])
+        return images, np.asarray(hub["label"], dtype=np.int64)
+    except Exception as e:  # offline, missing package, Hub error: one line naming both ways
+        raise UsageError(
+            f"--dataset_name fashion_mnist: no files in {root} and the Hub copy failed ({type(e).__name__}); "
+            "install it with `apt-get install dataset-fashion-mnist` or run with network access"
+        ) from None
+
+
+def load_digits() -> Tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as ``(images uint8 (1797, 8, 8), labels)``."""
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError:
+        raise UsageError("--dataset_name digits needs scikit-learn: pip install scikit-learn") from None
+    digits = sklearn_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    return images, digits.target.astype(np.int64)
+
+
+class TensorImageDataset(torch.utils.data.Dataset):
+    """In-memory images, resized once to ``resolution`` and scaled to [-1, 1]."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, resolution: int, random_flip: bool = False):
+        pixels = torch.from_numpy(np.array(images, copy=True)).float().div_(127.5).sub_(1.0)
+        if pixels.ndim == 3:
+            pixels = pixels[:, None]
+        if pixels.shape[-1] != resolution or pixels.shape[-2] != resolution:
+            pixels = F.interpolate(pixels, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        self.pixels = pixels.clamp_(-1.0, 1.0)
+        self.labels = torch.as_tensor(labels, dtype=torch.long)
+        self.random_flip = random_flip
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    def __getitem__(self, index: int):
+        pixels = self.pixels[index]
+        if self.random_flip and torch.rand(()) < 0.5:
+            pixels = pixels.flip(-1)
+        return {"pixel_values": pixels, "labels": self.labels[index]}
+
+
+def pil_to_tensor(
+    image: Image.Image, resolution: int, mode: str, center_crop: bool = True, random_flip: bool = False
+) -> torch.Tensor:
+    """Resize (shorter side) → crop → optional flip → (C, H, W) float in [-1, 1]; PIL + numpy only."""
+    image = image.convert(mode)
+    scale = resolution / min(image.size)
+    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    image = image.resize((width, height), Image.BILINEAR)
+    if center_crop:
+        left, top = (width - resolution) // 2, (height - resolution) // 2
+    else:
+        left = int(torch.randint(0, width - resolution + 1, ()))
+        top = int(torch.randint(0, height - resolution + 1, ()))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    tensor = torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
+    if random_flip and torch.rand(()) < 0.5:
+        tensor = tensor.flip(-1)
+    return tensor.contiguous()
+
+
+class HFImageDataset(torch.utils.data.Dataset):
+    """A ``datasets.Dataset`` with an image column, transformed on access."""
+
+    def __init__(self, dataset, image_column: str, label_column: Optional[str], resolution: int, mode: str,
+                 center_crop: bool, random_flip: bool):
+        self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
+        self.resolution, self.mode, self.center_crop, self.random_flip = resolution, mode, center_crop, random_flip
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        row = self.dataset[index]
+        try:
+            pixels = pil_to_tensor(row[self.image_column], self.resolution, self.mode, self.center_crop, self.random_flip)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"image {index} of the training data cannot be read: {e}") from None
+        label = int(row[self.label_column]) if self.label_column else -1
+        return {"pixel_values": pixels, "labels": torch.tensor(label)}
+
+
+def _check_image_folder(train_data_dir: str) -> None:
+    root = Path(train_data_dir)
+    if not root.is_dir():
+        raise UsageError(f"--train_data_dir {train_data_dir} is not a folder")
+    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file()):
+        raise UsageError(f"--train_data_dir {train_data_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+
+
+def build_dataset(
+    dataset_name: Optional[str] = "fashion_mnist",
+    train_data_dir: Optional[str] = None,
+    resolution: int = 32,
+    image_column: str = "image",
+    label_column: Optional[str] = None,
+    image_mode: Optional[str] = None,
+    center_crop: bool = True,
+    random_flip: bool = False,
+    dataset_config_name: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    max_train_samples: Optional[int] = None,
+) -> torch.utils.data.Dataset:
+    """The training set the flags describe (see the module docstring); ``image_mode`` ``"L"`` or ``"RGB"``
+    applies to image folders and Hub data sets (default RGB); the embedded sets are grey (one channel)."""
+    if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
+        images, labels = load_fashion_mnist() if dataset_name == "fashion_mnist" else load_digits()
+        if max_train_samples is not None:
+            images, labels = images[:max_train_samples], labels[:max_train_samples]
+        return TensorImageDataset(images, labels, resolution, random_flip)
+
+    import datasets
+
+    if train_data_dir is not None:
+        _check_image_folder(train_data_dir)
+        hf = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+    else:
+        try:
+            hf = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+        except Exception as e:
+            raise UsageError(f"--dataset_name {dataset_name}: cannot load it ({type(e).__name__}: {e})") from None
+    if image_column not in hf.column_names:
+        raise UsageError(f"--image_column {image_column!r} is not a column of the data set ({', '.join(hf.column_names)})")
+    if label_column is not None and label_column not in hf.column_names:
+        raise UsageError(f"--label_column {label_column!r} is not a column of the data set ({', '.join(hf.column_names)})")
+    if len(hf) == 0:
+        raise UsageError("the training data set is empty")
+    if max_train_samples is not None:
+        hf = hf.select(range(min(max_train_samples, len(hf))))
+    return HFImageDataset(hf, image_column, label_column, resolution, image_mode or "RGB", center_crop, random_flip)
+
+
+def num_channels(dataset: torch.utils.data.Dataset) -> int:
+    """Channels of the images a dataset yields (reads the first item)."""
+    return int(dataset[0]["pixel_values"].shape[0])

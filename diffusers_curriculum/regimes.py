@@ -1,0 +1,194 @@
+"""Training regimes: the one object a training script talks to.
+
+A regime decides which timesteps (tasks) a batch holds, turns per-sample losses into what is
+back-propagated, performs the backward pass, keeps its own bookkeeping between steps and carries all of
+that state through ``accelerator.register_for_checkpointing``. A script's step is::
+
+    noise, timesteps = regime.sample(clean_images)
+    noisy = noise_scheduler.add_noise(clean_images, noise, timesteps)
+    with accelerator.accumulate(model):
+        per_sample_loss = ...                       # (batch,) MSE of the model's prediction
+        loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
+        optimizer.step(); ...
+    if accelerator.sync_gradients:
+        logs.update(regime.on_step_end(accelerator, global_step))
+
+Randomness: a regime draws the timesteps and noise of the *global* batch (all data-parallel ranks) from
+generators that are identical on every rank and keeps its rank's slice. Every rank therefore holds the
+same regime state, rank 0's checkpoint restores all of them, and a resumed run redraws exactly what the
+uninterrupted run would have drawn.
+
+New regimes subclass :class:`TrainingRegime`, add their flags in ``add_args`` and register in
+:data:`REGIMES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from .errors import UsageError
+from .sampling import SAMPLERS, TimestepSampler
+from .weighting import WEIGHTINGS, loss_weights
+
+
+class TrainingRegime:
+    """Uniform-task training: a timestep sampler plus an optional per-sample loss weighting.
+
+    Args:
+        noise_scheduler: the diffusers scheduler used for ``add_noise`` (gives T and ᾱ_t).
+        sampler: draws the timesteps of the global batch.
+        weighting: ``"none"``, ``"min_snr"`` or ``"p2"`` (see :mod:`diffusers_curriculum.weighting`).
+        seed: seed of the noise generator (the sampler has its own).
+        process_index, num_processes: this rank and the data-parallel world size.
+    """
+
+    name = "uniform"
+
+    def __init__(
+        self,
+        noise_scheduler,
+        sampler: TimestepSampler,
+        weighting: str = "none",
+        snr_gamma: Optional[float] = None,
+        p2_gamma: float = 1.0,
+        p2_k: float = 1.0,
+        seed: int = 0,
+        process_index: int = 0,
+        num_processes: int = 1,
+    ):
+        self.noise_scheduler = noise_scheduler
+        self.sampler = sampler
+        self.weighting = weighting
+        self.snr_gamma, self.p2_gamma, self.p2_k = snr_gamma, p2_gamma, p2_k
+        self.noise_generator = torch.Generator().manual_seed(seed)
+        self.process_index, self.num_processes = process_index, num_processes
+
+    # ---- flags ---------------------------------------------------------------------------------------
+    @staticmethod
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        """Flags shared by every regime."""
+        group = parser.add_argument_group("training regime")
+        group.add_argument("--regime", type=str, default="uniform", help=f"One of {sorted(REGIMES)}.")
+        group.add_argument(
+            "--timestep_sampling", type=str, default="uniform", choices=sorted(SAMPLERS),
+            help="How the uniform regime draws timesteps.",
+        )
+        group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal sampler.")
+        group.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit-normal sampler.")
+        group.add_argument(
+            "--weighting", type=str, default=None, choices=WEIGHTINGS,
+            help="Per-sample loss weighting. Defaults to 'min_snr' when --snr_gamma is set, else 'none'.",
+        )
+        group.add_argument(
+            "--snr_gamma", type=float, default=None,
+            help="γ of Min-SNR-γ loss weighting (recommended 5.0, arXiv 2303.09556).",
+        )
+        group.add_argument("--p2_gamma", type=float, default=1.0, help="γ of P2 weighting 1/(k+SNR)^γ.")
+        group.add_argument("--p2_k", type=float, default=1.0, help="k of P2 weighting 1/(k+SNR)^γ.")
+
+    @staticmethod
+    def validate_args(args: argparse.Namespace) -> None:
+        """Checks the shared flags; raises :class:`UsageError` naming the flag."""
+        if args.regime not in REGIMES:
+            raise UsageError(f"--regime {args.regime!r} is unknown; choose one of {', '.join(sorted(REGIMES))}")
+        if args.weighting is None:
+            args.weighting = "min_snr" if args.snr_gamma is not None else "none"
+        if args.weighting == "min_snr" and (args.snr_gamma is None or not args.snr_gamma > 0):
+            raise UsageError(f"--weighting min_snr needs --snr_gamma > 0, got {args.snr_gamma}")
+        if args.snr_gamma is not None and args.weighting != "min_snr":
+            raise UsageError(f"--snr_gamma is set but --weighting is {args.weighting!r}; drop one of them")
+        if not args.logit_std > 0:
+            raise UsageError(f"--logit_std must be > 0, got {args.logit_std}")
+        if not args.p2_k > 0:
+            raise UsageError(f"--p2_k must be > 0, got {args.p2_k}")
+        REGIMES[args.regime].validate_regime_args(args)
+
+    @classmethod
+    def validate_regime_args(cls, args: argparse.Namespace) -> None:
+        """Checks the flags of this regime only (subclasses override)."""
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, noise_scheduler, process_index: int = 0, num_processes: int = 1):
+        """Builds the regime named by ``--regime`` (call :meth:`validate_args` first)."""
+        regime_cls = REGIMES[args.regime]
+        return regime_cls(
+            noise_scheduler,
+            regime_cls.sampler_from_args(args, noise_scheduler.config.num_train_timesteps),
+            weighting=args.weighting,
+            snr_gamma=args.snr_gamma,
+            p2_gamma=args.p2_gamma,
+            p2_k=args.p2_k,
+            seed=0 if args.seed is None else args.seed,
+            process_index=process_index,
+            num_processes=num_processes,
+            **regime_cls.extra_kwargs_from_args(args),
+        )
+
+    @classmethod
+    def sampler_from_args(cls, args: argparse.Namespace, num_train_timesteps: int) -> TimestepSampler:
+        seed = 0 if args.seed is None else args.seed
+        if args.timestep_sampling == "logit_normal":
+            return SAMPLERS["logit_normal"](num_train_timesteps, args.logit_mean, args.logit_std, seed=seed)
+        return SAMPLERS[args.timestep_sampling](num_train_timesteps, seed=seed)
+
+    @classmethod
+    def extra_kwargs_from_args(cls, args: argparse.Namespace) -> Dict[str, Any]:
+        return {}
+
+    # ---- the training step ---------------------------------------------------------------------------
+    def _local_slice(self, global_draw: torch.Tensor) -> torch.Tensor:
+        per_rank = global_draw.shape[0] // self.num_processes
+        return global_draw[self.process_index * per_rank : (self.process_index + 1) * per_rank]
+
+    def sample(self, clean: torch.Tensor) -> Tuple[torch.Tensor, torch.LongTensor]:
+        """Draws ``(noise, timesteps)`` for this rank's batch ``clean`` of shape ``(B, C, H, W)``."""
+        batch_size = clean.shape[0]
+        global_size = batch_size * self.num_processes
+        timesteps = self._local_slice(self.sampler.sample(global_size))
+        noise = torch.randn((global_size, *clean.shape[1:]), generator=self.noise_generator)
+        noise = self._local_slice(noise)
+        return noise.to(device=clean.device, dtype=clean.dtype), timesteps.to(clean.device)
+
+    def compute_loss(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Weighted mean of the per-sample losses (shape ``(B,)``) → the scalar to back-propagate."""
+        weights = loss_weights(
+            self.noise_scheduler, timesteps, self.weighting, self.snr_gamma, self.p2_gamma, self.p2_k
+        )
+        if weights is None:
+            return per_sample_loss.mean()
+        return (per_sample_loss * weights.to(per_sample_loss.dtype)).mean()
+
+    def backward(self, accelerator, per_sample_loss: torch.Tensor, timesteps: torch.Tensor, model=None) -> torch.Tensor:
+        """Back-propagates this regime's loss through ``accelerator`` and returns it (detached)."""
+        loss = self.compute_loss(per_sample_loss, timesteps)
+        accelerator.backward(loss)
+        self.sampler.observe(timesteps, per_sample_loss.detach())
+        return loss.detach()
+
+    def on_step_end(self, accelerator, global_step: int) -> Dict[str, Any]:
+        """Called once per optimizer step (after gradient sync); returns values to log."""
+        return {}
+
+    # ---- records -------------------------------------------------------------------------------------
+    def describe(self) -> Dict[str, Any]:
+        """JSON-able summary for the scheduler config and the model card."""
+        info: Dict[str, Any] = {"name": self.name, "timestep_sampler": type(self.sampler).__name__}
+        info["weighting"] = self.weighting
+        if self.weighting == "min_snr":
+            info["snr_gamma"] = self.snr_gamma
+        elif self.weighting == "p2":
+            info.update(p2_gamma=self.p2_gamma, p2_k=self.p2_k)
+        return info
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "noise_generator": self.noise_generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise_generator.set_state(state["noise_generator"])
+
+
+REGIMES: Dict[str, type] = {"uniform": TrainingRegime}

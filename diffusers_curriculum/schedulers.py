@@ -1,0 +1,64 @@
+"""Schedulers that remember how their model was trained.
+
+``RegimeDDPMScheduler`` and ``RegimeDDIMScheduler`` are diffusers' DDPM/DDIM schedulers with one more
+config entry, ``training_regime``: a JSON-able dict (regime name, weighting, clusters, stage history, …)
+written to ``scheduler_config.json`` by ``save_pretrained``. A pipeline saved with one of them reloads with
+``DDPMPipeline.from_pretrained(path)`` once ``diffusers_curriculum`` is importable; stock diffusers
+schedulers still read the config (they ignore the extra entry).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, Optional
+
+from diffusers import DDIMScheduler, DDPMScheduler
+
+
+def _init_with_regime(base):
+    """``base.__init__`` plus a trailing ``training_regime=None`` parameter, for ``@register_to_config``.
+
+    diffusers reads a config class's fields from its ``__init__`` signature, so the subclass exposes the
+    base's parameters and the new one instead of hiding them behind ``**kwargs``.
+    """
+    base_init = inspect.unwrap(base.__init__)
+
+    def __init__(self, *args, training_regime: Optional[Dict[str, Any]] = None, **kwargs):
+        base_init(self, *args, **kwargs)
+
+    params = list(inspect.signature(base_init).parameters.values())
+    params.append(inspect.Parameter("training_regime", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None))
+    __init__.__signature__ = inspect.Signature(params)
+    __init__.__doc__ = base.__init__.__doc__
+    return __init__
+
+
+class RegimeSchedulerMixin:
+    """Accessors for the ``training_regime`` entry of a scheduler config."""
+
+    @property
+    def training_regime(self) -> Dict[str, Any]:
+        return dict(self.config.get("training_regime") or {})
+
+    def with_training_regime(self, training_regime: Dict[str, Any]):
+        """A copy of this scheduler whose config records ``training_regime``."""
+        return self.__class__.from_config(self.config, training_regime=training_regime)
+
+
+def _decorated(base):
+    # Local import: keeps `register_to_config` next to the only place it is applied.
+    from diffusers.configuration_utils import register_to_config
+
+    return register_to_config(_init_with_regime(base))
+
+
+class RegimeDDPMScheduler(RegimeSchedulerMixin, DDPMScheduler):
+    """:class:`~diffusers.DDPMScheduler` whose config also records the training regime."""
+
+    __init__ = _decorated(DDPMScheduler)
+
+
+class RegimeDDIMScheduler(RegimeSchedulerMixin, DDIMScheduler):
+    """:class:`~diffusers.DDIMScheduler` whose config also records the training regime."""
+
+    __init__ = _decorated(DDIMScheduler)

@@ -1,0 +1,40 @@
+from setuptools import setup
+
+extras = {
+    "xformers": ["xformers>=0.0.23"],
+    "dev": ["pytest>=7.0", "scikit-learn>=1.2"],
+}
+
+setup(
+    name="diffusers-curriculum",
+    version="0.1.0.dev0",
+    description="Timestep-aware training regimes (curriculum, clustered multi-task, TDC) for Hugging Face Diffusers.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=["diffusers_curriculum", "diffusers_curriculum.model_cards"],
+    # The card templates live in the top-level model_cards/ folder and ship inside the package.
+    package_dir={"diffusers_curriculum": "diffusers_curriculum", "diffusers_curriculum.model_cards": "model_cards"},
+    package_data={"diffusers_curriculum.model_cards": ["*.md"]},
+    install_requires=[
+        "torch>=2.1,<3",
+        "diffusers>=0.30",
+        "transformers>=4.40",
+        "accelerate>=0.30",
+        "datasets>=2.18",
+        "safetensors>=0.4",
+        "huggingface_hub>=0.23",
+        "numpy",
+        "Pillow",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require=extras,
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,38 @@
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the Hub in tests
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def load_script(name: str):
+    """Imports train_scripts/<name>.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "train_scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def train_unconditional():
+    return load_script("train_unconditional")
+
+
+# A tiny, fast configuration of the unconditional script (real Fashion-MNIST, 32×32, 2-block UNet).
+TINY_FLAGS = [
+    "--resolution", "32", "--block_out_channels", "16,32", "--train_batch_size", "8",
+    "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--lr_scheduler", "constant",
+    "--ddpm_num_steps", "100", "--ddpm_num_inference_steps", "4", "--eval_batch_size", "4",
+    "--max_train_samples", "512", "--report_to", "none", "--seed", "0",
+]
+
+
+@pytest.fixture
+def tiny_flags():
+    return list(TINY_FLAGS)

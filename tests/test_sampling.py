@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from diffusers_curriculum.sampling import IntervalSampler, LogitNormalSampler, UniformSampler
+
+
+@pytest.mark.parametrize("cls", [UniformSampler, LogitNormalSampler])
+def test_samplers_draw_long_timesteps_inside_range(cls):
+    t = cls(50, seed=1).sample(10_000)
+    assert t.dtype == torch.long and t.shape == (10_000,)
+    assert int(t.min()) >= 0 and int(t.max()) <= 49
+
+
+def test_uniform_sampler_covers_every_timestep_evenly():
+    counts = torch.bincount(UniformSampler(10, seed=0).sample(100_000), minlength=10).float()
+    assert torch.allclose(counts / counts.sum(), torch.full((10,), 0.1), atol=0.01)
+
+
+def test_logit_normal_sampler_concentrates_on_middle_timesteps():
+    t = LogitNormalSampler(1000, mean=0.0, std=1.0, seed=0).sample(50_000).float()
+    middle = ((t >= 250) & (t < 750)).float().mean()
+    assert middle > 0.6  # P(|u| < logit(0.75)=1.0986) ≈ 0.73 for u ~ N(0, 1)
+    assert abs(t.mean().item() - 500) < 10
+
+
+def test_logit_normal_mean_shifts_draws():
+    high = LogitNormalSampler(1000, mean=1.0, seed=0).sample(20_000).float().mean()
+    assert high > 650
+
+
+def test_interval_sampler_stays_inside_interval_and_rejects_empty():
+    sampler = IntervalSampler(100, 20, 30, seed=0)
+    t = sampler.sample(5000)
+    assert set(t.tolist()) == set(range(20, 30))
+    with pytest.raises(ValueError, match="interval"):
+        sampler.set_interval(30, 30)
+    with pytest.raises(ValueError, match="interval"):
+        sampler.set_interval(0, 101)
+
+
+@pytest.mark.parametrize("cls", [UniformSampler, LogitNormalSampler])
+def test_state_dict_round_trip_reproduces_draws(cls):
+    a = cls(1000, seed=3)
+    a.sample(7)
+    state = a.state_dict()
+    expected = a.sample(16)
+    b = cls(1000, seed=99)
+    b.load_state_dict(state)
+    assert torch.equal(b.sample(16), expected)
+
+
+def test_explicit_generator_overrides_own_generator():
+    sampler = UniformSampler(1000, seed=0)
+    before = sampler.state_dict()["generator"].clone()
+    draws = sampler.sample(8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(draws, UniformSampler(1000).sample(8, generator=torch.Generator().manual_seed(5)))
+    assert torch.equal(sampler.state_dict()["generator"], before)
+
+
+def test_bad_parameters_raise():
+    with pytest.raises(ValueError, match="num_train_timesteps"):
+        UniformSampler(0)
+    with pytest.raises(ValueError, match="std"):
+        LogitNormalSampler(10, std=0.0)

@@ -1,0 +1,382 @@
+#!/usr/bin/env python
+"""Unconditional image generation with a timestep-aware training regime.
+
+Shaped like diffusers' ``examples/unconditional_image_generation/train_unconditional.py`` (same flag
+names) plus ``--regime`` and its flags, ``--seed`` and ``--max_train_steps``. Every regime decision is a call
+into ``diffusers_curriculum.regimes``. Default data: Fashion-MNIST, offline, resized to 32×32.
+
+    accelerate launch train_scripts/train_unconditional.py --output_dir fmnist-ddpm --max_train_steps 1000
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from diffusers import DDPMPipeline, UNet2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils import make_image_grid
+from diffusers.utils.import_utils import is_xformers_available
+from tqdm.auto import tqdm
+
+from diffusers_curriculum.checkpointing import load_checkpoint, resolve_resume_path, save_checkpoint
+from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
+from diffusers_curriculum.errors import UsageError, exits_on_usage_error
+from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
+from diffusers_curriculum.models import unet_config_from_args
+from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler
+
+logger = get_logger(__name__, log_level="INFO")
+
+# Flags that describe the run in the model card; nothing secret, no local paths.
+CARD_SETTINGS = (
+    "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+    "lr_warmup_steps", "max_train_steps", "use_ema", "ema_max_decay", "mixed_precision", "seed",
+    "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Train an unconditional diffusion model with a training regime.")
+    # data
+    parser.add_argument(
+        "--dataset_name", type=str, default="fashion_mnist",
+        help=f"A datasets Hub id, or one of the embedded offline sets {BUILTIN_DATASETS}.",
+    )
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--train_data_dir", type=str, default=None, help="A folder of training images (overrides --dataset_name).")
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--image_mode", type=str, default=None, choices=["L", "RGB"], help="Colour mode for image folders / Hub sets (default RGB).")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--center_crop", default=True, action=argparse.BooleanOptionalAction)
+    parser.add_argument("--random_flip", default=False, action="store_true")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    # model
+    parser.add_argument("--model_config_name_or_path", type=str, default=None, help="UNet2DModel config (folder or JSON); default: a tiny CPU-sized UNet.")
+    parser.add_argument("--block_out_channels", type=str, default="32,64,64", help="Channels of the default UNet's blocks.")
+    parser.add_argument("--layers_per_block", type=int, default=1)
+    parser.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"])
+    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
+    parser.add_argument("--ddpm_num_inference_steps", type=int, default=1000)
+    parser.add_argument("--ddpm_beta_schedule", type=str, default="linear")
+    parser.add_argument("--use_ddim", action="store_true", help="Sample (validation and the saved pipeline) with a DDIM scheduler.")
+    # training
+    parser.add_argument("--output_dir", type=str, default="ddpm-model")
+    parser.add_argument("--overwrite_output_dir", action="store_true")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--train_batch_size", type=int, default=16)
+    parser.add_argument("--num_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--lr_scheduler", type=str, default="cosine")
+    parser.add_argument("--lr_warmup_steps", type=int, default=500)
+    parser.add_argument("--adam_beta1", type=float, default=0.95)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-6)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--ema_inv_gamma", type=float, default=1.0)
+    parser.add_argument("--ema_power", type=float, default=3 / 4)
+    parser.add_argument("--ema_max_decay", type=float, default=0.9999)
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    # validation, checkpoints, logging
+    parser.add_argument("--eval_batch_size", type=int, default=16, help="Images in a validation grid.")
+    parser.add_argument("--validation_steps", type=int, default=None, help="Save a sample grid every N steps (and always at the end).")
+    parser.add_argument("--no_validation", action="store_true", help="Skip the final sample grid.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--report_to", type=str, default="tensorboard")
+    # hub
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_private_repo", action="store_true")
+    TrainingRegime.add_args(parser)
+
+    args = parser.parse_args(argv)
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    """Every check that can fail before work starts; each error names its flag."""
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "ddpm_num_steps",
+                 "ddpm_num_inference_steps", "eval_batch_size", "checkpointing_steps", "num_epochs", "layers_per_block"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("max_train_steps", "validation_steps", "checkpoints_total_limit", "max_train_samples"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not args.learning_rate > 0:
+        raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    try:
+        args.block_out_channels = [int(c) for c in str(args.block_out_channels).split(",")]
+    except ValueError:
+        raise UsageError(f"--block_out_channels {args.block_out_channels!r}: expected comma-separated integers") from None
+    if not args.block_out_channels or min(args.block_out_channels) < 1:
+        raise UsageError(f"--block_out_channels {args.block_out_channels}: channels must be positive")
+    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
+        raise UsageError("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install 'diffusers-curriculum[xformers]')")
+    if args.report_to == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise UsageError("--report_to tensorboard: tensorboard is not installed (pip install tensorboard)") from None
+    if args.push_to_hub:
+        args.hub_token_resolved = resolve_hub_token(args.hub_token)
+    if args.train_data_dir is None and args.dataset_name is None:
+        raise UsageError("give --dataset_name or --train_data_dir")
+    TrainingRegime.validate_args(args)
+    # Never train on top of someone's finished run by accident; --resume_from_checkpoint continues one.
+    if (os.path.exists(os.path.join(args.output_dir, "model_index.json")) and not args.overwrite_output_dir
+            and args.resume_from_checkpoint is None):
+        raise UsageError(
+            f"--output_dir {args.output_dir} already holds a saved pipeline; pass --overwrite_output_dir or --resume_from_checkpoint"
+        )
+    if os.path.exists(args.output_dir) and not os.access(args.output_dir, os.W_OK):
+        raise UsageError(f"--output_dir {args.output_dir} is not writable")
+
+
+def build_pipeline(args, unet, noise_scheduler, regime):
+    # A DDPMPipeline runs any scheduler; DDIMPipeline would swap ours for a stock DDIMScheduler and
+    # drop the recorded regime, so --use_ddim keeps DDPMPipeline with a DDIM scheduler.
+    scheduler_cls = RegimeDDIMScheduler if args.use_ddim else RegimeDDPMScheduler
+    scheduler = scheduler_cls.from_config(noise_scheduler.config, training_regime=regime.describe())
+    return DDPMPipeline(unet=unet, scheduler=scheduler)
+
+
+def save_sample_grid(args, pipeline, path, seed):
+    """Generates ``--eval_batch_size`` images and saves them as one PNG grid at ``path``."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    images = pipeline(
+        generator=generator, batch_size=args.eval_batch_size,
+        num_inference_steps=args.ddpm_num_inference_steps, output_type="pil",
+    ).images
+    rows = int(math.sqrt(len(images)))
+    while len(images) % rows:
+        rows -= 1
+    grid = make_image_grid(images, rows=rows, cols=len(images) // rows)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+    return grid
+
+
+def main(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in (None, "none") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.seed is not None:
+        set_seed(args.seed)
+
+    # Data and model: everything that can be wrong with them fails here, before any training.
+    dataset = build_dataset(
+        args.dataset_name, args.train_data_dir, args.resolution, args.image_column,
+        image_mode=args.image_mode, center_crop=args.center_crop, random_flip=args.random_flip,
+        dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
+        max_train_samples=args.max_train_samples,
+    )
+    unet_config = unet_config_from_args(
+        args.model_config_name_or_path, args.resolution, num_channels(dataset), args.block_out_channels, args.layers_per_block
+    )
+    resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    model = UNet2DModel.from_config(unet_config)
+    if args.enable_xformers_memory_efficient_attention:
+        model.enable_xformers_memory_efficient_attention()
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(
+            model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power, model_cls=UNet2DModel, model_config=model.config,
+        )
+
+    noise_scheduler = RegimeDDPMScheduler(
+        num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule, prediction_type=args.prediction_type
+    )
+    regime = TrainingRegime.from_args(args, noise_scheduler, accelerator.process_index, accelerator.num_processes)
+
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    train_dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers, drop_last=True
+    )
+    if len(train_dataloader) == 0:
+        raise UsageError(f"--train_batch_size {args.train_batch_size} is larger than the data set ({len(dataset)} images)")
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    )
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
+    if ema_model is not None:
+        ema_model.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema_model)
+    accelerator.register_for_checkpointing(regime)
+
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+    global_step = first_epoch = resume_step = 0
+    if resume_path is not None:
+        accelerator.print(f"Resuming from checkpoint {resume_path}")
+        global_step = load_checkpoint(accelerator, resume_path)
+        first_epoch = global_step // num_update_steps_per_epoch
+        resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+    elif args.resume_from_checkpoint == "latest":
+        accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+
+    if accelerator.is_main_process:
+        run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
+        accelerator.init_trackers("train_unconditional", config=run_config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(dataset)}")
+    logger.info(f"  Regime = {json.dumps(regime.describe())}")
+    logger.info(f"  Total train batch size (w. parallel & accumulation) = {total_batch_size}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+
+    loss_history = []
+    progress_bar = tqdm(
+        total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
+    )
+    for epoch in range(first_epoch, num_epochs):
+        model.train()
+        train_dataloader.set_epoch(epoch)
+        epoch_loader = train_dataloader
+        if epoch == first_epoch and resume_step > 0:
+            epoch_loader = accelerator.skip_first_batches(train_dataloader, resume_step)
+        for batch in epoch_loader:
+            clean_images = batch["pixel_values"].to(accelerator.device)
+            noise, timesteps = regime.sample(clean_images)
+            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+
+            with accelerator.accumulate(model):
+                model_output = model(noisy_images, timesteps).sample
+                if args.prediction_type == "epsilon":
+                    target = noise
+                elif args.prediction_type == "v_prediction":
+                    target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
+                else:
+                    target = clean_images
+                per_sample_loss = F.mse_loss(model_output.float(), target.float(), reduction="none")
+                per_sample_loss = per_sample_loss.mean(dim=list(range(1, per_sample_loss.ndim)))
+                loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad()
+
+            if accelerator.sync_gradients:
+                if ema_model is not None:
+                    ema_model.step(model.parameters())
+                global_step += 1
+                progress_bar.update(1)
+                loss_history.append(loss.item())
+                logs = {"loss": loss_history[-1], "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
+                logs.update(regime.on_step_end(accelerator, global_step))
+                if ema_model is not None:
+                    logs["ema_decay"] = ema_model.cur_decay_value
+                progress_bar.set_postfix(**{k: v for k, v in logs.items() if k != "step"})
+                accelerator.log(logs, step=global_step)
+
+                if global_step % args.checkpointing_steps == 0:
+                    path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                    logger.info(f"Saved state to {path}")
+                if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    validate(args, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+            if global_step >= args.max_train_steps:
+                break
+        if global_step >= args.max_train_steps:
+            break
+    progress_bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        finish(args, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+    accelerator.end_training()
+    return {"global_step": global_step, "losses": loss_history, "regime_state": regime.state_dict()}
+
+
+def final_unet(accelerator, model, ema_model):
+    """The weights to ship: the EMA weights when --use_ema, else the trained ones."""
+    unet = accelerator.unwrap_model(model)
+    if ema_model is None:
+        return unet
+    shipped = UNet2DModel.from_config(unet.config).to(accelerator.device)
+    ema_model.copy_to(shipped.parameters())
+    return shipped
+
+
+def validate(args, accelerator, model, ema_model, noise_scheduler, regime, global_step):
+    pipeline = build_pipeline(args, final_unet(accelerator, model, ema_model), noise_scheduler, regime)
+    grid = save_sample_grid(args, pipeline, os.path.join(args.output_dir, "samples", f"step_{global_step}.png"), args.seed or 0)
+    tracker = accelerator.get_tracker("tensorboard") if args.report_to == "tensorboard" else None
+    if tracker is not None:
+        import numpy as np
+
+        tracker.writer.add_image("samples", np.asarray(grid), global_step, dataformats="HWC" if grid.mode == "RGB" else "HW")
+
+
+def finish(args, accelerator, model, ema_model, noise_scheduler, regime, global_step):
+    """Saves the pipeline, a sample grid and the model card; then pushes when asked."""
+    pipeline = build_pipeline(args, final_unet(accelerator, model, ema_model), noise_scheduler, regime)
+    pipeline.save_pretrained(args.output_dir)
+    validation_image = None
+    if not args.no_validation:
+        save_sample_grid(args, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)
+        validation_image = "samples/final.png"
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    settings = {key: getattr(args, key) for key in CARD_SETTINGS}
+    settings["trained_steps"] = global_step
+    dataset = None if args.train_data_dir is not None else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
+    write_model_card(
+        args.output_dir, "unconditional", repo_id, regime.describe(), settings, type(pipeline).__name__,
+        dataset=dataset, validation_image=validation_image, use_ema=args.use_ema,
+    )
+    logger.info(f"Saved {type(pipeline).__name__} to {args.output_dir}")
+    if args.push_to_hub:
+        try:
+            pushed = push_folder(args.output_dir, repo_id, args.hub_token_resolved, private=args.hub_private_repo)
+        except HubPushError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        logger.info(f"Pushed to https://huggingface.co/{pushed}")
+
+
+@exits_on_usage_error
+def cli(argv=None):
+    main(parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli()
