@@ -5,3 +5,4 @@ __version__ = "0.1.0.dev0"
 from .sampling import IntervalSampler, LogitNormalSampler, TimestepSampler, UniformSampler
 from .schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler, RegimeSchedulerMixin
 from .weighting import loss_weights, min_snr_weights, p2_weights
+

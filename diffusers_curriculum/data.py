@@ -139,11 +139,11 @@ class HFImageDataset(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int):
-        row = self.dataset[index]
         try:
+            row = self.dataset[index]  # datasets decodes the image here
             pixels = pil_to_tensor(row[self.image_column], self.resolution, self.mode, self.center_crop, self.random_flip)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"image {index} of the training data cannot be read: {e}") from None
+        except (OSError, ValueError, AttributeError) as e:
+            raise UsageError(f"image {index} of the training data cannot be read ({type(e).__name__}: {e})") from None
         label = int(row[self.label_column]) if self.label_column else -1
         return {"pixel_values": pixels, "labels": torch.tensor(label)}
 

@@ -13,6 +13,11 @@ import inspect
 from typing import Any, Dict, Optional
 
 from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.configuration_utils import register_to_config
+
+# A saved pipeline records this module as the scheduler's library; diffusers' loader then looks the base
+# class up on it (`getattr(module, "SchedulerMixin")`) to find `from_pretrained`. Keep it importable here.
+from diffusers import SchedulerMixin  # noqa: F401
 
 
 def _init_with_regime(base):
@@ -45,20 +50,13 @@ class RegimeSchedulerMixin:
         return self.__class__.from_config(self.config, training_regime=training_regime)
 
 
-def _decorated(base):
-    # Local import: keeps `register_to_config` next to the only place it is applied.
-    from diffusers.configuration_utils import register_to_config
-
-    return register_to_config(_init_with_regime(base))
-
-
 class RegimeDDPMScheduler(RegimeSchedulerMixin, DDPMScheduler):
     """:class:`~diffusers.DDPMScheduler` whose config also records the training regime."""
 
-    __init__ = _decorated(DDPMScheduler)
+    __init__ = register_to_config(_init_with_regime(DDPMScheduler))
 
 
 class RegimeDDIMScheduler(RegimeSchedulerMixin, DDIMScheduler):
     """:class:`~diffusers.DDIMScheduler` whose config also records the training regime."""
 
-    __init__ = _decorated(DDIMScheduler)
+    __init__ = register_to_config(_init_with_regime(DDIMScheduler))

@@ -1,0 +1,79 @@
+import argparse
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from diffusers_curriculum.errors import UsageError
+from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.sampling import LogitNormalSampler, UniformSampler
+
+
+def regime_args(*argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    TrainingRegime.add_args(parser)
+    args = parser.parse_args(list(argv))
+    TrainingRegime.validate_args(args)
+    return args
+
+
+def test_from_args_builds_uniform_regime_with_min_snr():
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    regime = TrainingRegime.from_args(regime_args("--snr_gamma", "5"), scheduler)
+    assert regime.weighting == "min_snr" and isinstance(regime.sampler, UniformSampler)
+    assert regime.describe() == {"name": "uniform", "timestep_sampler": "UniformSampler", "weighting": "min_snr", "snr_gamma": 5.0}
+    logit = TrainingRegime.from_args(regime_args("--timestep_sampling", "logit_normal", "--logit_std", "0.5"), scheduler)
+    assert isinstance(logit.sampler, LogitNormalSampler) and logit.sampler.std == 0.5
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--regime", "warp"], "--regime"),
+        (["--weighting", "min_snr"], "--snr_gamma"),
+        (["--snr_gamma", "5", "--weighting", "p2"], "--snr_gamma"),
+        (["--snr_gamma", "-1"], "--snr_gamma"),
+        (["--logit_std", "0"], "--logit_std"),
+        (["--p2_k", "0"], "--p2_k"),
+    ],
+)
+def test_bad_regime_flags_name_the_flag(argv, flag):
+    with pytest.raises(UsageError, match=flag):
+        regime_args(*argv)
+
+
+def test_compute_loss_applies_weights():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    regime = TrainingRegime(scheduler, UniformSampler(1000), weighting="min_snr", snr_gamma=5.0)
+    losses, t = torch.tensor([1.0, 2.0]), torch.tensor([0, 999])
+    a = scheduler.alphas_cumprod[t]
+    snr = a / (1 - a)
+    expected = (losses * torch.clamp(snr, max=5.0) / snr).mean()
+    assert torch.allclose(regime.compute_loss(losses, t), expected)
+    assert torch.allclose(TrainingRegime(scheduler, UniformSampler(1000)).compute_loss(losses, t), torch.tensor(1.5))
+
+
+def test_ranks_draw_disjoint_slices_of_one_global_batch():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    clean = torch.zeros(4, 1, 8, 8)
+    single = TrainingRegime(scheduler, UniformSampler(1000, seed=1), seed=2)
+    global_noise, global_t = single.sample(torch.zeros(8, 1, 8, 8))
+    for rank in range(2):
+        regime = TrainingRegime(scheduler, UniformSampler(1000, seed=1), seed=2, process_index=rank, num_processes=2)
+        noise, t = regime.sample(clean)
+        assert torch.equal(t, global_t[rank * 4 : rank * 4 + 4])
+        assert torch.equal(noise, global_noise[rank * 4 : rank * 4 + 4])
+
+
+def test_state_dict_restores_timestep_and_noise_draws():
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    clean = torch.zeros(4, 1, 8, 8)
+    a = TrainingRegime(scheduler, UniformSampler(1000, seed=1), seed=2)
+    a.sample(clean)
+    state = a.state_dict()
+    expected = a.sample(clean)
+    b = TrainingRegime(scheduler, UniformSampler(1000, seed=7), seed=8)
+    b.load_state_dict(state)
+    got = b.sample(clean)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
