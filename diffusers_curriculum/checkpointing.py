@@ -69,8 +69,9 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     """Writes ``checkpoint-<global_step>`` atomically on every rank, then rotates on the main process."""
     final = Path(output_dir) / f"checkpoint-{global_step}"
     tmp = Path(output_dir) / f".checkpoint-{global_step}.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    if accelerator.is_main_process:  # a leftover from an interrupted save is incomplete: start clean
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)  # every rank writes its RNG state into it
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from diffusers_curriculum.checkpointing import load_checkpoint, resolve_resume_path, save_checkpoint
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
+from diffusers_curriculum.distributed import force_cpu_backend
 from diffusers_curriculum.errors import UsageError, exits_on_usage_error
 from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
 from diffusers_curriculum.models import unet_config_from_args
@@ -187,6 +188,7 @@ def main(args):
         log_with=None if args.report_to in (None, "none") else args.report_to,
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        cpu=force_cpu_backend(),
     )
     if args.seed is not None:
         set_seed(args.seed)
