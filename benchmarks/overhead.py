@@ -1,0 +1,120 @@
+"""Step time of the regime path against a plain diffusers training step, measured side by side.
+
+Every variant trains its own copy of the same UNet on the same Fashion-MNIST batch; the variants take turns
+step by step (so drifts in machine load hit all of them alike) and the table reports median step times and
+their ratio to the plain step. Target for the uniform regime with Min-SNR: ≤ 1.01×.
+
+    python benchmarks/overhead.py --steps 60 --output benchmarks/results/overhead.json
+"""
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import UNet2DModel
+from diffusers.training_utils import compute_snr
+
+from diffusers_curriculum.data import build_dataset
+from diffusers_curriculum.models import tiny_unet_config
+from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.sampling import UniformSampler
+from diffusers_curriculum.schedulers import RegimeDDPMScheduler
+
+
+def plain_step(accelerator, model, optimizer, scheduler, clean, snr_gamma=None):
+    """diffusers' examples, verbatim in spirit: randint timesteps, randn noise, MSE (optionally Min-SNR)."""
+    noise = torch.randn_like(clean)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (clean.shape[0],), device=clean.device)
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    pred = model(noisy, timesteps).sample
+    if snr_gamma is None:
+        loss = F.mse_loss(pred.float(), noise.float())
+    else:  # train_text_to_image.py's Min-SNR block
+        snr = compute_snr(scheduler, timesteps)
+        weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
+        loss = F.mse_loss(pred.float(), noise.float(), reduction="none")
+        loss = (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def regime_step(accelerator, model, optimizer, scheduler, clean, regime):
+    """The path train_scripts/ take: every timestep and loss decision goes through the regime."""
+    noise, timesteps = regime.sample(clean)
+    noisy = scheduler.add_noise(clean, noise, timesteps)
+    pred = model(noisy, timesteps).sample
+    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none")
+    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    regime.backward(accelerator, per_sample, timesteps, model)
+    optimizer.step()
+    optimizer.zero_grad()
+    regime.on_step_end(accelerator, 0)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=60, help="Timed steps per variant (after warm-up).")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--output", type=str, default="benchmarks/results/overhead.json")
+    args = parser.parse_args()
+
+    torch.manual_seed(0)
+    accelerator = Accelerator()
+    scheduler = RegimeDDPMScheduler(num_train_timesteps=1000)
+    clean = build_dataset("fashion_mnist", resolution=args.resolution, max_train_samples=args.batch_size)
+    clean = torch.stack([clean[i]["pixel_values"] for i in range(args.batch_size)])
+    base = UNet2DModel.from_config(tiny_unet_config(args.resolution, 1))
+
+    def make(step_fn, **kwargs):
+        model = copy.deepcopy(base)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        return lambda: step_fn(accelerator, model, optimizer, scheduler, clean, **kwargs)
+
+    variants = {
+        "plain diffusers step": make(plain_step),
+        "plain diffusers step + Min-SNR": make(plain_step, snr_gamma=5.0),
+        "--regime uniform": make(regime_step, regime=TrainingRegime(scheduler, UniformSampler(1000))),
+        "--regime uniform --snr_gamma 5": make(
+            regime_step, regime=TrainingRegime(scheduler, UniformSampler(1000), weighting="min_snr", snr_gamma=5.0)
+        ),
+    }
+    times = {name: [] for name in variants}
+    for i in range(args.warmup + args.steps):
+        for name, step in variants.items():
+            start = time.perf_counter()
+            step()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - start)
+
+    plain = statistics.median(times["plain diffusers step"])
+    plain_snr = statistics.median(times["plain diffusers step + Min-SNR"])
+    rows = []
+    print(f"{'variant':34s} {'median s/step':>14s} {'vs plain':>9s} {'vs plain+Min-SNR':>17s}")
+    for name, samples in times.items():
+        median = statistics.median(samples)
+        rows.append({"variant": name, "median_s": median, "ratio_vs_plain": median / plain, "ratio_vs_plain_min_snr": median / plain_snr})
+        print(f"{name:34s} {median:14.4f} {median / plain:9.3f} {median / plain_snr:17.3f}")
+    result = {
+        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "torch": torch.__version__, "batch_size": args.batch_size, "resolution": args.resolution, "steps": args.steps,
+        "rows": rows,
+    }
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
