@@ -88,6 +88,9 @@ class TrainingRegime:
         )
         group.add_argument("--p2_gamma", type=float, default=1.0, help="γ of P2 weighting 1/(k+SNR)^γ.")
         group.add_argument("--p2_k", type=float, default=1.0, help="k of P2 weighting 1/(k+SNR)^γ.")
+        for regime_cls in REGIMES.values():
+            if "add_regime_args" in vars(regime_cls):
+                regime_cls.add_regime_args(parser)
 
     @staticmethod
     def validate_args(args: argparse.Namespace) -> None:
@@ -105,6 +108,10 @@ class TrainingRegime:
         if not args.p2_k > 0:
             raise UsageError(f"--p2_k must be > 0, got {args.p2_k}")
         REGIMES[args.regime].validate_regime_args(args)
+
+    @classmethod
+    def add_regime_args(cls, parser: argparse.ArgumentParser) -> None:
+        """Adds the flags of this regime only (subclasses override)."""
 
     @classmethod
     def validate_regime_args(cls, args: argparse.Namespace) -> None:

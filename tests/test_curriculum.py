@@ -1,0 +1,184 @@
+import argparse
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+import diffusers_curriculum  # noqa: F401
+from diffusers_curriculum.curriculum import (
+    AdaptivePacing, CurriculumRegime, FixedPacing, check_clusters, equal_clusters, stage_interval,
+)
+from diffusers_curriculum.errors import UsageError
+from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.sampling import IntervalSampler
+
+
+class SingleProcess:
+    """The two accelerator calls a regime makes, for one process."""
+
+    device = torch.device("cpu")
+
+    def backward(self, loss):
+        pass
+
+    def reduce(self, tensor, reduction="mean"):
+        return tensor
+
+
+def test_equal_clusters_cover_range_exactly():
+    for T, n in [(1000, 20), (1000, 7), (10, 10), (10, 1), (13, 4)]:
+        clusters = equal_clusters(T, n)
+        check_clusters(clusters, T)
+        sizes = [end - start for start, end in clusters]
+        assert len(clusters) == n and max(sizes) - min(sizes) <= 1
+    with pytest.raises(ValueError):
+        equal_clusters(10, 11)
+    with pytest.raises(ValueError):
+        check_clusters([(0, 5), (6, 10)], 10)
+
+
+def test_stages_grow_from_the_highest_timesteps():
+    clusters = equal_clusters(100, 4)
+    assert [stage_interval(clusters, n) for n in (1, 2, 3, 4)] == [(75, 100), (50, 100), (25, 100), (0, 100)]
+    with pytest.raises(ValueError):
+        stage_interval(clusters, 5)
+
+
+def test_fixed_pacing_is_exact():
+    pacing = FixedPacing(steps_per_stage=3)
+    assert [pacing.update(1.0) for _ in range(9)] == [False, False, True] * 3
+
+
+def test_stage_advances_after_exactly_patience_non_improving_checks():
+    pacing = AdaptivePacing(patience=3, check_every=2, smoothing=0.0)
+    decisions = [pacing.update(1.0) for _ in range(8)]
+    # check at step 2 sets the best; steps 4, 6, 8 do not improve -> advance at step 8, not before
+    assert decisions == [False] * 7 + [True]
+    assert pacing.stage_steps == 0 and pacing.best is None  # fresh state for the next stage
+
+
+def test_improving_loss_resets_patience_and_cap_still_applies():
+    pacing = AdaptivePacing(patience=2, check_every=1, smoothing=0.0)
+    assert not any(pacing.update(1.0 / (i + 1)) for i in range(50))
+    capped = AdaptivePacing(patience=2, check_every=1, max_stage_steps=10, smoothing=0.0)
+    assert [capped.update(1.0 / (i + 1)) for i in range(10)] == [False] * 9 + [True]
+
+
+def test_non_improvement_must_be_consecutive():
+    pacing = AdaptivePacing(patience=2, check_every=1, smoothing=0.0)
+    stream = [1.0, 1.0, 0.5, 0.5, 0.5]  # best, bad, better (reset), bad, bad -> advance at 5
+    assert [pacing.update(x) for x in stream] == [False, False, False, False, True]
+
+
+def make_regime(pacing, T=100, clusters=4, seed=0):
+    scheduler = DDPMScheduler(num_train_timesteps=T)
+    return CurriculumRegime(scheduler, IntervalSampler(T, seed=seed), equal_clusters(T, clusters), pacing)
+
+
+def test_sampler_never_draws_outside_the_stage_and_never_skips_a_stage():
+    regime, accelerator = make_regime(FixedPacing(5)), SingleProcess()
+    clean = torch.zeros(16, 1, 4, 4)
+    stages = []
+    for step in range(1, 41):
+        _, t = regime.sample(clean)
+        low, high = stage_interval(regime.clusters, regime.stage)
+        assert int(t.min()) >= low and int(t.max()) < high
+        regime.backward(accelerator, torch.rand(16), t)
+        stages.append(regime.on_step_end(accelerator, step)["curriculum_stage"])
+    assert all(b - a in (0, 1) for a, b in zip(stages, stages[1:]))
+    assert stages[-1] == 4  # stays on the full range after the last stage
+    assert [h["start_step"] for h in regime.stage_history] == [0, 5, 10, 15]
+
+
+def test_state_dict_restores_stage_pacing_and_draws():
+    accelerator = SingleProcess()
+    a = make_regime(AdaptivePacing(patience=2, check_every=1, smoothing=0.5))
+    losses = [1.0, 0.9, 0.95, 0.97, 0.99, 0.98, 1.0, 1.0, 1.0, 1.0]
+    for step, loss in enumerate(losses[:5], start=1):
+        a.backward(accelerator, torch.full((4,), loss), a.sample(torch.zeros(4, 1, 2, 2))[1])
+        a.on_step_end(accelerator, step)
+    state = a.state_dict()
+    b = make_regime(AdaptivePacing(patience=2, check_every=1, smoothing=0.5), seed=123)
+    b.load_state_dict(state)
+    for step, loss in enumerate(losses[5:], start=6):
+        for regime in (a, b):
+            regime.backward(accelerator, torch.full((4,), loss), regime.sample(torch.zeros(4, 1, 2, 2))[1])
+            regime.on_step_end(accelerator, step)
+        assert torch.equal(a.sample(torch.zeros(4, 1, 2, 2))[1], b.sample(torch.zeros(4, 1, 2, 2))[1])
+    assert a.stage_history == b.stage_history and a.stage == b.stage > 1
+
+
+def regime_args(*argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
+    TrainingRegime.add_args(parser)
+    args = parser.parse_args(["--regime", "curriculum", *argv])
+    TrainingRegime.validate_args(args)
+    return args
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--curriculum_clusters", "0"], "--curriculum_clusters must be in \\[1, 1000\\]"),
+        (["--curriculum_clusters", "1001"], "--curriculum_clusters must be in \\[1, 1000\\]"),
+        (["--curriculum_patience", "0"], "--curriculum_patience must be >= 1"),
+        (["--curriculum_check_every", "0"], "--curriculum_check_every must be >= 1"),
+        (["--curriculum_steps_per_stage", "10"], "--curriculum_steps_per_stage needs --curriculum_pacing fixed"),
+        (["--curriculum_pacing", "fixed"], "--curriculum_pacing fixed needs --curriculum_steps_per_stage"),
+        (["--curriculum_pacing", "fixed", "--curriculum_steps_per_stage", "5", "--curriculum_max_stage_steps", "9"],
+         "--curriculum_max_stage_steps applies to adaptive"),
+        (["--timestep_sampling", "logit_normal"], "--timestep_sampling logit_normal does not apply"),
+    ],
+)
+def test_bad_curriculum_flags_are_one_line_errors(argv, message):
+    with pytest.raises(UsageError, match=message):
+        regime_args(*argv)
+
+
+def test_from_args_builds_the_curriculum():
+    args = regime_args("--curriculum_clusters", "10", "--snr_gamma", "5")
+    regime = TrainingRegime.from_args(args, DDPMScheduler(num_train_timesteps=1000))
+    assert isinstance(regime, CurriculumRegime) and regime.num_stages == 10
+    assert stage_interval(regime.clusters, 1) == (900, 1000) and regime.weighting == "min_snr"
+    info = regime.describe()
+    assert info["name"] == "curriculum" and info["pacing"]["policy"] == "AdaptivePacing" and info["pacing"]["patience"] == 5
+
+
+CURRICULUM = ["--regime", "curriculum", "--curriculum_clusters", "4", "--curriculum_pacing", "fixed",
+              "--curriculum_steps_per_stage", "3", "--no_validation"]
+
+
+def test_script_records_stage_history_in_scheduler_config_and_card(train_unconditional, tmp_path, tiny_flags):
+    args = train_unconditional.parse_args(["--output_dir", str(tmp_path / "run"), *tiny_flags, *CURRICULUM, "--max_train_steps", "14"])
+    train_unconditional.main(args)
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "run")
+    record = pipe.scheduler.training_regime
+    assert record["name"] == "curriculum" and record["clusters"] == [[0, 25], [25, 50], [50, 75], [75, 100]]
+    assert record["stage_history"] == [
+        {"stage": 1, "start_step": 0, "t_min": 75}, {"stage": 2, "start_step": 3, "t_min": 50},
+        {"stage": 3, "start_step": 6, "t_min": 25}, {"stage": 4, "start_step": 9, "t_min": 0},
+    ]
+    assert "stage_history" in (tmp_path / "run" / "README.md").read_text()
+
+
+def test_resume_mid_stage_reproduces_stage_history_and_draws(train_unconditional, tmp_path, tiny_flags):
+    flags = [*tiny_flags, "--regime", "curriculum", "--curriculum_clusters", "4", "--curriculum_patience", "1",
+             "--curriculum_check_every", "2", "--curriculum_max_stage_steps", "5", "--max_train_steps", "16",
+             "--checkpointing_steps", "7", "--no_validation"]
+    straight = train_unconditional.main(train_unconditional.parse_args(["--output_dir", str(tmp_path / "a"), *flags]))
+    (tmp_path / "b").mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "a" / "checkpoint-7", tmp_path / "b" / "checkpoint-7")
+    resumed = train_unconditional.main(train_unconditional.parse_args(
+        ["--output_dir", str(tmp_path / "b"), *flags, "--resume_from_checkpoint", "latest"]))
+    assert resumed["regime_state"]["stage_history"] == straight["regime_state"]["stage_history"]
+    assert len(straight["regime_state"]["stage_history"]) >= 3  # the run did move through stages
+    assert resumed["losses"] == pytest.approx(straight["losses"][7:], rel=1e-5)
+    assert torch.equal(resumed["regime_state"]["sampler"]["generator"], straight["regime_state"]["sampler"]["generator"])
+    a = json.loads((tmp_path / "a" / "scheduler" / "scheduler_config.json").read_text())["training_regime"]
+    b = json.loads((tmp_path / "b" / "scheduler" / "scheduler_config.json").read_text())["training_regime"]
+    assert a == b
