@@ -30,8 +30,10 @@ setup(
         "tqdm",
         "matplotlib",
         "tensorboard",
+        "jinja2",
     ],
     extras_require=extras,
+    entry_points={"console_scripts": ["diffusers-curriculum-difficulty=diffusers_curriculum.difficulty:main"]},
     classifiers=[
         "Programming Language :: Python :: 3",
         "License :: OSI Approved :: Apache Software License",

@@ -2,13 +2,14 @@
 
 Every variant trains its own copy of the same UNet on the same Fashion-MNIST batch; the variants take turns
 step by step (so drifts in machine load hit all of them alike) and the table reports median step times and
-their ratio to the plain step. Target for the uniform regime with Min-SNR: ≤ 1.01×.
+their ratio to the plain step. Targets: uniform regime with Min-SNR ≤ 1.01×, curriculum sampler ≤ 1.01× vs uniform.
 
     python benchmarks/overhead.py --steps 60 --output benchmarks/results/overhead.json
 """
 
 import argparse
 import copy
+from itertools import count
 import json
 import platform
 import statistics
@@ -22,10 +23,11 @@ from accelerate import Accelerator
 from diffusers import UNet2DModel
 from diffusers.training_utils import compute_snr
 
+from diffusers_curriculum.curriculum import AdaptivePacing, CurriculumRegime, equal_clusters
 from diffusers_curriculum.data import build_dataset
 from diffusers_curriculum.models import tiny_unet_config
 from diffusers_curriculum.regimes import TrainingRegime
-from diffusers_curriculum.sampling import UniformSampler
+from diffusers_curriculum.sampling import IntervalSampler, UniformSampler
 from diffusers_curriculum.schedulers import RegimeDDPMScheduler
 
 
@@ -47,7 +49,7 @@ def plain_step(accelerator, model, optimizer, scheduler, clean, snr_gamma=None):
     optimizer.zero_grad()
 
 
-def regime_step(accelerator, model, optimizer, scheduler, clean, regime):
+def regime_step(accelerator, model, optimizer, scheduler, clean, regime, steps):
     """The path train_scripts/ take: every timestep and loss decision goes through the regime."""
     noise, timesteps = regime.sample(clean)
     noisy = scheduler.add_noise(clean, noise, timesteps)
@@ -57,7 +59,7 @@ def regime_step(accelerator, model, optimizer, scheduler, clean, regime):
     regime.backward(accelerator, per_sample, timesteps, model)
     optimizer.step()
     optimizer.zero_grad()
-    regime.on_step_end(accelerator, 0)
+    regime.on_step_end(accelerator, next(steps))
 
 
 def main():
@@ -85,9 +87,16 @@ def main():
     variants = {
         "plain diffusers step": make(plain_step),
         "plain diffusers step + Min-SNR": make(plain_step, snr_gamma=5.0),
-        "--regime uniform": make(regime_step, regime=TrainingRegime(scheduler, UniformSampler(1000))),
+        "--regime uniform": make(regime_step, regime=TrainingRegime(scheduler, UniformSampler(1000)), steps=count(1)),
         "--regime uniform --snr_gamma 5": make(
-            regime_step, regime=TrainingRegime(scheduler, UniformSampler(1000), weighting="min_snr", snr_gamma=5.0)
+            regime_step, regime=TrainingRegime(scheduler, UniformSampler(1000), weighting="min_snr", snr_gamma=5.0),
+            steps=count(1),
+        ),
+        "--regime curriculum (adaptive)": make(
+            regime_step,
+            regime=CurriculumRegime(scheduler, IntervalSampler(1000), equal_clusters(1000, 20),
+                                    AdaptivePacing(patience=2, check_every=5)),
+            steps=count(1),
         ),
     }
     times = {name: [] for name in variants}

@@ -1,0 +1,140 @@
+"""Exact interval clustering of timesteps by dynamic programming (ANT, Go et al., NeurIPS 2023).
+
+[0, T) is split into k contiguous clusters [b_0=0, b_1), [b_1, b_2), …, [b_{k-1}, b_k=T) minimising the
+sum of interval costs. ``cost[a, b]`` is the cost of the interval [a, b) (``inf`` where a ≥ b); every cost
+matrix is computed for all O(T²) intervals at once, and the DP
+
+    D[j, i] = min_{l < i} D[j-1, l] + cost[l, i]
+
+runs vectorised in O(k·T²). Costs (each with the interval centre c that minimises it):
+
+* timestep:  Σ_{t∈I} |t − c|
+* snr:       Σ_{t∈I} |SNR(t) − SNR(c)|      (raw SNR spans orders of magnitude: prefer log_snr)
+* log_snr:   Σ_{t∈I} |log SNR(t) − log SNR(c)|
+* affinity:  −max_c Σ_{t∈I} TAS(c, t)       (TAS: a task-affinity matrix, see ``affinity.py``)
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import numpy as np
+import torch
+
+COSTS = ("timestep", "snr", "log_snr", "affinity")
+
+
+def absolute_deviation_costs(values: np.ndarray) -> np.ndarray:
+    """cost[a, b] = min_c Σ_{t∈[a,b)} |v_t − v_c| for a monotone sequence ``values`` (length T).
+
+    For a monotone sequence the minimising centre is the interval's median element, and both sums
+    around it come from prefix sums. Returns a (T+1, T+1) matrix, ``inf`` where a ≥ b.
+    """
+    v = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(v)):
+        raise ValueError("cost values must be finite (got NaN or inf)")
+    diffs = np.diff(v)
+    if np.all(diffs <= 0):
+        v = -v
+    elif not np.all(diffs >= 0):
+        raise ValueError("absolute-deviation costs need monotone values (timestep, SNR, log-SNR)")
+    T = len(v)
+    prefix = np.concatenate([[0.0], np.cumsum(v)])
+    a = np.arange(T + 1)[:, None]
+    b = np.arange(T + 1)[None, :]
+    valid = b > a
+    m = np.where(valid, a + (b - a - 1) // 2, 0)  # median index
+    v_m = v[np.minimum(m, T - 1)]
+    below = v_m * (m - a) - (prefix[m] - prefix[a])
+    above = (prefix[np.minimum(b, T)] - prefix[np.minimum(m + 1, T)]) - v_m * (b - m - 1)
+    return np.where(valid, below + above, np.inf)
+
+
+def affinity_costs(affinity: np.ndarray) -> np.ndarray:
+    """cost[a, b] = −max_{c∈[a,b)} Σ_{t∈[a,b)} A[c, t] for an (n, n) affinity matrix; O(n³) vectorised over
+    intervals, one pass per centre c."""
+    A = np.asarray(affinity, dtype=np.float64)
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"the affinity matrix must be square, got shape {A.shape}")
+    if not np.all(np.isfinite(A)):
+        raise ValueError("the affinity matrix holds NaN or inf")
+    n = A.shape[0]
+    row_prefix = np.concatenate([np.zeros((n, 1)), np.cumsum(A, axis=1)], axis=1)  # (n, n+1)
+    a = np.arange(n + 1)[:, None]
+    b = np.arange(n + 1)[None, :]
+    best = np.full((n + 1, n + 1), -np.inf)
+    for c in range(n):
+        contains_c = (a <= c) & (c < b)
+        score = row_prefix[c][b] - row_prefix[c][a]
+        best = np.where(contains_c, np.maximum(best, score), best)
+    return np.where(b > a, -best, np.inf)
+
+
+def interval_costs(cost: str, num_train_timesteps: int, alphas_cumprod=None, affinity=None) -> np.ndarray:
+    """The (T+1, T+1) interval-cost matrix for ``cost`` (see the module docstring).
+
+    ``alphas_cumprod`` (length T) is needed for snr/log_snr; ``affinity`` (T, T) for affinity.
+    """
+    if cost == "timestep":
+        return absolute_deviation_costs(np.arange(num_train_timesteps, dtype=np.float64))
+    if cost in ("snr", "log_snr"):
+        if alphas_cumprod is None:
+            raise ValueError(f"cost {cost!r} needs alphas_cumprod")
+        a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).numpy()[:num_train_timesteps]
+        snr = a / (1 - a)
+        return absolute_deviation_costs(np.log(snr) if cost == "log_snr" else snr)
+    if cost == "affinity":
+        if affinity is None:
+            raise ValueError("cost 'affinity' needs an affinity matrix")
+        if np.shape(affinity)[0] != num_train_timesteps:
+            raise ValueError(f"affinity matrix has {np.shape(affinity)[0]} rows, expected {num_train_timesteps}")
+        return affinity_costs(affinity)
+    raise ValueError(f"unknown cost {cost!r}; choose one of {COSTS}")
+
+
+def cluster_intervals(costs: np.ndarray, k: int) -> Tuple[List[int], float]:
+    """Optimal split of [0, T) into ``k`` non-empty contiguous clusters under ``costs`` (T+1, T+1).
+
+    Returns the boundaries ``[0, b_1, …, b_{k-1}, T]`` (Python ints) and the total cost. O(k·T²).
+    """
+    costs = np.asarray(costs, dtype=np.float64)
+    T = costs.shape[0] - 1
+    if not 1 <= k <= T:
+        raise ValueError(f"k must be in [1, T={T}], got {k}")
+    if np.isnan(costs).any():
+        raise ValueError("interval costs hold NaN")
+    D = costs[0].copy()  # D[i]: best cost of [0, i) in j clusters; j = 1
+    choices = []
+    for _ in range(2, k + 1):
+        total = D[:, None] + costs  # [l, i]: clusters of [0, l) then [l, i)
+        best_l = np.argmin(total, axis=0)
+        D = total[best_l, np.arange(T + 1)]
+        choices.append(best_l)
+    boundaries = [T]
+    for best_l in reversed(choices):
+        boundaries.append(int(best_l[boundaries[-1]]))
+    boundaries.append(0)
+    return boundaries[::-1], float(D[T])
+
+
+def cluster_intervals_naive(cost_fn, T: int, k: int) -> Tuple[List[int], float]:
+    """The straightforward O(k·T³) recurrence (each interval's cost summed inside the loop), as in the
+    public ANT code: the reference for the benchmark. ``cost_fn(a, b)`` is the cost of [a, b)."""
+    inf = float("inf")
+    D = [[inf] * (T + 1) for _ in range(k + 1)]
+    arg = [[0] * (T + 1) for _ in range(k + 1)]
+    D[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, T + 1):
+            for l in range(j - 1, i):
+                candidate = D[j - 1][l] + cost_fn(l, i)
+                if candidate < D[j][i]:
+                    D[j][i], arg[j][i] = candidate, l
+    boundaries = [T]
+    for j in range(k, 0, -1):
+        boundaries.append(arg[j][boundaries[-1]])
+    return boundaries[::-1], D[k][T]
+
+
+def boundaries_to_clusters(boundaries: List[int]) -> List[Tuple[int, int]]:
+    return [(boundaries[i], boundaries[i + 1]) for i in range(len(boundaries) - 1)]

@@ -1,0 +1,250 @@
+"""The difficulty study of Kim et al. (arXiv 2403.10348): which timesteps are hard denoising tasks?
+
+Two measurements, both per timestep:
+
+* **convergence** — the denoising loss of timestep buckets on a fixed evaluation batch (fixed images,
+  noise and timesteps), tracked while a model trains; each bucket's curve is normalised by its final
+  value and summarised as the first step after which it stays within ``tolerance`` of that value;
+* **relative entropy** — KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t)), the per-timestep VLB term. Both
+  are Gaussians with the posterior variance β̃_t, so KL = ‖μ̃_t(x_t, x_0) − μ_θ(x_t, t)‖² / (2 β̃_t), and
+  with μ = c₀·x̂₀ + c_t·x_t this is c₀² ‖x_0 − x̂_0‖² / (2 β̃_t), summed over pixels, averaged over data.
+
+CLI (trains a small UNet on Fashion-MNIST, writes ``difficulty.npz``, ``difficulty.json`` and two PNGs)::
+
+    python -m diffusers_curriculum.difficulty --output_dir difficulty-study --max_train_steps 1500
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import UsageError, exits_on_usage_error
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output
+
+
+def predicted_x0(scheduler, model_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x̂₀ from the model's output for ε, v or x₀ targets (shapes ``(B, C, H, W)``, ``t``: ``(B,)``)."""
+    alpha_bar = scheduler.alphas_cumprod.to(x_t.device)[t].view(-1, *([1] * (x_t.ndim - 1)))
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (x_t - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
+    if prediction_type == "v_prediction":
+        return alpha_bar.sqrt() * x_t - (1 - alpha_bar).sqrt() * model_output
+    if prediction_type == "sample":
+        return model_output
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def posterior_terms(scheduler, t: torch.Tensor):
+    """(c₀, β̃_t) of q(x_{t-1} | x_t, x_0) = N(c₀ x_0 + c_t x_t, β̃_t I) for timesteps ``t`` ≥ 1 (Ho et al. eq. 7)."""
+    if int(t.min()) < 1:
+        raise ValueError("the relative entropy is defined for t >= 1 (t = 0 is the decoder term)")
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    betas = scheduler.betas.double()
+    alpha_bar, alpha_bar_prev, beta = alphas_cumprod[t], alphas_cumprod[t - 1], betas[t]
+    c0 = alpha_bar_prev.sqrt() * beta / (1 - alpha_bar)
+    posterior_variance = beta * (1 - alpha_bar_prev) / (1 - alpha_bar)
+    return c0, posterior_variance
+
+
+@torch.no_grad()
+def relative_entropy(
+    denoiser: Denoiser, scheduler, x0: torch.Tensor, timesteps: Sequence[int], generator: Optional[torch.Generator] = None,
+    batch_size: int = 64,
+) -> np.ndarray:
+    """Mean over ``x0`` of KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) in nats, for each t in ``timesteps``."""
+    generator = generator or torch.Generator().manual_seed(0)
+    result = []
+    for t_value in timesteps:
+        total = 0.0
+        for start in range(0, x0.shape[0], batch_size):
+            clean = x0[start : start + batch_size]
+            t = torch.full((clean.shape[0],), int(t_value), dtype=torch.long)
+            noise = torch.randn(clean.shape, generator=generator).to(clean)
+            x_t = scheduler.add_noise(clean, noise, t)
+            x0_hat = predicted_x0(scheduler, denoiser(x_t, t), x_t, t)
+            c0, variance = posterior_terms(scheduler, t[:1])
+            squared = (clean.double() - x0_hat.double()).pow(2).flatten(1).sum(1)
+            total += float((c0**2 * squared / (2 * variance)).sum())
+        result.append(total / x0.shape[0])
+    return np.asarray(result)
+
+
+@torch.no_grad()
+def bucket_losses(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                  buckets: torch.Tensor, num_buckets: int, scheduler) -> np.ndarray:
+    """Mean ε-MSE per timestep bucket on a fixed evaluation batch."""
+    x_t = scheduler.add_noise(x0, noise, timesteps)
+    per_sample = F.mse_loss(denoiser(x_t, timesteps), noise, reduction="none").flatten(1).mean(1)
+    return torch.zeros(num_buckets).index_add_(0, buckets, per_sample).div_(torch.bincount(buckets, minlength=num_buckets)).numpy()
+
+
+def steps_to_converge(steps: np.ndarray, curves: np.ndarray, tolerance: float = 0.1) -> np.ndarray:
+    """For each bucket (column of ``curves``, rows = evaluations at ``steps``): the first step from which the
+    curve, normalised by its final value, stays within ``1 ± tolerance``."""
+    normalised = curves / curves[-1:]
+    inside = np.abs(normalised - 1.0) <= tolerance
+    # index of the first evaluation after the last one outside the band
+    outside_rev = ~inside[::-1]
+    last_outside = np.where(outside_rev.any(0), curves.shape[0] - 1 - outside_rev.argmax(0), -1)
+    return steps[np.minimum(last_outside + 1, len(steps) - 1)]
+
+
+# ---- CLI ----------------------------------------------------------------------------------------------------
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Per-timestep difficulty study: convergence and relative entropy.")
+    parser.add_argument("--output_dir", type=str, default="difficulty-study")
+    parser.add_argument("--dataset_name", type=str, default="fashion_mnist")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--block_out_channels", type=str, default="32,64,64")
+    parser.add_argument("--max_train_steps", type=int, default=1500)
+    parser.add_argument("--train_batch_size", type=int, default=32)
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
+    parser.add_argument("--num_buckets", type=int, default=10, help="Timestep buckets for the convergence curves.")
+    parser.add_argument("--eval_every", type=int, default=50, help="Steps between evaluations of the bucket losses.")
+    parser.add_argument("--eval_samples", type=int, default=512, help="Images (per bucket pass) in the fixed evaluation batch.")
+    parser.add_argument("--kl_timesteps", type=int, default=50, help="Timesteps (evenly spaced in [1, T)) for the relative entropy.")
+    parser.add_argument("--kl_samples", type=int, default=256)
+    parser.add_argument("--tolerance", type=float, default=0.1, help="Band around the final loss for steps-to-converge.")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for flag in ("max_train_steps", "train_batch_size", "ddpm_num_steps", "num_buckets", "eval_every", "eval_samples",
+                 "kl_timesteps", "kl_samples"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.num_buckets > args.ddpm_num_steps:
+        raise UsageError(f"--num_buckets {args.num_buckets} is more than --ddpm_num_steps {args.ddpm_num_steps}")
+    if args.kl_timesteps > args.ddpm_num_steps - 1:
+        raise UsageError(f"--kl_timesteps must be <= --ddpm_num_steps - 1 = {args.ddpm_num_steps - 1}")
+    if not 0 < args.tolerance < 1:
+        raise UsageError(f"--tolerance must be in (0, 1), got {args.tolerance}")
+    args.block_out_channels = [int(c) for c in args.block_out_channels.split(",")]
+    return args
+
+
+def run_study(args: argparse.Namespace) -> Dict[str, object]:
+    from diffusers import UNet2DModel
+
+    from .data import build_dataset, load_fashion_mnist, TensorImageDataset
+    from .models import unet_config_from_args
+    from .regimes import TrainingRegime
+    from .sampling import UniformSampler
+    from .schedulers import RegimeDDPMScheduler
+
+    torch.manual_seed(args.seed)
+    dataset = build_dataset(args.dataset_name, resolution=args.resolution)
+    config = unet_config_from_args(None, args.resolution, 1, args.block_out_channels, 1)
+    model = UNet2DModel.from_config(config)
+    scheduler = RegimeDDPMScheduler(num_train_timesteps=args.ddpm_num_steps)
+    regime = TrainingRegime(scheduler, UniformSampler(args.ddpm_num_steps, seed=args.seed), seed=args.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(args.seed))
+
+    # Held-out evaluation images (test split for Fashion-MNIST), with fixed noise and timesteps.
+    if args.dataset_name == "fashion_mnist":
+        images, labels = load_fashion_mnist("test")
+        held_out = TensorImageDataset(images, labels, args.resolution)
+    else:
+        held_out = dataset
+    eval_gen = torch.Generator().manual_seed(args.seed + 1)
+    eval_x0 = torch.stack([held_out[i]["pixel_values"] for i in range(min(args.eval_samples, len(held_out)))])
+    eval_buckets = torch.arange(eval_x0.shape[0]) % args.num_buckets
+    width = args.ddpm_num_steps / args.num_buckets
+    eval_t = (eval_buckets * width + torch.rand(eval_x0.shape[0], generator=eval_gen) * width).long()
+    eval_noise = torch.randn(eval_x0.shape, generator=eval_gen)
+
+    def denoiser(x_t, t):
+        return model(x_t, t).sample
+
+    steps, curves = [], []
+    step, progress = 0, tqdm(total=args.max_train_steps, desc="difficulty study")
+    while step < args.max_train_steps:
+        for batch in loader:
+            clean = batch["pixel_values"]
+            noise, t = regime.sample(clean)
+            loss = regime.compute_loss(F.mse_loss(model(scheduler.add_noise(clean, noise, t), t).sample, noise,
+                                                  reduction="none").flatten(1).mean(1), t)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            step += 1
+            progress.update(1)
+            if step % args.eval_every == 0 or step == args.max_train_steps:
+                model.eval()
+                curves.append(bucket_losses(denoiser, eval_x0, eval_noise, eval_t, eval_buckets, args.num_buckets, scheduler))
+                steps.append(step)
+                model.train()
+            if step >= args.max_train_steps:
+                break
+    progress.close()
+
+    model.eval()
+    kl_t = np.unique(np.linspace(1, args.ddpm_num_steps - 1, args.kl_timesteps).round().astype(int))
+    kl = relative_entropy(denoiser, scheduler, eval_x0[: args.kl_samples], kl_t.tolist(), torch.Generator().manual_seed(args.seed + 2))
+    steps_arr, curves_arr = np.asarray(steps), np.stack(curves)
+    converge = steps_to_converge(steps_arr, curves_arr, args.tolerance)
+    bucket_edges = [(int(round(i * width)), int(round((i + 1) * width))) for i in range(args.num_buckets)]
+    summary = {
+        "buckets": bucket_edges,
+        "final_bucket_loss": curves_arr[-1].tolist(),
+        "steps_to_within_tolerance": converge.tolist(),
+        "tolerance": args.tolerance,
+        "kl_timesteps": kl_t.tolist(),
+        "relative_entropy_nats": kl.tolist(),
+        "max_train_steps": args.max_train_steps,
+        "seed": args.seed,
+    }
+    os.makedirs(args.output_dir, exist_ok=True)
+    np.savez(os.path.join(args.output_dir, "difficulty.npz"), steps=steps_arr, bucket_losses=curves_arr,
+             buckets=np.asarray(bucket_edges), kl_timesteps=kl_t, relative_entropy=kl)
+    with open(os.path.join(args.output_dir, "difficulty.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    plot_study(args.output_dir, steps_arr, curves_arr, bucket_edges, kl_t, kl)
+    return summary
+
+
+def plot_study(output_dir: str, steps: np.ndarray, curves: np.ndarray, buckets, kl_t: np.ndarray, kl: np.ndarray) -> None:
+    """Writes ``convergence.png`` (normalised bucket-loss curves) and ``relative_entropy.png``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    colors = plt.cm.viridis(np.linspace(0, 1, len(buckets)))
+    for i, (lo, hi) in enumerate(buckets):
+        ax.plot(steps, curves[:, i] / curves[-1, i], color=colors[i], label=f"t ∈ [{lo}, {hi})")
+    ax.set(xlabel="training step", ylabel="bucket loss / final bucket loss", title="Per-timestep convergence", yscale="log")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "convergence.png"), dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(kl_t, kl, marker=".")
+    ax.set(xlabel="timestep t", ylabel="KL(q ‖ p_θ) [nats]", title="Relative entropy per timestep", yscale="log")
+    fig.tight_layout()
+    fig.savefig(os.path.join(output_dir, "relative_entropy.png"), dpi=120)
+    plt.close(fig)
+
+
+@exits_on_usage_error
+def main(argv=None):
+    summary = run_study(parse_args(argv))
+    for (lo, hi), s, loss in zip(summary["buckets"], summary["steps_to_within_tolerance"], summary["final_bucket_loss"]):
+        print(f"t in [{lo:4d}, {hi:4d}): final loss {loss:.4f}, within ±{summary['tolerance']:.0%} from step {s}")
+
+
+if __name__ == "__main__":
+    main()
