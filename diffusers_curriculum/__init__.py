@@ -2,9 +2,12 @@
 
 __version__ = "0.1.0.dev0"
 
+from .ant import ANTRegime, StratifiedSampler
+from .clustering import cluster_intervals, interval_costs
 from .curriculum import AdaptivePacing, CurriculumRegime, FixedPacing, equal_clusters, stage_interval
 from .regimes import REGIMES, TrainingRegime
 from .sampling import IntervalSampler, LogitNormalSampler, TimestepSampler, UniformSampler
 from .schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler, RegimeSchedulerMixin
+from .mtl import NashMTL, PCGrad, UncertaintyWeighting
 from .weighting import loss_weights, min_snr_weights, p2_weights
 

@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .clustering import boundaries_to_clusters, cluster_intervals, interval_costs
 from .errors import UsageError
 from .regimes import REGIMES, TrainingRegime
 from .sampling import IntervalSampler
@@ -132,6 +133,10 @@ class CurriculumRegime(TrainingRegime):
     def add_regime_args(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group("curriculum regime (--regime curriculum)")
         group.add_argument("--curriculum_clusters", type=int, default=20, help="Number of equal timestep clusters N.")
+        group.add_argument(
+            "--curriculum_cluster_cost", type=str, default="equal", choices=["equal", "timestep", "snr", "log_snr"],
+            help="Stage clusters: equal intervals, or ANT's interval DP under this cost.",
+        )
         group.add_argument("--curriculum_pacing", type=str, default="adaptive", choices=["adaptive", "fixed"])
         group.add_argument("--curriculum_patience", type=int, default=5, help="Adaptive: non-improving checks before advancing.")
         group.add_argument("--curriculum_check_every", type=int, default=50, help="Adaptive: steps between checks.")
@@ -162,16 +167,22 @@ class CurriculumRegime(TrainingRegime):
             raise UsageError(f"--timestep_sampling {args.timestep_sampling} does not apply to --regime curriculum (stages sample uniformly)")
 
     @classmethod
-    def sampler_from_args(cls, args: argparse.Namespace, num_train_timesteps: int) -> IntervalSampler:
-        return IntervalSampler(num_train_timesteps, seed=0 if args.seed is None else args.seed)
+    def sampler_from_args(cls, args: argparse.Namespace, noise_scheduler) -> IntervalSampler:
+        return IntervalSampler(noise_scheduler.config.num_train_timesteps, seed=0 if args.seed is None else args.seed)
 
     @classmethod
-    def extra_kwargs_from_args(cls, args: argparse.Namespace) -> Dict[str, Any]:
+    def extra_kwargs_from_args(cls, args: argparse.Namespace, noise_scheduler) -> Dict[str, Any]:
         if args.curriculum_pacing == "fixed":
             pacing = FixedPacing(args.curriculum_steps_per_stage)
         else:
             pacing = AdaptivePacing(args.curriculum_patience, args.curriculum_check_every, args.curriculum_max_stage_steps)
-        return {"clusters": equal_clusters(args.ddpm_num_steps, args.curriculum_clusters), "pacing": pacing}
+        T = noise_scheduler.config.num_train_timesteps
+        if args.curriculum_cluster_cost == "equal":
+            clusters = equal_clusters(T, args.curriculum_clusters)
+        else:  # ANT's interval DP (timestep, SNR or log-SNR cost) decides the stage boundaries
+            costs = interval_costs(args.curriculum_cluster_cost, T, alphas_cumprod=noise_scheduler.alphas_cumprod)
+            clusters = boundaries_to_clusters(cluster_intervals(costs, args.curriculum_clusters)[0])
+        return {"clusters": clusters, "pacing": pacing}
 
     # the step
     def backward(self, accelerator, per_sample_loss, timesteps, model=None):

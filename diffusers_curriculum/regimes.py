@@ -25,6 +25,7 @@ New regimes subclass :class:`TrainingRegime`, add their flags in ``add_args`` an
 from __future__ import annotations
 
 import argparse
+import contextlib
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -123,7 +124,7 @@ class TrainingRegime:
         regime_cls = REGIMES[args.regime]
         return regime_cls(
             noise_scheduler,
-            regime_cls.sampler_from_args(args, noise_scheduler.config.num_train_timesteps),
+            regime_cls.sampler_from_args(args, noise_scheduler),
             weighting=args.weighting,
             snr_gamma=args.snr_gamma,
             p2_gamma=args.p2_gamma,
@@ -131,24 +132,26 @@ class TrainingRegime:
             seed=0 if args.seed is None else args.seed,
             process_index=process_index,
             num_processes=num_processes,
-            **regime_cls.extra_kwargs_from_args(args),
+            **regime_cls.extra_kwargs_from_args(args, noise_scheduler),
         )
 
     @classmethod
-    def sampler_from_args(cls, args: argparse.Namespace, num_train_timesteps: int) -> TimestepSampler:
+    def sampler_from_args(cls, args: argparse.Namespace, noise_scheduler) -> TimestepSampler:
         seed = 0 if args.seed is None else args.seed
+        num_train_timesteps = noise_scheduler.config.num_train_timesteps
         if args.timestep_sampling == "logit_normal":
             return SAMPLERS["logit_normal"](num_train_timesteps, args.logit_mean, args.logit_std, seed=seed)
         return SAMPLERS[args.timestep_sampling](num_train_timesteps, seed=seed)
 
     @classmethod
-    def extra_kwargs_from_args(cls, args: argparse.Namespace) -> Dict[str, Any]:
+    def extra_kwargs_from_args(cls, args: argparse.Namespace, noise_scheduler) -> Dict[str, Any]:
         return {}
 
     # ---- the training step ---------------------------------------------------------------------------
     def _local_slice(self, global_draw: torch.Tensor) -> torch.Tensor:
-        per_rank = global_draw.shape[0] // self.num_processes
-        return global_draw[self.process_index * per_rank : (self.process_index + 1) * per_rank]
+        """This rank's share of a global draw: every ``num_processes``-th row, so structured draws
+        (e.g. grouped by cluster) spread evenly over the ranks."""
+        return global_draw[self.process_index :: self.num_processes]
 
     def sample(self, clean: torch.Tensor) -> Tuple[torch.Tensor, torch.LongTensor]:
         """Draws ``(noise, timesteps)`` for this rank's batch ``clean`` of shape ``(B, C, H, W)``."""
@@ -159,14 +162,21 @@ class TrainingRegime:
         noise = self._local_slice(noise)
         return noise.to(device=clean.device, dtype=clean.dtype), timesteps.to(clean.device)
 
-    def compute_loss(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Weighted mean of the per-sample losses (shape ``(B,)``) → the scalar to back-propagate."""
+    def weighted(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses (shape ``(B,)``) times this regime's loss weights."""
         weights = loss_weights(
             self.noise_scheduler, timesteps, self.weighting, self.snr_gamma, self.p2_gamma, self.p2_k
         )
-        if weights is None:
-            return per_sample_loss.mean()
-        return (per_sample_loss * weights.to(per_sample_loss.dtype)).mean()
+        return per_sample_loss if weights is None else per_sample_loss * weights.to(per_sample_loss.dtype)
+
+    def compute_loss(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Weighted mean of the per-sample losses (shape ``(B,)``) → the scalar to back-propagate."""
+        return self.weighted(per_sample_loss, timesteps).mean()
+
+    def forward_context(self, accelerator, model):
+        """Context for the forward pass inside ``accelerator.accumulate``. Regimes that form gradients
+        themselves (several backward passes) return ``accelerator.no_sync(model)`` and sync on their own."""
+        return contextlib.nullcontext()
 
     def backward(self, accelerator, per_sample_loss: torch.Tensor, timesteps: torch.Tensor, model=None) -> torch.Tensor:
         """Back-propagates this regime's loss through ``accelerator`` and returns it (detached)."""

@@ -281,7 +281,7 @@ def main(args):
             noise, timesteps = regime.sample(clean_images)
             noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
 
-            with accelerator.accumulate(model):
+            with accelerator.accumulate(model), regime.forward_context(accelerator, model):
                 model_output = model(noisy_images, timesteps).sample
                 if args.prediction_type == "epsilon":
                     target = noise

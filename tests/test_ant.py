@@ -1,0 +1,174 @@
+import argparse
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+import diffusers_curriculum  # noqa: F401
+from diffusers_curriculum.ant import ANTRegime, StratifiedSampler
+from diffusers_curriculum.errors import UsageError
+from diffusers_curriculum.mtl import NashMTL, PCGrad, UncertaintyWeighting, nash_weights, pcgrad_project, uncertainty_weighted_loss
+from diffusers_curriculum.regimes import TrainingRegime
+
+
+def test_uw_loss_matches_hand_computation():
+    losses, s = torch.tensor([1.0, 2.0]), torch.tensor([0.0, math.log(2.0)])
+    # ½(e^0·1 + 0) + ½(e^{-ln 2}·2 + ln 2) = 0.5 + 0.5 + ½ ln 2
+    assert uncertainty_weighted_loss(losses, s).item() == pytest.approx(1.0 + 0.5 * math.log(2.0))
+
+
+def test_pcgrad_projection_matches_hand_computation():
+    grads = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    # g1·g2 = -1: g1' = g1 + ½ g2 = [0.5, 0.5]; g2' = g2 + g1 = [0, 1]
+    assert torch.allclose(pcgrad_project(grads), torch.tensor([0.5, 1.5]))
+    agreeing = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    assert torch.allclose(pcgrad_project(agreeing), agreeing.sum(0))
+
+
+def test_projected_gradients_no_longer_conflict():
+    torch.manual_seed(0)
+    grads = torch.randn(2, 10)
+    grads[1] = -grads[0] + 0.1 * torch.randn(10)
+    g0 = grads[0] - torch.dot(grads[0], grads[1]) / grads[1].pow(2).sum() * grads[1]
+    assert torch.dot(g0, grads[1]).abs() < 1e-5
+
+
+def test_nash_weights_satisfy_bargaining_condition():
+    torch.manual_seed(0)
+    g = torch.randn(5, 40, dtype=torch.float64)
+    gram = g @ g.T
+    alpha = nash_weights(gram)
+    normalised = gram / gram.norm()
+    assert torch.all(alpha > 0)
+    torch.testing.assert_close(normalised @ alpha, 1 / alpha, rtol=1e-6, atol=1e-8)
+    diagonal = torch.diag(torch.tensor([1.0, 4.0, 16.0], dtype=torch.float64))
+    expected = 1 / torch.sqrt(torch.diagonal(diagonal / diagonal.norm()))
+    torch.testing.assert_close(nash_weights(diagonal), expected)
+    torch.testing.assert_close(nash_weights(gram * 1000.0), alpha)  # scale-free
+
+
+def test_stratified_sampler_balances_clusters_and_stays_inside():
+    sampler = StratifiedSampler(100, [0, 10, 30, 60, 100], seed=0)
+    for batch in (4, 7, 13, 64):
+        t = sampler.sample(batch)
+        counts = torch.bincount(sampler.cluster_of(t), minlength=4)
+        assert counts.sum() == batch and counts.max() - counts.min() <= (1 if batch % 4 else 0)
+        assert int(t.min()) >= 0 and int(t.max()) < 100
+    t = sampler.sample(4000)
+    cluster = sampler.cluster_of(t)
+    for i, (lo, hi) in enumerate([(0, 10), (10, 30), (30, 60), (60, 100)]):
+        inside = t[cluster == i]
+        assert int(inside.min()) == lo and int(inside.max()) == hi - 1
+
+
+def test_cluster_losses_average_within_clusters():
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    regime = ANTRegime(scheduler, StratifiedSampler(100, [0, 50, 100]), UncertaintyWeighting(2))
+    losses, present = regime.cluster_losses(torch.tensor([1.0, 3.0, 10.0]), torch.tensor([10, 20, 70]))
+    assert torch.allclose(losses, torch.tensor([2.0, 10.0])) and present.all()
+    losses, present = regime.cluster_losses(torch.tensor([1.0, 3.0]), torch.tensor([10, 20]))
+    assert present.tolist() == [True, False] and losses[1] == 0
+
+
+class SingleProcess:
+    num_processes, gradient_accumulation_steps, device = 1, 1, torch.device("cpu")
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def test_pcgrad_balancer_writes_projected_gradient_into_params():
+    w = torch.nn.Parameter(torch.tensor([0.0, 0.0]))
+    model = torch.nn.Module()
+    model.w = w
+    # L1 = x·w with x = [1, 0] and L2 = y·w with y = [-1, 1]: gradients [1, 0] and [-1, 1]
+    losses = torch.stack([w @ torch.tensor([1.0, 0.0]), w @ torch.tensor([-1.0, 1.0])])
+    PCGrad(2).backward(SingleProcess(), losses, torch.tensor([True, True]), model, step=0)
+    assert torch.allclose(w.grad, torch.tensor([0.5, 1.5]))
+
+
+def test_nash_balancer_reuses_weights_between_updates():
+    w = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    model = torch.nn.Module()
+    model.w = w
+    nash = NashMTL(2, update_every=3)
+    assert [nash.needs_manual_sync(s) for s in range(4)] == [True, False, False, True]
+    losses = torch.stack([(w * torch.tensor([1.0, 0.0])).sum(), (w * torch.tensor([0.0, 4.0])).sum()])
+    nash.backward(SingleProcess(), losses, torch.tensor([True, True]), model, step=0)
+    # orthogonal gradients with Gram diag(1, 16): α_i ∝ 1/‖g_i‖
+    assert nash.alpha[0] / nash.alpha[1] == pytest.approx(4.0, rel=1e-4)
+    assert torch.allclose(w.grad, nash.alpha * torch.tensor([1.0, 4.0]))
+
+
+def regime_args(*argv):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
+    parser.add_argument("--mixed_precision", type=str, default="no")
+    TrainingRegime.add_args(parser)
+    args = parser.parse_args(["--regime", "ant", *argv])
+    TrainingRegime.validate_args(args)
+    return args
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ant_clusters", "0"], "--ant_clusters must be in \\[1, 1000\\]"),
+        (["--ant_clusters", "1001"], "--ant_clusters must be in \\[1, 1000\\]"),
+        (["--ant_cost", "affinity"], "--ant_cost affinity needs --ant_affinity_path"),
+        (["--ant_affinity_path", "x.npz"], "--ant_affinity_path is only used with --ant_cost affinity"),
+        (["--ant_cost", "affinity", "--ant_affinity_path", "/nonexistent.npz"], "--ant_affinity_path .*cannot read"),
+        (["--uw_lr", "0"], "--uw_lr must be > 0"),
+        (["--nash_update_every", "0"], "--nash_update_every must be >= 1"),
+        (["--ant_method", "pcgrad", "--mixed_precision", "fp16"], "does not support --mixed_precision fp16"),
+    ],
+)
+def test_bad_ant_flags(argv, message):
+    with pytest.raises(UsageError, match=message):
+        regime_args(*argv)
+
+
+@pytest.mark.parametrize("cost", ["timestep", "snr", "log_snr"])
+def test_from_args_clusters_by_dp(cost):
+    regime = TrainingRegime.from_args(regime_args("--ant_cost", cost), DDPMScheduler(num_train_timesteps=1000))
+    clusters = regime.clusters
+    assert len(clusters) == 5 and clusters[0][0] == 0 and clusters[-1][1] == 1000
+    assert regime.describe()["cost"] == cost and regime.describe()["method"] == "uw"
+
+
+def test_affinity_clusters_from_file(tmp_path):
+    A = np.eye(10) + 0.5 * (np.abs(np.subtract.outer(np.arange(10), np.arange(10))) < 3)
+    np.savez(tmp_path / "affinity.npz", affinity=A, group_size=100)
+    args = regime_args("--ant_cost", "affinity", "--ant_affinity_path", str(tmp_path / "affinity.npz"), "--ant_clusters", "3")
+    clusters = TrainingRegime.from_args(args, DDPMScheduler(num_train_timesteps=1000)).clusters
+    assert clusters[0][0] == 0 and clusters[-1][1] == 1000 and all(lo % 100 == 0 for lo, _ in clusters)
+
+
+@pytest.mark.parametrize("method", ["uw", "pcgrad", "nash"])
+def test_script_trains_each_method_and_resumes_balancer_state(train_unconditional, tmp_path, tiny_flags, method):
+    flags = [*tiny_flags, "--regime", "ant", "--ant_method", method, "--nash_update_every", "4", "--no_validation",
+             "--max_train_steps", "40", "--checkpointing_steps", "20", "--block_out_channels", "8,16"]
+    straight = train_unconditional.main(train_unconditional.parse_args(["--output_dir", str(tmp_path / "a"), *flags]))
+    losses = straight["losses"]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+    pipe = DDPMPipeline.from_pretrained(tmp_path / "a")
+    assert pipe.scheduler.training_regime["method"] == method and len(pipe.scheduler.training_regime["clusters"]) == 5
+    assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 1)
+
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-20", tmp_path / "b" / "checkpoint-20")
+    resumed = train_unconditional.main(train_unconditional.parse_args(
+        ["--output_dir", str(tmp_path / "b"), *flags, "--resume_from_checkpoint", "latest"]))
+    assert resumed["losses"] == pytest.approx(losses[20:], rel=1e-4)
+    a, b = straight["regime_state"]["balancer"], resumed["regime_state"]["balancer"]
+    for key in a:
+        if key != "optimizer":
+            torch.testing.assert_close(torch.as_tensor(a[key]), torch.as_tensor(b[key]))
+    if method == "uw":
+        assert not torch.equal(a["log_variances"], torch.zeros(5))  # s actually learned
+    if method == "nash":
+        assert not torch.equal(a["alpha"], torch.ones(5))
