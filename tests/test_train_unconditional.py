@@ -149,4 +149,4 @@ def test_usage_error_is_one_line_with_exit_code_2(tmp_path):
         capture_output=True, text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --regime 'warp' is unknown; choose one of curriculum, uniform"]
+    assert proc.stderr.strip().splitlines() == ["error: --regime 'warp' is unknown; choose one of ant, curriculum, uniform"]
