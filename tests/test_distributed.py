@@ -77,3 +77,18 @@ def test_curriculum_stage_decisions_identical_on_both_ranks(tmp_path):
         return [step for step in range(1, 61) if pacing.update(rank_loss(rank, step))]
 
     assert alone(0) != alone(1)
+
+
+@pytest.mark.slow
+def test_ant_balancers_run_under_ddp_with_identical_state_on_both_ranks(tmp_path):
+    proc = subprocess.run([*LAUNCH, str(ROOT / "tests" / "ddp_probe_ant.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for method in ("uw", "pcgrad", "nash"):
+        rank0, rank1 = (torch.load(tmp_path / f"{method}-rank{i}.pt") for i in (0, 1))
+        assert rank0["num_processes"] == 2
+        torch.testing.assert_close(rank0["checksum"], rank1["checksum"], rtol=0, atol=1e-9)
+        for key in rank0["balancer"]:
+            assert torch.equal(torch.as_tensor(rank0["balancer"][key]), torch.as_tensor(rank1["balancer"][key])), (method, key)
+        if method == "uw":
+            assert not torch.equal(rank0["balancer"]["log_variances"], torch.zeros(3))
