@@ -1,0 +1,119 @@
+"""Gradient task affinity between timestep groups (ANT, Go et al., NeurIPS 2023, Sec. 3).
+
+TAS(a, b) is the cosine similarity between full-model gradients of the denoising loss at timestep groups a
+and b. For every batch, all groups see the same images and the same noise (only t differs), the cosine
+matrix of the groups' gradients is computed, and the matrices are averaged over batches. The result feeds
+``--regime ant --ant_cost affinity``.
+
+CLI (on a trained pipeline folder or Hub id)::
+
+    python -m diffusers_curriculum.affinity --pretrained_model_name_or_path fmnist-ddpm --output_dir affinity
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import UsageError, exits_on_usage_error
+
+
+def group_timesteps(num_train_timesteps: int, group_size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """(groups, batch_size) timesteps, uniform inside each group [g·size, min((g+1)·size, T))."""
+    groups = -(-num_train_timesteps // group_size)
+    low = torch.arange(groups) * group_size
+    width = torch.clamp(num_train_timesteps - low, max=group_size)
+    return low[:, None] + (torch.rand(groups, batch_size, generator=generator) * width[:, None]).long()
+
+
+def gradient_affinity(unet, scheduler, batches: Iterable[torch.Tensor], group_size: int = 10, seed: int = 0) -> np.ndarray:
+    """(G, G) mean cosine similarity of the denoising-loss gradients of the G timestep groups."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    T = scheduler.config.num_train_timesteps
+    total, count = None, 0
+    for clean in batches:
+        noise = torch.randn(clean.shape, generator=generator)
+        timesteps = group_timesteps(T, group_size, clean.shape[0], generator)
+        grads = []
+        for t in tqdm(timesteps, desc=f"affinity batch {count + 1}", leave=False):
+            loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, t), t).sample, noise)
+            grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+        g = F.normalize(torch.stack(grads).double(), dim=1)
+        cosine = (g @ g.T).numpy()
+        total = cosine if total is None else total + cosine
+        count += 1
+    if count == 0:
+        raise ValueError("no batches given")
+    return total / count
+
+
+def plot_affinity(affinity: np.ndarray, group_size: int, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    extent = [0, affinity.shape[0] * group_size, affinity.shape[0] * group_size, 0]
+    fig, ax = plt.subplots(figsize=(5, 4.3))
+    image = ax.imshow(affinity, cmap="viridis", extent=extent, vmin=min(0.0, float(affinity.min())), vmax=1.0)
+    ax.set(xlabel="timestep", ylabel="timestep", title=f"Gradient task affinity (groups of {group_size})")
+    fig.colorbar(image, ax=ax, label="cosine similarity")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Gradient task affinity between timestep groups.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="A saved DDPM pipeline (folder or Hub id).")
+    parser.add_argument("--output_dir", type=str, default="affinity")
+    parser.add_argument("--dataset_name", type=str, default="fashion_mnist")
+    parser.add_argument("--group_size", type=int, default=10)
+    parser.add_argument("--num_batches", type=int, default=4)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    for flag in ("group_size", "num_batches", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    return args
+
+
+@exits_on_usage_error
+def main(argv=None) -> np.ndarray:
+    from diffusers import DDPMPipeline
+
+    from . import schedulers  # noqa: F401  (lets pipelines saved with our schedulers load)
+    from .data import build_dataset
+
+    args = parse_args(argv)
+    try:
+        pipeline = DDPMPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    except Exception as e:
+        raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot load a DDPM pipeline ({type(e).__name__})") from None
+    unet, scheduler = pipeline.unet, pipeline.scheduler
+    if args.group_size > scheduler.config.num_train_timesteps:
+        raise UsageError(f"--group_size {args.group_size} exceeds the {scheduler.config.num_train_timesteps} timesteps")
+    dataset = build_dataset(args.dataset_name, resolution=unet.config.sample_size)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
+    batches = [
+        torch.stack([dataset[int(i)]["pixel_values"] for i in order[b * args.batch_size : (b + 1) * args.batch_size]])
+        for b in range(args.num_batches)
+    ]
+    affinity = gradient_affinity(unet, scheduler, batches, args.group_size, args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    np.savez(os.path.join(args.output_dir, "affinity.npz"), affinity=affinity, group_size=args.group_size)
+    plot_affinity(affinity, args.group_size, os.path.join(args.output_dir, "affinity.png"))
+    print(f"wrote {args.output_dir}/affinity.npz ({affinity.shape[0]}×{affinity.shape[0]} groups) and affinity.png")
+    return affinity
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+
+from diffusers_curriculum.affinity import gradient_affinity, group_timesteps, main
+from diffusers_curriculum.ant import cluster_boundaries, load_affinity
+from diffusers_curriculum.models import tiny_unet_config
+from diffusers_curriculum.schedulers import RegimeDDPMScheduler
+
+
+def test_group_timesteps_stay_in_their_group():
+    t = group_timesteps(95, 10, 200, torch.Generator().manual_seed(0))
+    assert t.shape == (10, 200)
+    for g in range(10):
+        assert int(t[g].min()) >= 10 * g and int(t[g].max()) < min(10 * (g + 1), 95)
+    assert int(t[-1].max()) == 94
+
+
+@pytest.fixture(scope="module")
+def tiny_pipeline(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("pipe")
+    unet = UNet2DModel.from_config(tiny_unet_config(16, 1, (8, 16)))
+    DDPMPipeline(unet=unet, scheduler=RegimeDDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    return path
+
+
+def test_affinity_is_a_cosine_matrix(tiny_pipeline):
+    pipe = DDPMPipeline.from_pretrained(tiny_pipeline)
+    batches = [torch.randn(4, 1, 16, 16) for _ in range(2)]
+    A = gradient_affinity(pipe.unet, pipe.scheduler, batches, group_size=25)
+    assert A.shape == (4, 4)
+    np.testing.assert_allclose(np.diag(A), 1.0, atol=1e-9)
+    np.testing.assert_allclose(A, A.T, atol=1e-12)
+    assert np.all(np.abs(A) <= 1 + 1e-9)
+
+
+def test_cli_writes_matrix_and_heatmap_that_feed_ant(tiny_pipeline, tmp_path):
+    out = tmp_path / "affinity"
+    main(["--pretrained_model_name_or_path", str(tiny_pipeline), "--output_dir", str(out), "--group_size", "20",
+          "--num_batches", "2", "--batch_size", "4"])
+    assert (out / "affinity.png").stat().st_size > 1000
+    A, group_size = load_affinity(str(out / "affinity.npz"))
+    assert A.shape == (5, 5) and group_size == 20
+    boundaries = cluster_boundaries("affinity", 2, RegimeDDPMScheduler(num_train_timesteps=100), A, group_size)
+    assert boundaries[0] == 0 and boundaries[-1] == 100 and len(boundaries) == 3
+
+
+def test_cli_errors(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        main(["--pretrained_model_name_or_path", str(tmp_path / "nothing")])
+    assert e.value.code == 2
