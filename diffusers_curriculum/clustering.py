@@ -40,14 +40,14 @@ def absolute_deviation_costs(values: np.ndarray) -> np.ndarray:
         raise ValueError("absolute-deviation costs need monotone values (timestep, SNR, log-SNR)")
     T = len(v)
     prefix = np.concatenate([[0.0], np.cumsum(v)])
-    a = np.arange(T + 1)[:, None]
-    b = np.arange(T + 1)[None, :]
-    valid = b > a
-    m = np.where(valid, a + (b - a - 1) // 2, 0)  # median index
-    v_m = v[np.minimum(m, T - 1)]
-    below = v_m * (m - a) - (prefix[m] - prefix[a])
-    above = (prefix[np.minimum(b, T)] - prefix[np.minimum(m + 1, T)]) - v_m * (b - m - 1)
-    return np.where(valid, below + above, np.inf)
+    idx = np.arange(T + 1, dtype=np.int32)
+    s = idx[:, None] + idx[None, :] - 1  # a + b − 1
+    m = np.maximum(s >> 1, 0)  # median index ⌊(a + b − 1)/2⌋ (clamped where the interval is empty)
+    # Σ_{t>m} (v_t − v_m) + Σ_{t<m} (v_m − v_t) = P[b] + P[a] − P[m] − P[m+1] − v_m·((b − m − 1) − (m − a)),
+    # where (b − m − 1) − (m − a) = (a + b − 1) mod 2 and P[m+1] = P[m] + v_m.
+    cost = prefix[None, :] + prefix[:, None] - 2 * prefix[m] - v[m] * (1 + (s & 1))
+    cost[idx[None, :] <= idx[:, None]] = np.inf
+    return cost
 
 
 def affinity_costs(affinity: np.ndarray) -> np.ndarray:
@@ -104,11 +104,14 @@ def cluster_intervals(costs: np.ndarray, k: int) -> Tuple[List[int], float]:
     if np.isnan(costs).any():
         raise ValueError("interval costs hold NaN")
     D = costs[0].copy()  # D[i]: best cost of [0, i) in j clusters; j = 1
+    by_end = np.ascontiguousarray(costs.T)  # [i, l] = cost of [l, i): argmin runs along contiguous rows
+    total = np.empty_like(by_end)
+    rows = np.arange(T + 1)
     choices = []
     for _ in range(2, k + 1):
-        total = D[:, None] + costs  # [l, i]: clusters of [0, l) then [l, i)
-        best_l = np.argmin(total, axis=0)
-        D = total[best_l, np.arange(T + 1)]
+        np.add(by_end, D[None, :], out=total)  # [i, l]: clusters of [0, l) then [l, i)
+        best_l = np.argmin(total, axis=1)
+        D = total[rows, best_l]
         choices.append(best_l)
     boundaries = [T]
     for best_l in reversed(choices):
