@@ -32,6 +32,8 @@ from diffusers_curriculum.distributed import force_cpu_backend
 from diffusers_curriculum.errors import UsageError, exits_on_usage_error
 from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
 from diffusers_curriculum.models import unet_config_from_args
+from diffusers_curriculum.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler
 
@@ -270,56 +272,63 @@ def main(args):
     progress_bar = tqdm(
         total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
     )
-    for epoch in range(first_epoch, num_epochs):
-        model.train()
-        train_dataloader.set_epoch(epoch)
-        epoch_loader = train_dataloader
-        if epoch == first_epoch and resume_step > 0:
-            epoch_loader = accelerator.skip_first_batches(train_dataloader, resume_step)
-        for batch in epoch_loader:
-            clean_images = batch["pixel_values"].to(accelerator.device)
-            noise, timesteps = regime.sample(clean_images)
-            noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+    with Preemption() as preemption:  # SIGTERM: checkpoint after the current step, then exit
+        for epoch in range(first_epoch, num_epochs):
+            model.train()
+            train_dataloader.set_epoch(epoch)
+            epoch_loader = train_dataloader
+            if epoch == first_epoch and resume_step > 0:
+                epoch_loader = accelerator.skip_first_batches(train_dataloader, resume_step)
+            for batch in epoch_loader:
+                clean_images = batch["pixel_values"].to(accelerator.device)
+                noise, timesteps = regime.sample(clean_images)
+                noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
 
-            with accelerator.accumulate(model), regime.forward_context(accelerator, model):
-                model_output = model(noisy_images, timesteps).sample
-                if args.prediction_type == "epsilon":
-                    target = noise
-                elif args.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
-                else:
-                    target = clean_images
-                per_sample_loss = F.mse_loss(model_output.float(), target.float(), reduction="none")
-                per_sample_loss = per_sample_loss.mean(dim=list(range(1, per_sample_loss.ndim)))
-                loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
+                with accelerator.accumulate(model), regime.forward_context(accelerator, model):
+                    model_output = model(noisy_images, timesteps).sample
+                    if args.prediction_type == "epsilon":
+                        target = noise
+                    elif args.prediction_type == "v_prediction":
+                        target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
+                    else:
+                        target = clean_images
+                    per_sample_loss = F.mse_loss(model_output.float(), target.float(), reduction="none")
+                    per_sample_loss = per_sample_loss.mean(dim=list(range(1, per_sample_loss.ndim)))
+                    loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+
                 if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad()
+                    if ema_model is not None:
+                        ema_model.step(model.parameters())
+                    global_step += 1
+                    progress_bar.update(1)
+                    loss_history.append(loss.item())
+                    logs = {"loss": loss_history[-1], "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
+                    logs.update(regime.on_step_end(accelerator, global_step))
+                    if ema_model is not None:
+                        logs["ema_decay"] = ema_model.cur_decay_value
+                    progress_bar.set_postfix(**{k: v for k, v in logs.items() if k != "step"})
+                    accelerator.log(logs, step=global_step)
 
-            if accelerator.sync_gradients:
-                if ema_model is not None:
-                    ema_model.step(model.parameters())
-                global_step += 1
-                progress_bar.update(1)
-                loss_history.append(loss.item())
-                logs = {"loss": loss_history[-1], "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
-                logs.update(regime.on_step_end(accelerator, global_step))
-                if ema_model is not None:
-                    logs["ema_decay"] = ema_model.cur_decay_value
-                progress_bar.set_postfix(**{k: v for k, v in logs.items() if k != "step"})
-                accelerator.log(logs, step=global_step)
-
-                if global_step % args.checkpointing_steps == 0:
-                    path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                    logger.info(f"Saved state to {path}")
-                if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                    validate(args, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+                    if global_step % args.checkpointing_steps == 0:
+                        path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                        logger.info(f"Saved state to {path}")
+                    if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                        validate(args, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+                    if preemption.requested(accelerator):
+                        if global_step % args.checkpointing_steps != 0:
+                            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                        logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
+                        accelerator.end_training()
+                        sys.exit(PREEMPTED_EXIT_CODE)
+                if global_step >= args.max_train_steps:
+                    break
             if global_step >= args.max_train_steps:
                 break
-        if global_step >= args.max_train_steps:
-            break
     progress_bar.close()
 
     accelerator.wait_for_everyone()
