@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import UsageError, exits_on_usage_error
+from .errors import ArgumentParser, UsageError, exits_on_usage_error
 
 
 def group_timesteps(num_train_timesteps: int, group_size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -71,7 +71,7 @@ def plot_affinity(affinity: np.ndarray, group_size: int, path: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Gradient task affinity between timestep groups.")
+    parser = ArgumentParser(description="Gradient task affinity between timestep groups.")
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="A saved DDPM pipeline (folder or Hub id).")
     parser.add_argument("--output_dir", type=str, default="affinity")
     parser.add_argument("--dataset_name", type=str, default="fashion_mnist")

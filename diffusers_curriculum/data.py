@@ -152,8 +152,15 @@ def _check_image_folder(train_data_dir: str) -> None:
     root = Path(train_data_dir)
     if not root.is_dir():
         raise UsageError(f"--train_data_dir {train_data_dir} is not a folder")
-    if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in root.rglob("*") if p.is_file()):
+    images = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if not images:
         raise UsageError(f"--train_data_dir {train_data_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+    for path in images:  # header check of every file now, not a crash hours into training
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except Exception as e:
+            raise UsageError(f"--train_data_dir: {path} is not a readable image ({type(e).__name__})") from None
 
 
 def build_dataset(

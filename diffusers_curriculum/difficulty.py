@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import UsageError, exits_on_usage_error
+from .errors import ArgumentParser, UsageError, exits_on_usage_error
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output
 
@@ -101,7 +101,7 @@ def steps_to_converge(steps: np.ndarray, curves: np.ndarray, tolerance: float = 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Per-timestep difficulty study: convergence and relative entropy.")
+    parser = ArgumentParser(description="Per-timestep difficulty study: convergence and relative entropy.")
     parser.add_argument("--output_dir", type=str, default="difficulty-study")
     parser.add_argument("--dataset_name", type=str, default="fashion_mnist")
     parser.add_argument("--resolution", type=int, default=32)

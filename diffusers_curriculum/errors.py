@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import sys
 
@@ -24,3 +25,11 @@ def exits_on_usage_error(main):
             sys.exit(2)
 
     return wrapper
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors (unknown flag, bad choice, missing value) are
+    :class:`UsageError` s, so they print as the same one line as every other bad input."""
+
+    def error(self, message):
+        raise UsageError(message)

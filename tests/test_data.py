@@ -72,13 +72,22 @@ def test_empty_image_folder_is_an_error(tmp_path):
         build_dataset(None, train_data_dir=str(tmp_path / "nowhere"))
 
 
-def test_corrupt_image_is_a_usage_error(tmp_path):
+def test_corrupt_image_is_found_before_training(tmp_path):
     write_images(tmp_path / "images", n=2)
     (tmp_path / "images" / "img_0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    dataset = build_dataset(None, train_data_dir=str(tmp_path / "images"), resolution=8)
-    with pytest.raises(UsageError, match="cannot be read"):
-        for i in range(len(dataset)):
-            dataset[i]
+    with pytest.raises(UsageError, match="--train_data_dir: .*img_0.png is not a readable image"):
+        build_dataset(None, train_data_dir=str(tmp_path / "images"), resolution=8)
+
+
+def test_unreadable_row_of_a_hub_dataset_is_a_usage_error(tmp_path):
+    import datasets
+
+    from diffusers_curriculum.data import HFImageDataset
+
+    rows = datasets.Dataset.from_dict({"image": [b"not an image"]})
+    dataset = HFImageDataset(rows, "image", None, 8, "RGB", True, False)
+    with pytest.raises(UsageError, match="image 0 of the training data cannot be read"):
+        dataset[0]
 
 
 def test_random_flip_flips_some_images():

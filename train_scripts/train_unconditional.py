@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from diffusers_curriculum.checkpointing import load_checkpoint, resolve_resume_path, save_checkpoint
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
 from diffusers_curriculum.distributed import force_cpu_backend
-from diffusers_curriculum.errors import UsageError, exits_on_usage_error
+from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
@@ -48,7 +48,7 @@ CARD_SETTINGS = (
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Train an unconditional diffusion model with a training regime.")
+    parser = ArgumentParser(description="Train an unconditional diffusion model with a training regime.")
     # data
     parser.add_argument(
         "--dataset_name", type=str, default="fashion_mnist",
@@ -154,8 +154,19 @@ def validate_args(args):
         raise UsageError(
             f"--output_dir {args.output_dir} already holds a saved pipeline; pass --overwrite_output_dir or --resume_from_checkpoint"
         )
-    if os.path.exists(args.output_dir) and not os.access(args.output_dir, os.W_OK):
-        raise UsageError(f"--output_dir {args.output_dir} is not writable")
+    check_writable(args.output_dir)
+
+
+def check_writable(output_dir):
+    """Creates ``output_dir`` and writes a probe file there, so a bad path fails before training."""
+    probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--output_dir {output_dir} is not writable ({e.strerror})") from None
 
 
 def build_pipeline(args, unet, noise_scheduler, regime):
