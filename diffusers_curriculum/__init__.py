@@ -8,6 +8,7 @@ from .curriculum import AdaptivePacing, CurriculumRegime, FixedPacing, equal_clu
 from .regimes import REGIMES, TrainingRegime
 from .sampling import IntervalSampler, LogitNormalSampler, TimestepSampler, UniformSampler
 from .schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler, RegimeSchedulerMixin
+from .experts import TimestepRoutedExperts
 from .mtl import NashMTL, PCGrad, UncertaintyWeighting
 from .weighting import loss_weights, min_snr_weights, p2_weights
 
