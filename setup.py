@@ -2,7 +2,8 @@ from setuptools import setup
 
 extras = {
     "xformers": ["xformers>=0.0.23"],
-    "dev": ["pytest>=7.0", "scikit-learn>=1.2"],
+    "nash": ["cvxpy>=1.4"],  # only to cross-check the built-in Nash solver
+    "dev": ["pytest>=7.0", "scikit-learn>=1.2", "cvxpy>=1.4"],
 }
 
 setup(

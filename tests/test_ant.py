@@ -50,6 +50,20 @@ def test_nash_weights_satisfy_bargaining_condition():
     torch.testing.assert_close(nash_weights(gram * 1000.0), alpha)  # scale-free
 
 
+def test_nash_weights_match_a_cvxpy_solution():
+    """Independent check with a generic convex solver (cvxpy, the reference implementation's tool):
+    α = argmin ½ αᵀ Ĝ α − Σ log α_i over α > 0, whose optimality condition is Ĝ α = 1/α."""
+    cp = pytest.importorskip("cvxpy")
+    torch.manual_seed(1)
+    g = torch.randn(4, 30, dtype=torch.float64)
+    gram = g @ g.T
+    normalised = (gram / gram.norm()).numpy()
+    alpha = cp.Variable(4, pos=True)
+    problem = cp.Problem(cp.Minimize(0.5 * cp.quad_form(alpha, cp.psd_wrap(normalised)) - cp.sum(cp.log(alpha))))
+    problem.solve(solver=cp.CLARABEL)
+    np.testing.assert_allclose(nash_weights(gram).numpy(), alpha.value, rtol=1e-4)
+
+
 def test_stratified_sampler_balances_clusters_and_stays_inside():
     sampler = StratifiedSampler(100, [0, 10, 30, 60, 100], seed=0)
     for batch in (4, 7, 13, 64):
@@ -151,7 +165,8 @@ def test_affinity_clusters_from_file(tmp_path):
 @pytest.mark.parametrize("method", ["uw", "pcgrad", "nash"])
 def test_script_trains_each_method_and_resumes_balancer_state(train_unconditional, tmp_path, tiny_flags, method):
     flags = [*tiny_flags, "--regime", "ant", "--ant_method", method, "--nash_update_every", "4", "--no_validation",
-             "--max_train_steps", "40", "--checkpointing_steps", "20", "--block_out_channels", "8,16"]
+             "--max_train_steps", "40", "--checkpointing_steps", "20", "--block_out_channels", "8,16",
+             "--use_ema", "--gradient_accumulation_steps", "2", "--train_batch_size", "4"]
     straight = train_unconditional.main(train_unconditional.parse_args(["--output_dir", str(tmp_path / "a"), *flags]))
     losses = straight["losses"]
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
@@ -172,3 +187,21 @@ def test_script_trains_each_method_and_resumes_balancer_state(train_unconditiona
         assert not torch.equal(a["log_variances"], torch.zeros(5))  # s actually learned
     if method == "nash":
         assert not torch.equal(a["alpha"], torch.ones(5))
+
+
+@pytest.mark.parametrize("method", ["pcgrad", "nash"])
+def test_self_formed_gradients_work_with_bf16_and_clipping(tmp_path, tiny_flags, method):
+    # its own process: accelerate's precision is fixed once per process
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_scripts" / "train_unconditional.py"), "--output_dir", str(tmp_path / "run"),
+         *tiny_flags, "--regime", "ant", "--ant_method", method, "--nash_update_every", "2", "--mixed_precision", "bf16",
+         "--max_grad_norm", "0.01", "--max_train_steps", "4", "--no_validation", "--block_out_channels", "8,16"],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert DDPMPipeline.from_pretrained(tmp_path / "run").scheduler.training_regime["method"] == method
