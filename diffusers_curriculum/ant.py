@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .clustering import COSTS, boundaries_to_clusters, cluster_intervals, interval_costs
-from .errors import UsageError
+from .errors import UsageError, describe_exception
 from .mtl import BALANCERS, Balancer, build_balancer
 from .regimes import REGIMES, TrainingRegime
 from .sampling import TimestepSampler
@@ -167,7 +167,7 @@ def load_affinity(path: str) -> Tuple[np.ndarray, int]:
         with np.load(path) as f:
             return f["affinity"], int(f["group_size"])
     except Exception as e:
-        raise UsageError(f"--ant_affinity_path {path}: cannot read an affinity matrix ({type(e).__name__}: {e})") from None
+        raise UsageError(f"--ant_affinity_path {path}: cannot read an affinity matrix ({describe_exception(e)})") from None
 
 
 REGIMES["ant"] = ANTRegime

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import List, Optional
 
-from .errors import UsageError
+from .errors import UsageError, describe_exception
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -58,10 +58,7 @@ def load_checkpoint(accelerator, path: Path) -> int:
     try:
         accelerator.load_state(str(path))
     except Exception as e:
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(
-            f"--resume_from_checkpoint {path}: cannot load it ({type(e).__name__}: {detail})"
-        ) from None
+        raise UsageError(f"--resume_from_checkpoint {path}: cannot load it ({describe_exception(e)})") from None
     return step
 
 

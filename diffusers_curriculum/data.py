@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import UsageError
+from .errors import UsageError, describe_exception
 
 FASHION_MNIST_DIR = Path(os.environ.get("FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
 FASHION_MNIST_CLASSES = (
@@ -143,7 +143,7 @@ class HFImageDataset(torch.utils.data.Dataset):
             row = self.dataset[index]  # datasets decodes the image here
             pixels = pil_to_tensor(row[self.image_column], self.resolution, self.mode, self.center_crop, self.random_flip)
         except (OSError, ValueError, AttributeError) as e:
-            raise UsageError(f"image {index} of the training data cannot be read ({type(e).__name__}: {e})") from None
+            raise UsageError(f"image {index} of the training data cannot be read ({describe_exception(e)})") from None
         label = int(row[self.label_column]) if self.label_column else -1
         return {"pixel_values": pixels, "labels": torch.tensor(label)}
 
@@ -193,7 +193,7 @@ def build_dataset(
         try:
             hf = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
         except Exception as e:
-            raise UsageError(f"--dataset_name {dataset_name}: cannot load it ({type(e).__name__}: {e})") from None
+            raise UsageError(f"--dataset_name {dataset_name}: cannot load it ({describe_exception(e)})") from None
     if image_column not in hf.column_names:
         raise UsageError(f"--image_column {image_column!r} is not a column of the data set ({', '.join(hf.column_names)})")
     if label_column is not None and label_column not in hf.column_names:

@@ -11,6 +11,12 @@ class UsageError(ValueError):
     """Bad flag, value or input. The message names the flag or the value and fits on one line."""
 
 
+def describe_exception(e: BaseException) -> str:
+    """``"TypeName: first line of the message"`` — an exception squeezed onto one line."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def exits_on_usage_error(main):
     """Decorates a script's entry point: a :class:`UsageError` prints ``error: <message>`` on one line to
     stderr and exits with status 2 instead of a traceback."""

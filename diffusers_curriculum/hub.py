@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Optional
 
 from huggingface_hub import ModelCard, ModelCardData, create_repo, get_token, upload_folder
 
-from .errors import UsageError
+from .errors import UsageError, describe_exception
 
 # Never uploaded: training state and logs that live next to the pipeline in --output_dir.
 PUSH_IGNORE_PATTERNS = ["checkpoint-*/**", ".checkpoint-*/**", "logs/**", "samples/step_*", "*.tmp", "*.tmp/**"]
@@ -91,8 +91,7 @@ def push_folder(output_dir: str, repo_id: str, token: str, private: bool = False
             token=token,
         )
     except Exception as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise HubPushError(
-            f"push to {repo_id} failed ({type(e).__name__}: {first_line}); the pipeline is saved in {output_dir}"
+            f"push to {repo_id} failed ({describe_exception(e)}); the pipeline is saved in {output_dir}"
         ) from None
     return repo_id

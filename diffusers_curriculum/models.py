@@ -8,7 +8,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from diffusers import UNet2DModel
 
-from .errors import UsageError
+from .errors import UsageError, describe_exception
 
 
 def tiny_unet_config(
@@ -51,7 +51,7 @@ def unet_config_from_args(
         try:
             config = UNet2DModel.load_config(path) if not path.endswith(".json") else json.load(open(path))
         except Exception as e:
-            raise UsageError(f"--model_config_name_or_path {model_config_name_or_path}: cannot read a UNet config ({e})") from None
+            raise UsageError(f"--model_config_name_or_path {model_config_name_or_path}: cannot read a UNet config ({describe_exception(e)})") from None
         config = {**config, "sample_size": resolution}
         for key in ("in_channels", "out_channels"):
             if config.get(key, channels) != channels:

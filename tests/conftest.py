@@ -33,6 +33,22 @@ TINY_FLAGS = [
 ]
 
 
+def regime_args(*argv):
+    """The regime flags as a training script parses and validates them (seed 0, T = 1000, fp32)."""
+    import argparse
+
+    from diffusers_curriculum.regimes import TrainingRegime
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
+    parser.add_argument("--mixed_precision", type=str, default="no")
+    TrainingRegime.add_args(parser)
+    args = parser.parse_args(list(argv))
+    TrainingRegime.validate_args(args)
+    return args
+
+
 @pytest.fixture
 def tiny_flags():
     return list(TINY_FLAGS)

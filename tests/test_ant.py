@@ -1,4 +1,3 @@
-import argparse
 import math
 import shutil
 
@@ -12,6 +11,8 @@ from diffusers_curriculum.ant import ANTRegime, StratifiedSampler
 from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.mtl import NashMTL, PCGrad, UncertaintyWeighting, nash_weights, pcgrad_project, uncertainty_weighted_loss
 from diffusers_curriculum.regimes import TrainingRegime
+
+from conftest import regime_args as conftest_regime_args
 
 
 def test_uw_loss_matches_hand_computation():
@@ -118,14 +119,7 @@ def test_nash_balancer_reuses_weights_between_updates():
 
 
 def regime_args(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
-    parser.add_argument("--mixed_precision", type=str, default="no")
-    TrainingRegime.add_args(parser)
-    args = parser.parse_args(["--regime", "ant", *argv])
-    TrainingRegime.validate_args(args)
-    return args
+    return conftest_regime_args("--regime", "ant", *argv)
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,3 @@
-import argparse
 import json
 
 import pytest
@@ -11,6 +10,8 @@ from diffusers_curriculum.curriculum import (
 )
 from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.regimes import TrainingRegime
+
+from conftest import regime_args as conftest_regime_args
 from diffusers_curriculum.sampling import IntervalSampler
 
 
@@ -110,13 +111,7 @@ def test_state_dict_restores_stage_pacing_and_draws():
 
 
 def regime_args(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
-    TrainingRegime.add_args(parser)
-    args = parser.parse_args(["--regime", "curriculum", *argv])
-    TrainingRegime.validate_args(args)
-    return args
+    return conftest_regime_args("--regime", "curriculum", *argv)
 
 
 @pytest.mark.parametrize(

@@ -41,9 +41,18 @@ def test_two_process_ddp_trains_and_saves_one_pipeline(tmp_path):
     assert pipe(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 1)
 
 
+REGIME_FLAGS = {
+    "uniform": [],
+    "curriculum": ["--regime", "curriculum", "--curriculum_clusters", "4", "--curriculum_patience", "1",
+                   "--curriculum_check_every", "1"],
+    "ant-uw": ["--regime", "ant", "--ant_method", "uw", "--ant_clusters", "4"],
+}
+
+
 @pytest.mark.slow
-def test_two_process_ddp_resume_matches_uninterrupted_run(tmp_path):
-    flags = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--no_validation", "--use_ema"]
+@pytest.mark.parametrize("regime", sorted(REGIME_FLAGS))
+def test_two_process_ddp_resume_matches_uninterrupted_run(tmp_path, regime):
+    flags = ["--max_train_steps", "6", "--checkpointing_steps", "3", "--no_validation", "--use_ema", *REGIME_FLAGS[regime]]
     launch(tmp_path / "straight", *flags)
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")

@@ -1,5 +1,3 @@
-import argparse
-
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -8,14 +6,8 @@ from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.sampling import LogitNormalSampler, UniformSampler
 
+from conftest import regime_args
 
-def regime_args(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    TrainingRegime.add_args(parser)
-    args = parser.parse_args(list(argv))
-    TrainingRegime.validate_args(args)
-    return args
 
 
 def test_from_args_builds_uniform_regime_with_min_snr():

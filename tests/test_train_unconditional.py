@@ -139,7 +139,17 @@ def test_failed_push_exits_nonzero_and_keeps_local_pipeline(tmp_path, tiny_flags
     assert len(error_lines) == 1 and "push to me/model failed" in error_lines[0]
     assert "hf_fake" not in proc.stderr
     assert DDPMPipeline.from_pretrained(out).unet.config.sample_size == 32
-    assert "hf_fake" not in (out / "README.md").read_text()
+    # What a push would upload holds neither the token nor a local absolute path.
+    from huggingface_hub.utils import filter_repo_objects
+
+    from diffusers_curriculum.hub import PUSH_IGNORE_PATTERNS
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    uploaded = list(filter_repo_objects(files, ignore_patterns=PUSH_IGNORE_PATTERNS, key=lambda p: str(p.relative_to(out))))
+    assert uploaded and not any("checkpoint" in str(p) or "/logs/" in str(p) for p in uploaded)
+    for path in uploaded:
+        data = path.read_bytes()
+        assert b"hf_fake" not in data and str(tmp_path).encode() not in data, path
 
 
 def test_usage_error_is_one_line_with_exit_code_2(tmp_path):
@@ -150,3 +160,12 @@ def test_usage_error_is_one_line_with_exit_code_2(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --regime 'warp' is unknown; choose one of ant, curriculum, uniform"]
+
+
+def test_validation_steps_write_sample_grids(train_unconditional, tmp_path, tiny_flags):
+    run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "4", "--validation_steps", "2")
+    samples = tmp_path / "run" / "samples"
+    assert sorted(p.name for p in samples.iterdir()) == ["final.png", "step_2.png", "step_4.png"]
+    from PIL import Image
+
+    assert Image.open(samples / "step_2.png").size == (64, 64)  # 4 images of 32×32 in a 2×2 grid
