@@ -163,7 +163,13 @@ def test_usage_error_is_one_line_with_exit_code_2(tmp_path):
 
 
 def test_validation_steps_write_sample_grids(train_unconditional, tmp_path, tiny_flags):
-    run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "4", "--validation_steps", "2")
+    run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "4", "--validation_steps", "2",
+        "--report_to", "tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((tmp_path / "run" / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    assert "samples" in events.Tags()["images"] and "loss" in events.Tags()["scalars"]
+    assert [e.step for e in events.Images("samples")] == [2, 4]
     samples = tmp_path / "run" / "samples"
     assert sorted(p.name for p in samples.iterdir()) == ["final.png", "step_2.png", "step_4.png"]
     from PIL import Image
