@@ -12,3 +12,31 @@ from .experts import TimestepRoutedExperts
 from .mtl import NashMTL, PCGrad, UncertaintyWeighting
 from .weighting import loss_weights, min_snr_weights, p2_weights
 
+
+__all__ = [
+    "ANTRegime",
+    "AdaptivePacing",
+    "CurriculumRegime",
+    "FixedPacing",
+    "IntervalSampler",
+    "LogitNormalSampler",
+    "NashMTL",
+    "PCGrad",
+    "REGIMES",
+    "RegimeDDIMScheduler",
+    "RegimeDDPMScheduler",
+    "RegimeSchedulerMixin",
+    "StratifiedSampler",
+    "TimestepRoutedExperts",
+    "TimestepSampler",
+    "TrainingRegime",
+    "UncertaintyWeighting",
+    "UniformSampler",
+    "cluster_intervals",
+    "equal_clusters",
+    "interval_costs",
+    "loss_weights",
+    "min_snr_weights",
+    "p2_weights",
+    "stage_interval",
+]

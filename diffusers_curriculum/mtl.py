@@ -165,7 +165,8 @@ class PCGrad(Balancer):
 
     def __init__(self, k: int, seed: int = 0):
         self.k = k
-        self.generator = torch.Generator().manual_seed(seed)  # projection order, identical on every rank
+        # projection order, identical on every rank; salted away from the regime's timestep generator
+        self.generator = torch.Generator().manual_seed(seed + 0x5851F42D)
 
     def needs_manual_sync(self, step: int) -> bool:
         return True

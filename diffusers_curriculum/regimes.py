@@ -35,6 +35,9 @@ from .sampling import SAMPLERS, TimestepSampler
 from .weighting import WEIGHTINGS, loss_weights
 
 
+NOISE_SEED_SALT = 0x9E3779B9
+
+
 class TrainingRegime:
     """Uniform-task training: a timestep sampler plus an optional per-sample loss weighting.
 
@@ -64,7 +67,9 @@ class TrainingRegime:
         self.sampler = sampler
         self.weighting = weighting
         self.snr_gamma, self.p2_gamma, self.p2_k = snr_gamma, p2_gamma, p2_k
-        self.noise_generator = torch.Generator().manual_seed(seed)
+        # Salted: the sampler is seeded with the same --seed, and two generators in the same state would
+        # draw timesteps and noise from the same random stream.
+        self.noise_generator = torch.Generator().manual_seed(seed + NOISE_SEED_SALT)
         self.process_index, self.num_processes = process_index, num_processes
 
     # ---- flags ---------------------------------------------------------------------------------------

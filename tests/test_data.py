@@ -5,7 +5,6 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusers_curriculum import data
 from diffusers_curriculum.data import build_dataset, load_fashion_mnist, num_channels, read_idx
 from diffusers_curriculum.errors import UsageError
 

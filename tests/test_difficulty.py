@@ -8,7 +8,6 @@ from diffusers import DDPMScheduler
 from diffusers_curriculum.difficulty import (
     main, posterior_terms, predicted_x0, relative_entropy, steps_to_converge,
 )
-from diffusers_curriculum.errors import UsageError
 
 
 def oracle(scheduler, x0, kind="epsilon"):

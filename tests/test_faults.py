@@ -1,6 +1,5 @@
 """Faults a long run meets: pre-emption (SIGTERM) and a hard kill (SIGKILL) in the middle of writing."""
 
-import os
 import re
 import signal
 import subprocess

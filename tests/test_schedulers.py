@@ -1,7 +1,6 @@
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
-import diffusers_curriculum
 from diffusers_curriculum import RegimeDDIMScheduler, RegimeDDPMScheduler
 
 REGIME = {"name": "uniform", "weighting": "min_snr", "snr_gamma": 5.0, "clusters": [[0, 50], [50, 100]]}
