@@ -69,3 +69,8 @@ def test_state_dict_restores_timestep_and_noise_draws():
     b.load_state_dict(state)
     got = b.sample(clean)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_noise_and_timesteps_come_from_different_streams_under_one_seed():
+    regime = TrainingRegime(DDPMScheduler(num_train_timesteps=1000), UniformSampler(1000, seed=7), seed=7)
+    assert not torch.equal(regime.noise_generator.get_state(), regime.sampler.generator.get_state())
