@@ -32,6 +32,7 @@ setup(
         "matplotlib",
         "tensorboard",
         "jinja2",
+        "torchmetrics>=1.0",
     ],
     extras_require=extras,
     entry_points={"console_scripts": ["diffusers-curriculum-difficulty=diffusers_curriculum.difficulty:main"]},

@@ -9,6 +9,7 @@ from .regimes import REGIMES, TrainingRegime
 from .sampling import IntervalSampler, LogitNormalSampler, TimestepSampler, UniformSampler
 from .schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler, RegimeSchedulerMixin
 from .experts import TimestepRoutedExperts
+from .metrics import FashionFeatures, fashion_feature_extractor, feature_fid
 from .mtl import NashMTL, PCGrad, UncertaintyWeighting
 from .weighting import loss_weights, min_snr_weights, p2_weights
 
@@ -17,6 +18,7 @@ __all__ = [
     "ANTRegime",
     "AdaptivePacing",
     "CurriculumRegime",
+    "FashionFeatures",
     "FixedPacing",
     "IntervalSampler",
     "LogitNormalSampler",
@@ -34,6 +36,8 @@ __all__ = [
     "UniformSampler",
     "cluster_intervals",
     "equal_clusters",
+    "fashion_feature_extractor",
+    "feature_fid",
     "interval_costs",
     "loss_weights",
     "min_snr_weights",
