@@ -98,3 +98,32 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def save_pipeline(pipeline, output_dir: str) -> None:
+    """``pipeline.save_pretrained(output_dir)`` that a crash cannot leave half-written.
+
+    The pipeline is saved to a hidden temp folder first; its entries then replace those in ``output_dir``
+    one rename at a time, ``model_index.json`` last, so a folder with ``model_index.json`` always holds a
+    complete pipeline (checkpoints and other files in ``output_dir`` are not touched).
+    """
+    root = Path(output_dir)
+    tmp = root / ".pipeline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipeline.save_pretrained(str(tmp))
+    _fsync_tree(tmp)
+    index = root / "model_index.json"
+    if index.exists():
+        index.unlink()  # from here until the last rename, the folder is not a pipeline
+    entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
+    for entry in entries:
+        target = root / entry.name
+        if target.is_dir() and entry.is_dir():
+            old = root / f".{entry.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+            os.replace(entry, target)
+            shutil.rmtree(old)
+        else:
+            os.replace(entry, target)
+    tmp.rmdir()

@@ -17,7 +17,9 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, get_token, up
 from .errors import UsageError, describe_exception
 
 # Never uploaded: training state and logs that live next to the pipeline in --output_dir.
-PUSH_IGNORE_PATTERNS = ["checkpoint-*/**", ".checkpoint-*/**", "logs/**", "samples/step_*", "*.tmp", "*.tmp/**"]
+PUSH_IGNORE_PATTERNS = [
+    "checkpoint-*/**", ".checkpoint-*/**", "logs/**", "samples/step_*", "*.tmp", "*.tmp/**", ".*.old/**", ".write-test-*",
+]
 
 
 class HubPushError(RuntimeError):

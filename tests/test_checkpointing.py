@@ -71,3 +71,45 @@ def test_resume_path_resolution(tmp_path):
     (tmp_path / "weights").mkdir()
     with pytest.raises(UsageError, match="not a checkpoint-<step> folder"):
         resolve_resume_path(tmp_path, str(tmp_path / "weights"))
+
+
+class FakePipeline:
+    """Writes a pipeline folder like diffusers does (model_index.json first); may die half-way."""
+
+    def __init__(self, tag, crash=False):
+        self.tag, self.crash = tag, crash
+
+    def save_pretrained(self, path):
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "model_index.json").write_text(self.tag)
+        (path / "unet").mkdir()
+        (path / "unet" / "config.json").write_text(self.tag)
+        if self.crash:
+            raise KeyboardInterrupt("killed while saving the pipeline")
+        (path / "unet" / "diffusion_pytorch_model.safetensors").write_text(self.tag)
+        (path / "scheduler").mkdir()
+        (path / "scheduler" / "scheduler_config.json").write_text(self.tag)
+
+
+def test_save_pipeline_replaces_a_previous_pipeline_completely(tmp_path):
+    from diffusers_curriculum.checkpointing import save_pipeline
+
+    save_checkpoint(FakeAccelerator(), tmp_path, 1)
+    save_pipeline(FakePipeline("first"), tmp_path)
+    save_pipeline(FakePipeline("second"), tmp_path)
+    assert (tmp_path / "model_index.json").read_text() == "second"
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "model_index.json", "scheduler", "unet"]
+
+
+def test_save_pipeline_killed_mid_write_leaves_the_previous_pipeline(tmp_path):
+    from diffusers_curriculum.checkpointing import save_pipeline
+
+    save_pipeline(FakePipeline("good"), tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        save_pipeline(FakePipeline("half", crash=True), tmp_path)
+    assert (tmp_path / "model_index.json").read_text() == "good"
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_text() == "good"
+    save_pipeline(FakePipeline("again"), tmp_path)  # the leftover temp folder does not get in the way
+    assert (tmp_path / "model_index.json").read_text() == "again" and not (tmp_path / ".pipeline.tmp").exists()

@@ -26,7 +26,7 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
-from diffusers_curriculum.checkpointing import load_checkpoint, resolve_resume_path, save_checkpoint
+from diffusers_curriculum.checkpointing import load_checkpoint, resolve_resume_path, save_checkpoint, save_pipeline
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
 from diffusers_curriculum.distributed import force_cpu_backend
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
@@ -372,7 +372,7 @@ def validate(args, accelerator, model, ema_model, noise_scheduler, regime, globa
 def finish(args, accelerator, model, ema_model, noise_scheduler, regime, global_step):
     """Saves the pipeline, a sample grid and the model card; then pushes when asked."""
     pipeline = build_pipeline(args, final_unet(accelerator, model, ema_model), noise_scheduler, regime)
-    pipeline.save_pretrained(args.output_dir)
+    save_pipeline(pipeline, args.output_dir)
     validation_image = None
     if not args.no_validation:
         save_sample_grid(args, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)
