@@ -45,6 +45,8 @@ REGIME_FLAGS = {
     "curriculum": ["--regime", "curriculum", "--curriculum_clusters", "4", "--curriculum_patience", "1",
                    "--curriculum_check_every", "1"],
     "ant-uw": ["--regime", "ant", "--ant_method", "uw", "--ant_clusters", "4"],
+    "ant-pcgrad": ["--regime", "ant", "--ant_method", "pcgrad", "--ant_clusters", "4"],
+    "ant-nash": ["--regime", "ant", "--ant_method", "nash", "--ant_clusters", "4", "--nash_update_every", "2"],
 }
 
 
