@@ -74,14 +74,7 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap, never leave neither
-            old = final.with_name(f".checkpoint-{global_step}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        _move_into_place(tmp, final)  # re-saving a step (e.g. after a resume) swaps the folder
         if total_limit is not None:
             for stale in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(stale)
@@ -117,13 +110,18 @@ def save_pipeline(pipeline, output_dir: str) -> None:
         index.unlink()  # from here until the last rename, the folder is not a pipeline
     entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
     for entry in entries:
-        target = root / entry.name
-        if target.is_dir() and entry.is_dir():
-            old = root / f".{entry.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(entry, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(entry, target)
+        _move_into_place(entry, root / entry.name)
     tmp.rmdir()
+
+
+def _move_into_place(source: Path, target: Path) -> None:
+    """Renames ``source`` to ``target``. An existing target folder is first renamed aside (a rename cannot
+    replace a non-empty folder) and deleted only once the new one is in place, so there is never neither."""
+    if target.is_dir() and source.is_dir():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(source, target)
