@@ -33,6 +33,7 @@ setup(
         "tensorboard",
         "jinja2",
         "torchmetrics>=1.0",
+        "torch-pruning>=1.5",
     ],
     extras_require=extras,
     entry_points={"console_scripts": ["diffusers-curriculum-difficulty=diffusers_curriculum.difficulty:main"]},

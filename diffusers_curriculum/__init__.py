@@ -9,6 +9,7 @@ from .regimes import REGIMES, TrainingRegime
 from .sampling import IntervalSampler, LogitNormalSampler, TimestepSampler, UniformSampler
 from .schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler, RegimeSchedulerMixin
 from .experts import TimestepRoutedExperts
+from .tdc import TDCRegime
 from .metrics import FashionFeatures, fashion_feature_extractor, feature_fid
 from .mtl import NashMTL, PCGrad, UncertaintyWeighting
 from .weighting import loss_weights, min_snr_weights, p2_weights
@@ -29,6 +30,7 @@ __all__ = [
     "RegimeDDPMScheduler",
     "RegimeSchedulerMixin",
     "StratifiedSampler",
+    "TDCRegime",
     "TimestepRoutedExperts",
     "TimestepSampler",
     "TrainingRegime",

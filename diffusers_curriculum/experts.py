@@ -9,10 +9,15 @@ It keeps the wrapped model's ``forward`` signature and output type and mirrors t
 ``save_pretrained`` writes the routing config (``config.json``) plus one folder per expert
 (``expert_0/``, ``expert_1/``, …); ``from_pretrained`` restores it from a folder or a Hub repo. A timestep
 equal to a boundary b_i belongs to group i (intervals are closed on the left).
+
+Experts may differ in width after structured pruning (:mod:`diffusers_curriculum.pruning`): a pruned
+expert's folder holds its unpruned ``config.json``, its weights (whose shapes define the pruned widths) and
+``pruning.json``; loading builds the model from the config and shrinks every layer to the saved shapes.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, List, Optional, Sequence
 
@@ -26,6 +31,7 @@ from torch import nn
 ROUTING_KEYS = ("boundaries", "expert_class")
 # Loading options that make sense for every expert; others that pipelines pass (device maps, offloading,
 # quantization) are left to the experts' defaults.
+PRUNING_FILE = "pruning.json"
 EXPERT_LOAD_KWARGS = ("torch_dtype", "variant", "use_safetensors", "cache_dir", "local_files_only", "revision", "token")
 
 
@@ -69,6 +75,8 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
             raise ValueError("TimestepRoutedExperts needs its experts; load saved ones with from_pretrained")
         check_boundaries(boundaries, len(experts))
         self.experts = nn.ModuleList(experts)
+        # When set, every sample goes to this expert (TDC stage 1 trains the base model only).
+        self.route_all_to: Optional[int] = None
         self.register_buffer("_inner_boundaries", torch.tensor(boundaries[1:-1], dtype=torch.long), persistent=False)
         # Pipelines read e.g. unet.config.sample_size / in_channels: mirror the first expert's config.
         mirrored = {k: v for k, v in experts[0].config.items() if not k.startswith("_") and k not in ROUTING_KEYS}
@@ -92,6 +100,8 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         return torch.bucketize(timesteps, self._inner_boundaries.to(timesteps.device), right=True)
 
     def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
+        if self.route_all_to is not None:
+            return self.experts[self.route_all_to](sample, timestep, *args, return_dict=return_dict, **kwargs)
         batch_size = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(batch_size).contiguous() if t.ndim == 0 else t
@@ -118,8 +128,13 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
             raise ValueError(f"save_directory {save_directory} is a file")
         os.makedirs(save_directory, exist_ok=True)
         for i, expert in enumerate(self.experts):
-            expert.save_pretrained(os.path.join(save_directory, f"expert_{i}"), is_main_process=is_main_process,
+            folder = os.path.join(save_directory, f"expert_{i}")
+            expert.save_pretrained(folder, is_main_process=is_main_process,
                                    safe_serialization=kwargs.get("safe_serialization", True), variant=kwargs.get("variant"))
+            record = getattr(expert, "pruning_record", None)
+            if record is not None and is_main_process:
+                with open(os.path.join(folder, PRUNING_FILE), "w") as f:
+                    json.dump(record, f, indent=2)
         if is_main_process:
             self.save_config(save_directory)  # last: a folder with config.json is complete
 
@@ -139,6 +154,56 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         boundaries = check_boundaries(config["boundaries"])
         expert_cls = getattr(diffusers, config["expert_class"])
         load_kwargs = {k: kwargs[k] for k in EXPERT_LOAD_KWARGS if kwargs.get(k) is not None and k not in ("revision", "token", "cache_dir", "local_files_only")}
-        experts = [expert_cls.from_pretrained(os.path.join(folder, f"expert_{i}"), **load_kwargs) for i in range(len(boundaries) - 1)]
+        experts = [_load_expert(expert_cls, os.path.join(folder, f"expert_{i}"), load_kwargs) for i in range(len(boundaries) - 1)]
         model = cls(boundaries=boundaries, expert_class=config["expert_class"], experts=experts)
         return model.eval()
+
+
+def _load_expert(expert_cls, folder: str, load_kwargs) -> nn.Module:
+    """An expert from its folder; a pruned one is built from its config and shrunk to the saved shapes."""
+    pruning_path = os.path.join(folder, PRUNING_FILE)
+    if not os.path.exists(pruning_path):
+        return expert_cls.from_pretrained(folder, **load_kwargs)
+    from safetensors.torch import load_file
+
+    with open(pruning_path) as f:
+        record = json.load(f)
+    expert = expert_cls.from_config(expert_cls.load_config(folder))
+    state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    resize_to_state_dict(expert, state)
+    expert.load_state_dict(state, strict=True)
+    expert.pruning_record = record
+    dtype = load_kwargs.get("torch_dtype")
+    return expert.to(dtype) if dtype is not None else expert
+
+
+def resize_to_state_dict(model: nn.Module, state: dict) -> None:
+    """Shrinks ``model``'s layers in place so that their parameters have the shapes in ``state``.
+
+    Covers the layers structured pruning changes in diffusers UNets (convolutions, linear layers, group and
+    layer norms, up/down-samplers); every width follows from the saved tensor shapes.
+    """
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.upsampling import Upsample2D
+
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            saved = state.get(prefix + key)
+            if saved is not None and saved.shape != tensor.shape:
+                new = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+                if isinstance(tensor, nn.Parameter):
+                    setattr(module, key, nn.Parameter(new, requires_grad=tensor.requires_grad))
+                else:
+                    module.register_buffer(key, new)
+        if isinstance(module, nn.Conv2d):
+            module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.GroupNorm) and module.weight is not None:
+            module.num_channels = module.weight.shape[0]
+        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+            module.normalized_shape = tuple(module.weight.shape)
+    for module in model.modules():  # samplers check their input width against these attributes
+        if isinstance(module, (Downsample2D, Upsample2D)) and getattr(module, "conv", None) is not None:
+            module.channels, module.out_channels = module.conv.in_channels, module.conv.out_channels

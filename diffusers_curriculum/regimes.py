@@ -50,6 +50,8 @@ class TrainingRegime:
     """
 
     name = "uniform"
+    # True when some parameters get no gradient in a step (DDP then needs find_unused_parameters).
+    has_unused_parameters = False
 
     def __init__(
         self,
@@ -139,6 +141,20 @@ class TrainingRegime:
             num_processes=num_processes,
             **regime_cls.extra_kwargs_from_args(args, noise_scheduler),
         )
+
+    @staticmethod
+    def uses_unused_parameters(args: argparse.Namespace) -> bool:
+        """Whether the regime named by ``--regime`` leaves parameters without gradient in some steps."""
+        return REGIMES[args.regime].has_unused_parameters
+
+    @staticmethod
+    def check_schedule(args: argparse.Namespace, max_train_steps: int) -> None:
+        """Checks the regime's flags against the run's total optimizer steps, once the script knows them."""
+        REGIMES[args.regime].check_regime_schedule(args, max_train_steps)
+
+    @classmethod
+    def check_regime_schedule(cls, args: argparse.Namespace, max_train_steps: int) -> None:
+        """:meth:`check_schedule` for this regime only (subclasses override)."""
 
     @classmethod
     def sampler_from_args(cls, args: argparse.Namespace, noise_scheduler) -> TimestepSampler:

@@ -9,6 +9,7 @@ into ``diffusers_curriculum.regimes``. Default data: Fashion-MNIST, offline, res
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -202,6 +203,7 @@ def main(args):
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         cpu=force_cpu_backend(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=TrainingRegime.uses_unused_parameters(args))],
     )
     if args.seed is not None:
         set_seed(args.seed)
@@ -220,20 +222,21 @@ def main(args):
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    model = UNet2DModel.from_config(unet_config)
-    if args.enable_xformers_memory_efficient_attention:
-        model.enable_xformers_memory_efficient_attention()
-    ema_model = None
-    if args.use_ema:
-        ema_model = EMAModel(
-            model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power, model_cls=UNet2DModel, model_config=model.config,
-        )
-
     noise_scheduler = RegimeDDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule, prediction_type=args.prediction_type
     )
     regime = TrainingRegime.from_args(args, noise_scheduler, accelerator.process_index, accelerator.num_processes)
+
+    model = UNet2DModel.from_config(unet_config)
+    if args.enable_xformers_memory_efficient_attention:
+        model.enable_xformers_memory_efficient_attention()
+    model = regime.wrap_model(model)  # e.g. TDC trains a timestep-routed copy per group
+    ema_model = None
+    if args.use_ema:
+        ema_model = EMAModel(
+            model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
+            power=args.ema_power, model_cls=type(model), model_config=model.config,
+        )
 
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
@@ -247,6 +250,7 @@ def main(args):
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
+    TrainingRegime.check_schedule(args, args.max_train_steps)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
@@ -256,6 +260,7 @@ def main(args):
         ema_model.to(accelerator.device)
         accelerator.register_for_checkpointing(ema_model)
     accelerator.register_for_checkpointing(regime)
+    regime.attach(optimizer=optimizer, ema_model=ema_model)
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
@@ -354,7 +359,7 @@ def final_unet(accelerator, model, ema_model):
     unet = accelerator.unwrap_model(model)
     if ema_model is None:
         return unet
-    shipped = UNet2DModel.from_config(unet.config).to(accelerator.device)
+    shipped = copy.deepcopy(unet)
     ema_model.copy_to(shipped.parameters())
     return shipped
 

@@ -1,0 +1,395 @@
+"""Structured pruning of TDC experts with a proxy-scored multi-round search (arXiv 2312.13307).
+
+Pruning one expert is a multi-round decision problem:
+
+1. a **proposer** suggests a configuration — a channel-pruning ratio per UNet block (``down_blocks.i``,
+   ``mid_block``, ``up_blocks.i``) — that fits the expert's FLOPs budget;
+2. a **proxy** scores it: prune a copy with torch-pruning (DepGraph keeps coupled channels consistent),
+   fine-tune it for a few steps on the group's timesteps, measure the denoising loss on a fixed validation
+   batch of the group's timesteps;
+3. the (configuration, FLOPs, score) record goes into a **memory bank** the proposer reads next round.
+
+The paper's proposer is an LLM; here :class:`Proposer` is an interface and the default,
+:class:`CoordinateSearchProposer`, is a deterministic search. Budgets follow the paper's progressive
+scaling: with N groups and keep fraction k = 1 − ``prune_ratio``, the expert of the i-th easiest group
+(i = 0 is the highest-noise group) may use (i/N + (N−i)/N · k) of the unpruned FLOPs, so easy groups get
+smaller experts. FLOPs are counted with ``torch.utils.flop_counter`` on a real forward pass.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+Config = Dict[str, float]
+
+
+# ---- counting ------------------------------------------------------------------------------------------
+def example_inputs(model: nn.Module, batch_size: int = 1) -> Dict[str, torch.Tensor]:
+    """Inputs for one forward pass of a UNet2DModel-like ``model`` (sample + timestep [+ class label])."""
+    config = model.config
+    size = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
+    size = (size, size) if isinstance(size, int) else size
+    device = next(model.parameters()).device
+    inputs = {"sample": torch.zeros(batch_size, config.in_channels, *size, device=device),
+              "timestep": torch.zeros(batch_size, dtype=torch.long, device=device)}
+    if getattr(config, "num_class_embeds", None):
+        inputs["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
+    if getattr(config, "cross_attention_dim", None):  # UNet2DConditionModel: a 77-token text condition
+        dim = config.cross_attention_dim
+        dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+        inputs["encoder_hidden_states"] = torch.zeros(batch_size, 77, dim, device=device)
+    return inputs
+
+
+def count_flops(model: nn.Module, inputs: Optional[Dict[str, torch.Tensor]] = None) -> int:
+    """FLOPs of one forward pass for one sample, counted by ``torch.utils.flop_counter``."""
+    inputs = example_inputs(model) if inputs is None else inputs
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    return int(counter.get_total_flops())
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def group_budgets(num_groups: int, prune_ratio: float) -> List[float]:
+    """Allowed fraction of the unpruned FLOPs per expert, expert 0 = lowest timesteps (hardest).
+
+    The i-th easiest group (i = 0 is the highest-noise group) gets i/N + (N − i)/N · (1 − prune_ratio).
+    """
+    if not 0 < prune_ratio < 1:
+        raise ValueError(f"prune_ratio must be in (0, 1), got {prune_ratio}")
+    keep = 1.0 - prune_ratio
+    budgets = []
+    for expert in range(num_groups):
+        i = num_groups - 1 - expert
+        budgets.append(i / num_groups + (num_groups - i) / num_groups * keep)
+    return budgets
+
+
+# ---- pruning one model ---------------------------------------------------------------------------------
+STREAM = "stream"
+
+
+def prunable_blocks(model: nn.Module) -> List[str]:
+    """Names a configuration assigns ratios to: ``"stream"`` (the channels coupled through residual adds and
+    skip connections, pruned alike everywhere) and each block, whose ratio applies to the channels local to
+    it (inside every ResNet block, between its two convolutions, and the attention head dims)."""
+    names = [STREAM] + [f"down_blocks.{i}" for i in range(len(model.down_blocks))]
+    names += ["mid_block"] if getattr(model, "mid_block", None) is not None else []
+    return names + [f"up_blocks.{i}" for i in range(len(model.up_blocks))]
+
+
+def _local_roots(block: nn.Module) -> List[nn.Module]:
+    """The layers whose output channels stay inside ``block``: ResNet ``conv1`` and attention q/k/v."""
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    roots = []
+    for module in block.modules():
+        if isinstance(module, ResnetBlock2D):
+            roots.append(module.conv1)
+        elif isinstance(module, Attention):
+            roots += [module.to_q, module.to_k, module.to_v]
+    return roots
+
+
+def sync_sampler_widths(model: nn.Module) -> None:
+    """Up/down-samplers check their input width against attributes pruning leaves stale."""
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.upsampling import Upsample2D
+
+    for module in model.modules():
+        if isinstance(module, (Downsample2D, Upsample2D)) and getattr(module, "conv", None) is not None:
+            module.channels, module.out_channels = module.conv.in_channels, module.conv.out_channels
+
+
+def prune_model(model: nn.Module, config: Config) -> nn.Module:
+    """Prunes ``model`` in place: stream channels by ``config["stream"]``, each block's local channels by its ratio.
+
+    Coupled channels (residual streams, skip concatenations, GroupNorm groups, attention heads) are
+    handled by torch-pruning's dependency graph; the output convolution keeps its channels.
+    """
+    import torch_pruning as tp
+
+    if not any(ratio > 0 for ratio in config.values()):
+        return model
+    ratios = {root: ratio for name, ratio in config.items() if name != STREAM
+              for root in _local_roots(model.get_submodule(name))}
+    from diffusers.models.attention_processor import Attention
+
+    # Attention projections are pruned per head (equal head dims), keeping the number of heads.
+    num_heads = {}
+    for module in model.modules():
+        if isinstance(module, Attention):
+            num_heads.update({layer: module.heads for layer in (module.to_q, module.to_k, module.to_v)})
+    was_training = model.training
+    model.eval()
+    pruner = tp.pruner.MetaPruner(
+        model, example_inputs(model), importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=config.get(STREAM, 0.0), pruning_ratio_dict=ratios, ignored_layers=[model.conv_out], num_heads=num_heads,
+    )
+    pruner.step()
+    sync_sampler_widths(model)
+    model.train(was_training)
+    return model
+
+
+def pruned_copy(model: nn.Module, config: Config) -> nn.Module:
+    return prune_model(copy.deepcopy(model), config)
+
+
+# ---- fine-tuning and the proxy -------------------------------------------------------------------------
+def infinite_batches(dataset, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches of ``pixel_values`` from ``dataset`` (seeded)."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True, generator=generator)
+    while True:
+        for batch in loader:
+            yield batch["pixel_values"]
+
+
+def denoising_loss(model, noise_scheduler, clean, noise, timesteps) -> torch.Tensor:
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    prediction = model(noisy, timesteps).sample
+    kind = noise_scheduler.config.prediction_type
+    target = noise if kind == "epsilon" else (
+        noise_scheduler.get_velocity(clean, noise, timesteps) if kind == "v_prediction" else clean)
+    return F.mse_loss(prediction.float(), target.float())
+
+
+def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: Tuple[int, int], steps: int,
+             learning_rate: float, seed: int = 0, progress: Optional[Callable[[int, float], None]] = None) -> nn.Module:
+    """``steps`` AdamW steps on timesteps drawn uniformly from ``t_range`` = [low, high)."""
+    if steps <= 0:
+        return model
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    device = next(model.parameters()).device
+    model.train()
+    for step in range(steps):
+        clean = next(batches).to(device)
+        timesteps = torch.randint(*t_range, (clean.shape[0],), generator=generator).to(device)
+        noise = torch.randn(clean.shape, generator=generator).to(device)
+        loss = denoising_loss(model, noise_scheduler, clean, noise, timesteps)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(step, float(loss))
+    model.eval()
+    return model
+
+
+class ValidationSet:
+    """A fixed batch (images, noise, timesteps in the group) on which every candidate is scored."""
+
+    def __init__(self, images: torch.Tensor, t_range: Tuple[int, int], seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        self.images = images
+        self.noise = torch.randn(images.shape, generator=generator)
+        self.timesteps = torch.randint(*t_range, (images.shape[0],), generator=generator)
+
+    @torch.no_grad()
+    def loss(self, model, noise_scheduler) -> float:
+        device = next(model.parameters()).device
+        model.eval()
+        return float(denoising_loss(model, noise_scheduler, self.images.to(device), self.noise.to(device),
+                                    self.timesteps.to(device)))
+
+
+@dataclass
+class Proxy:
+    """Scores a pruned candidate: ``steps`` fine-tuning steps on the group, then the validation loss."""
+
+    batches: Iterator[torch.Tensor]
+    noise_scheduler: object
+    validation: ValidationSet
+    t_range: Tuple[int, int]
+    steps: int = 20
+    learning_rate: float = 1e-4
+    seed: int = 0
+
+    def __call__(self, candidate: nn.Module) -> float:
+        finetune(candidate, self.batches, self.noise_scheduler, self.t_range, self.steps, self.learning_rate, self.seed)
+        return self.validation.loss(candidate, self.noise_scheduler)
+
+
+# ---- the search ----------------------------------------------------------------------------------------
+@dataclass
+class Record:
+    """One memory-bank entry: a configuration, its FLOPs (fraction of the unpruned expert) and proxy score."""
+
+    config: Config
+    flops_fraction: float
+    score: float
+
+
+class Proposer:
+    """Suggests the next configuration from the memory bank; ``None`` ends the search early.
+
+    ``fit(fixed)`` returns a configuration that keeps the ratios in ``fixed`` and gives every other block the
+    same ratio, the smallest that meets the FLOPs budget.
+    """
+
+    def propose(self, memory: Sequence[Record], blocks: Sequence[str], fit: Callable[[Config], Config]) -> Optional[Config]:
+        raise NotImplementedError
+
+
+@dataclass
+class CoordinateSearchProposer(Proposer):
+    """Deterministic default. Round 0: one ratio for every block. Later rounds: start from the best
+    configuration in the memory bank, prune one block by ``step`` less (blocks taken in turn) and let the
+    others absorb the FLOPs; configurations already in the bank are skipped."""
+
+    step: float = 0.15
+    _cursor: int = field(default=0, repr=False)
+
+    def propose(self, memory, blocks, fit):
+        if not memory:
+            return fit({})
+        best = min(memory, key=lambda r: r.score).config
+        seen = [r.config for r in memory]
+        for _ in range(len(blocks)):
+            block = blocks[self._cursor % len(blocks)]
+            self._cursor += 1
+            lowered = max(0.0, best[block] - self.step)
+            if lowered == best[block]:
+                continue
+            candidate = fit({block: round(lowered, 4)})
+            if candidate is not None and all(not _same(candidate, c) for c in seen):
+                return candidate
+        return None
+
+
+def _same(a: Config, b: Config, tol: float = 1e-3) -> bool:
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) < tol for k in a)
+
+
+def fit_to_budget(model: nn.Module, blocks: Sequence[str], fixed: Config, budget_flops: float,
+                  max_ratio: float = 0.75, iterations: int = 7) -> Optional[Config]:
+    """The configuration that keeps ``fixed`` and prunes the other blocks by one shared ratio, the smallest
+    (by bisection) whose counted FLOPs meet ``budget_flops``; ``None`` when even ``max_ratio`` does not."""
+    free = [b for b in blocks if b not in fixed]
+
+    def config_for(ratio: float) -> Config:
+        return {b: fixed.get(b, ratio) for b in blocks}
+
+    def flops(ratio: float) -> int:
+        return count_flops(pruned_copy(model, config_for(ratio)))
+
+    if not free:
+        return config_for(0.0) if flops(0.0) <= budget_flops else None
+    if flops(0.0) <= budget_flops:
+        return config_for(0.0)
+    if flops(max_ratio) > budget_flops:
+        return None
+    low, high = 0.0, max_ratio
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        low, high = (low, middle) if flops(middle) <= budget_flops else (middle, high)
+    return {b: round(v, 4) for b, v in config_for(high).items()}
+
+
+@dataclass
+class SearchResult:
+    config: Config
+    memory: List[Record]
+    flops: int
+    base_flops: int
+
+
+def search_pruning(model: nn.Module, budget_fraction: float, proxy: Callable[[nn.Module], float],
+                   proposer: Optional[Proposer] = None, rounds: int = 4, log: Callable[[str], None] = lambda _: None) -> SearchResult:
+    """Multi-round proxy search for ``model`` under ``budget_fraction`` of its FLOPs (see module doc)."""
+    if not 0 < budget_fraction <= 1:
+        raise ValueError(f"budget fraction must be in (0, 1], got {budget_fraction}")
+    proposer = CoordinateSearchProposer() if proposer is None else proposer
+    blocks = prunable_blocks(model)
+    base_flops = count_flops(model)
+    budget = budget_fraction * base_flops
+
+    def fit(fixed: Config) -> Optional[Config]:
+        return fit_to_budget(model, blocks, fixed, budget)
+
+    memory: List[Record] = []
+    for round_index in range(rounds):
+        config = proposer.propose(memory, blocks, fit)
+        if config is None:
+            break
+        candidate = pruned_copy(model, config)
+        fraction = count_flops(candidate) / base_flops
+        if fraction > budget_fraction + 1e-9:
+            raise ValueError(f"the proposer's configuration {config} uses {fraction:.3f} of the FLOPs, over the budget {budget_fraction:.3f}")
+        score = proxy(candidate)
+        memory.append(Record(config, fraction, score))
+        log(f"round {round_index}: flops {fraction:.3f} of base, proxy loss {score:.5f}, config {config}")
+    if not memory:
+        raise ValueError(f"no configuration meets a FLOPs budget of {budget_fraction:.3f}")
+    best = min(memory, key=lambda r: r.score)
+    return SearchResult(best.config, memory, int(best.flops_fraction * base_flops), base_flops)
+
+
+def sampling_flops(expert_flops: Sequence[int], boundaries: Sequence[int], timesteps: Sequence[int]) -> int:
+    """FLOPs to generate one sample: each inference timestep runs the expert of its group once."""
+    inner = torch.tensor(list(boundaries[1:-1]), dtype=torch.long)
+    groups = torch.bucketize(torch.as_tensor(list(timesteps), dtype=torch.long), inner, right=True)
+    return int(sum(expert_flops[g] for g in groups.tolist()))
+
+
+def flops_report(experts_model, timesteps: Sequence[int]) -> Dict[str, object]:
+    """Per-expert params/FLOPs and the FLOPs per generated sample over ``timesteps``."""
+    flops = [count_flops(e) for e in experts_model.experts]
+    return {
+        "experts": [{"group": [a, b], "params": count_params(e), "flops": f}
+                    for (a, b), e, f in zip(itertools.pairwise(experts_model.boundaries), experts_model.experts, flops)],
+        "flops_per_sample": sampling_flops(flops, experts_model.boundaries, timesteps),
+        "num_inference_steps": len(list(timesteps)),
+    }
+
+
+def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, rounds: int = 4, proxy_steps: int = 20,
+                  finetune_steps: int = 200, batch_size: int = 16, learning_rate: float = 1e-4, validation_size: int = 64,
+                  seed: int = 0, proposer_factory: Callable[[], Proposer] = CoordinateSearchProposer,
+                  log: Callable[[str], None] = print):
+    """Searches, prunes and fine-tunes every expert of a :class:`TimestepRoutedExperts` in place.
+
+    Returns one dict per expert (budget, chosen configuration, memory bank, params and FLOPs before/after).
+    """
+    budgets = group_budgets(len(experts_model.experts), prune_ratio)
+    validation_images = torch.stack([dataset[i]["pixel_values"] for i in range(min(validation_size, len(dataset)))])
+    reports = []
+    for index, (expert, budget) in enumerate(zip(experts_model.experts, budgets)):
+        t_range = (experts_model.boundaries[index], experts_model.boundaries[index + 1])
+        batches = infinite_batches(dataset, batch_size, seed + index)
+        proxy = Proxy(batches, noise_scheduler, ValidationSet(validation_images, t_range, seed + index), t_range,
+                      proxy_steps, learning_rate, seed + index)
+        log(f"expert {index} (t in [{t_range[0]}, {t_range[1]})): FLOPs budget {budget:.3f} of the base")
+        params_before, flops_before = count_params(expert), count_flops(expert)
+        loss_before = proxy.validation.loss(expert, noise_scheduler)
+        result = search_pruning(expert, budget, proxy, proposer_factory(), rounds, log=lambda m: log(f"  {m}"))
+        prune_model(expert, result.config)
+        finetune(expert, batches, noise_scheduler, t_range, finetune_steps, learning_rate, seed + index)
+        expert.pruning_record = {
+            "flops_budget_fraction": budget, "config": result.config,
+            "memory_bank": [vars(r) for r in result.memory],
+            "params_before": params_before, "params": count_params(expert),
+            "flops_before": flops_before, "flops": count_flops(expert),
+            "validation_loss_before": loss_before,
+            "validation_loss": proxy.validation.loss(expert, noise_scheduler),
+            "finetune_steps": finetune_steps,
+        }
+        log(f"  kept {expert.pruning_record['flops'] / flops_before:.3f} of the FLOPs; validation loss "
+            f"{loss_before:.5f} -> {expert.pruning_record['validation_loss']:.5f}")
+        reports.append({"expert": index, **expert.pruning_record})
+    experts_model.register_to_config(**{})  # widths changed; the routing config itself did not
+    return reports

@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""Prunes the experts of a TDC pipeline (``--regime tdc``) with the proxy-scored search of
+``diffusers_curriculum.pruning`` and saves the smaller pipeline.
+
+    python train_scripts/prune_experts.py --pretrained_model_name_or_path fmnist-tdc \
+        --output_dir fmnist-tdc-pruned --prune_ratio 0.5
+
+Every expert gets a FLOPs budget (easy high-noise groups the smallest), ``--search_rounds`` proposals scored
+by ``--proxy_steps`` of fine-tuning plus a validation loss, then ``--finetune_steps`` on its group. The
+scheduler config and the model card record each expert's size and FLOPs and the FLOPs per generated sample.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from diffusers import DDPMPipeline
+
+from diffusers_curriculum.checkpointing import save_pipeline
+from diffusers_curriculum.data import BUILTIN_DATASETS, build_dataset
+from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
+from diffusers_curriculum.experts import TimestepRoutedExperts
+from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
+from diffusers_curriculum.pruning import flops_report, prune_experts
+
+REPORT_FILE = "pruning_report.json"
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Structured pruning of a TDC pipeline's experts.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="A TDC pipeline (folder or Hub id).")
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--overwrite_output_dir", action="store_true")
+    parser.add_argument("--prune_ratio", type=float, default=0.5,
+                        help="FLOPs fraction removed from the easiest (highest-noise) expert; harder experts lose less.")
+    parser.add_argument("--search_rounds", type=int, default=4, help="Proposals scored per expert.")
+    parser.add_argument("--proxy_steps", type=int, default=20, help="Fine-tuning steps of the proxy score.")
+    parser.add_argument("--finetune_steps", type=int, default=200, help="Fine-tuning steps of each chosen pruned expert.")
+    parser.add_argument("--validation_size", type=int, default=64, help="Images in each expert's validation batch.")
+    parser.add_argument("--dataset_name", type=str, default="fashion_mnist", help=f"Hub id or one of {BUILTIN_DATASETS}.")
+    parser.add_argument("--train_data_dir", type=str, default=None)
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="Defaults to the experts' sample_size.")
+    parser.add_argument("--train_batch_size", type=int, default=16)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--num_inference_steps", type=int, default=1000, help="Sampling steps the FLOPs per sample are counted for.")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    args = parser.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    if not 0 < args.prune_ratio < 1:
+        raise UsageError(f"--prune_ratio must be in (0, 1), got {args.prune_ratio}")
+    for flag in ("search_rounds", "train_batch_size", "validation_size", "num_inference_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("proxy_steps", "finetune_steps"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if not args.learning_rate > 0:
+        raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if os.path.abspath(args.output_dir) == os.path.abspath(args.pretrained_model_name_or_path):
+        raise UsageError("--output_dir must differ from --pretrained_model_name_or_path (the unpruned pipeline is kept)")
+    if os.path.exists(os.path.join(args.output_dir, "model_index.json")) and not args.overwrite_output_dir:
+        raise UsageError(f"--output_dir {args.output_dir} already holds a saved pipeline; pass --overwrite_output_dir")
+    if args.push_to_hub:
+        args.hub_token_resolved = resolve_hub_token(args.hub_token)
+
+
+def load_tdc_pipeline(path):
+    try:
+        pipeline = DDPMPipeline.from_pretrained(path)
+    except Exception as e:
+        raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a pipeline ({describe_exception(e)})") from None
+    if not isinstance(pipeline.unet, TimestepRoutedExperts):
+        raise UsageError(
+            f"--pretrained_model_name_or_path {path}: its unet is a {type(pipeline.unet).__name__}, not the "
+            "TimestepRoutedExperts a --regime tdc run saves"
+        )
+    return pipeline
+
+
+def main(args):
+    torch.manual_seed(args.seed)
+    pipeline = load_tdc_pipeline(args.pretrained_model_name_or_path)
+    experts = pipeline.unet
+    resolution = args.resolution or experts.config.sample_size
+    if resolution != experts.config.sample_size:
+        raise UsageError(f"--resolution {resolution} differs from the experts' sample_size {experts.config.sample_size}")
+    dataset = build_dataset(args.dataset_name, args.train_data_dir, resolution, args.image_column,
+                            image_mode="L" if experts.config.in_channels == 1 else "RGB",
+                            max_train_samples=args.max_train_samples)
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(args.num_inference_steps)
+    before = flops_report(experts, scheduler.timesteps.tolist())
+
+    reports = prune_experts(
+        experts, dataset, scheduler, args.prune_ratio, rounds=args.search_rounds, proxy_steps=args.proxy_steps,
+        finetune_steps=args.finetune_steps, batch_size=args.train_batch_size, learning_rate=args.learning_rate,
+        validation_size=args.validation_size, seed=args.seed,
+    )
+    after = flops_report(experts, scheduler.timesteps.tolist())
+    summary = {
+        "prune_ratio": args.prune_ratio,
+        "flops_per_sample_before": before["flops_per_sample"],
+        "flops_per_sample": after["flops_per_sample"],
+        "flops_saved_fraction": 1 - after["flops_per_sample"] / before["flops_per_sample"],
+        "num_inference_steps": args.num_inference_steps,
+        "experts": after["experts"],
+    }
+    regime = dict(scheduler.config.get("training_regime") or {})
+    regime["pruning"] = summary
+    scheduler.register_to_config(training_regime=regime)
+    save_pipeline(pipeline, args.output_dir)
+    with open(os.path.join(args.output_dir, REPORT_FILE), "w") as f:
+        json.dump({**summary, "search": reports}, f, indent=2)
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    settings = {k: getattr(args, k) for k in ("prune_ratio", "search_rounds", "proxy_steps", "finetune_steps", "seed")}
+    write_model_card(args.output_dir, "unconditional", repo_id, regime, settings, type(pipeline).__name__,
+                     dataset=None if args.train_data_dir else args.dataset_name, tags=["pruned"])
+    print(f"FLOPs per sample ({args.num_inference_steps} steps): {before['flops_per_sample']:.3e} -> "
+          f"{after['flops_per_sample']:.3e} ({summary['flops_saved_fraction']:.1%} fewer); saved to {args.output_dir}")
+    if args.push_to_hub:
+        try:
+            push_folder(args.output_dir, repo_id, args.hub_token_resolved)
+        except HubPushError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+    return summary
+
+
+@exits_on_usage_error
+def cli(argv=None):
+    return main(parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli()
