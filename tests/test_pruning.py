@@ -1,0 +1,131 @@
+"""Structured pruning of experts: FLOPs counting, budgets, the proxy search, pruned save/load, the script."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from torch import nn
+
+import diffusers_curriculum  # noqa: F401
+from diffusers_curriculum import pruning
+from diffusers_curriculum.data import build_dataset
+from diffusers_curriculum.experts import TimestepRoutedExperts
+from diffusers_curriculum.models import tiny_unet_config
+
+from conftest import ROOT, TINY_FLAGS, load_script
+
+
+def tiny_unet(seed=0):
+    torch.manual_seed(seed)
+    return UNet2DModel.from_config(tiny_unet_config(16, 1, (16, 32))).eval()
+
+
+def test_flops_are_counted_from_a_real_forward():
+    conv = nn.Conv2d(3, 5, 3, padding=1)
+    assert pruning.count_flops(conv, {"input": torch.zeros(1, 3, 7, 7)}) == 2 * 5 * 3 * 9 * 7 * 7
+
+
+def test_group_budgets_follow_progressive_scaling():
+    # N = 4 groups, keep k = 0.5: expert 0 (hardest, lowest t) keeps the most, expert 3 keeps k
+    assert pruning.group_budgets(4, 0.5) == pytest.approx([0.875, 0.75, 0.625, 0.5])
+    for bad in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(ValueError, match="prune_ratio must be in"):
+            pruning.group_budgets(4, bad)
+
+
+def test_pruned_model_is_smaller_keeps_shapes_and_fine_tunes():
+    model = tiny_unet()
+    before_params, before_flops = pruning.count_params(model), pruning.count_flops(model)
+    pruned = pruning.pruned_copy(model, {name: 0.5 for name in pruning.prunable_blocks(model)})
+    assert pruning.count_params(pruned) < 0.5 * before_params and pruning.count_flops(pruned) < 0.5 * before_flops
+    x, t = torch.randn(3, 1, 16, 16), torch.tensor([1, 50, 900])
+    assert pruned(x, t).sample.shape == x.shape
+    dataset = build_dataset("fashion_mnist", resolution=16, max_train_samples=32)
+    weights = pruned.conv_in.weight.detach().clone()
+    pruning.finetune(pruned, pruning.infinite_batches(dataset, 8, 0), DDPMScheduler(), (0, 500), 2, 1e-3)
+    assert not torch.equal(weights, pruned.conv_in.weight)
+    assert pruning.count_params(model) == before_params  # pruned_copy left the original alone
+
+
+def test_search_meets_the_budget_and_fills_the_memory_bank():
+    model = tiny_unet()
+    scores = iter([3.0, 1.0, 2.0, 0.5])
+    result = pruning.search_pruning(model, 0.6, proxy=lambda candidate: next(scores), rounds=3)
+    assert len(result.memory) == 3
+    assert all(r.flops_fraction <= 0.6 for r in result.memory)
+    assert result.config == result.memory[1].config  # the best (lowest) proxy score wins
+    assert len({json.dumps(r.config, sort_keys=True) for r in result.memory}) == 3  # no repeated proposal
+    assert pruning.count_flops(pruning.pruned_copy(model, result.config)) == result.flops
+
+
+def test_a_custom_proposer_plugs_in():
+    class Fixed(pruning.Proposer):
+        def propose(self, memory, blocks, fit):
+            return None if memory else {b: 0.25 for b in blocks}
+
+    result = pruning.search_pruning(tiny_unet(), 1.0, proxy=lambda c: 0.0, proposer=Fixed(), rounds=5)
+    assert len(result.memory) == 1 and set(result.config.values()) == {0.25}
+
+
+def test_pruned_experts_save_and_reload_with_identical_outputs(tmp_path):
+    experts = TimestepRoutedExperts.from_model(tiny_unet(), [0, 400, 1000])
+    pruning.prune_model(experts.experts[1], {name: 0.5 for name in pruning.prunable_blocks(experts.experts[1])})
+    experts.experts[1].pruning_record = {"config": "half"}
+    experts.save_pretrained(tmp_path / "m")
+    loaded = TimestepRoutedExperts.from_pretrained(tmp_path / "m")
+    assert loaded.experts[1].conv_in.out_channels < loaded.experts[0].conv_in.out_channels
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 399, 400, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t).sample, experts.eval()(x, t).sample)
+    report = pruning.flops_report(loaded, [999, 500, 10])
+    assert report["flops_per_sample"] == report["experts"][1]["flops"] * 2 + report["experts"][0]["flops"]
+
+
+@pytest.fixture(scope="module")
+def tdc_pipeline(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tdc") / "run"
+    script = load_script("train_unconditional")
+    script.main(script.parse_args(["--output_dir", str(out), *TINY_FLAGS, "--regime", "tdc", "--tdc_groups", "2",
+                                   "--tdc_base_steps", "3", "--max_train_steps", "5", "--max_train_samples", "64",
+                                   "--no_validation"]))
+    return out
+
+
+@pytest.mark.slow
+def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp_path):
+    prune = load_script("prune_experts")
+    out = tmp_path / "pruned"
+    summary = prune.main(prune.parse_args([
+        "--pretrained_model_name_or_path", str(tdc_pipeline), "--output_dir", str(out), "--prune_ratio", "0.5",
+        "--search_rounds", "2", "--proxy_steps", "1", "--finetune_steps", "1", "--max_train_samples", "32",
+        "--validation_size", "8", "--train_batch_size", "8", "--num_inference_steps", "10",
+    ]))
+    assert summary["flops_per_sample"] < summary["flops_per_sample_before"]
+    pipeline = DDPMPipeline.from_pretrained(out)
+    record = pipeline.scheduler.config.training_regime["pruning"]
+    assert record["flops_per_sample"] == summary["flops_per_sample"] and len(record["experts"]) == 2
+    assert pipeline(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 1)
+    assert (out / "unet" / "expert_1" / "pruning.json").exists() and (out / "pruning_report.json").exists()
+    assert (tdc_pipeline / "model_index.json").exists()  # the unpruned pipeline is kept
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--prune_ratio", "1.0"], "--prune_ratio must be in (0, 1), got 1.0"),
+    (["--prune_ratio", "0"], "--prune_ratio must be in (0, 1), got 0.0"),
+    (["--search_rounds", "0"], "--search_rounds must be >= 1, got 0"),
+])
+def test_prune_script_bad_flags_are_one_line_errors(tmp_path, extra, message):
+    proc = subprocess.run([sys.executable, str(ROOT / "train_scripts" / "prune_experts.py"), "--pretrained_model_name_or_path",
+                           str(tmp_path), "--output_dir", str(tmp_path / "out"), *extra], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}"
+
+
+def test_prune_script_refuses_a_pipeline_without_experts(tmp_path):
+    DDPMPipeline(unet=tiny_unet(), scheduler=DDPMScheduler()).save_pretrained(tmp_path / "plain")
+    prune = load_script("prune_experts")
+    args = prune.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "o")])
+    with pytest.raises(diffusers_curriculum.errors.UsageError, match="not the TimestepRoutedExperts"):
+        prune.main(args)

@@ -1,0 +1,136 @@
+"""--regime tdc: base stage, branching into routed experts, resume in either stage, bad resumes."""
+
+import shutil
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, UNet2DModel
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
+
+import diffusers_curriculum  # noqa: F401
+from diffusers_curriculum.errors import UsageError
+from diffusers_curriculum.experts import TimestepRoutedExperts
+from diffusers_curriculum.models import tiny_unet_config
+from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.schedulers import RegimeDDPMScheduler
+from diffusers_curriculum.tdc import TDCRegime, tdc_boundaries
+
+from conftest import regime_args
+
+TDC_FLAGS = ["--regime", "tdc", "--tdc_groups", "3", "--tdc_base_steps", "4", "--max_train_samples", "64", "--no_validation"]
+
+
+@pytest.mark.parametrize("cost", ["equal", "timestep", "snr", "log_snr"])
+def test_groups_cover_all_timesteps_without_overlap(cost):
+    boundaries = tdc_boundaries(cost, 4, RegimeDDPMScheduler(num_train_timesteps=1000))
+    assert boundaries[0] == 0 and boundaries[-1] == 1000 and len(boundaries) == 5
+    assert all(b > a for a, b in zip(boundaries, boundaries[1:]))
+
+
+def make_regime(base_steps=2):
+    args = regime_args("--regime", "tdc", "--tdc_groups", "3", "--tdc_group_cost", "equal", "--tdc_base_steps", str(base_steps))
+    return TrainingRegime.from_args(args, RegimeDDPMScheduler(num_train_timesteps=1000))
+
+
+class FakeAccelerator:
+    device = torch.device("cpu")
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def train_step(regime, model, optimizer, ema, step):
+    clean = torch.randn(6, 1, 8, 8)
+    noise, t = regime.sample(clean)
+    loss = ((model(clean + noise, t).sample - noise) ** 2).mean(dim=(1, 2, 3))
+    regime.backward(FakeAccelerator(), loss, t, model)
+    optimizer.step()
+    optimizer.zero_grad()
+    ema.step(model.parameters())
+    return t, regime.on_step_end(FakeAccelerator(), step)
+
+
+def test_stage_one_trains_the_base_then_branching_copies_weights_optimizer_and_ema():
+    torch.manual_seed(0)
+    regime = make_regime(base_steps=2)
+    model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16))))
+    assert isinstance(model, TimestepRoutedExperts) and regime.experts is model
+    untouched = {k: v.clone() for k, v in model.experts[2].state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMAModel(model.parameters(), decay=0.9)
+    regime.attach(optimizer=optimizer, ema_model=ema)
+
+    t, logs = train_step(regime, model, optimizer, ema, 1)
+    assert logs["tdc_stage"] == 1 and t.min() < 333 and t.max() >= 667  # stage 1: all timesteps, one model
+    for k, v in model.experts[2].state_dict().items():  # the other experts do not move before branching
+        assert torch.equal(v, untouched[k])
+    _, logs = train_step(regime, model, optimizer, ema, 2)
+    assert logs["tdc_stage"] == 2 and regime.stage == 2 and model.route_all_to is None
+    base = list(model.experts[0].parameters())
+    per_expert = len(base)
+    for i in (1, 2):
+        for j, (a, b) in enumerate(zip(base, model.experts[i].parameters())):
+            assert torch.equal(a, b)
+            assert torch.equal(optimizer.state[a]["exp_avg"], optimizer.state[b]["exp_avg"])
+            assert torch.equal(ema.shadow_params[j], ema.shadow_params[i * per_expert + j])
+
+    t, logs = train_step(regime, model, optimizer, ema, 3)  # stage 2: stratified, each expert its own group
+    assert sorted(regime.group_sampler.cluster_of(t).tolist()) == [0, 0, 1, 1, 2, 2]
+    assert {"loss/group_0", "loss/group_1", "loss/group_2"} <= set(logs)
+    assert not torch.equal(model.experts[0].conv_in.weight, model.experts[1].conv_in.weight)
+
+
+def test_state_round_trip_and_mismatched_resumes_are_clear_errors():
+    regime = make_regime(base_steps=2)
+    regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16))))
+    regime.stage = 2
+    state = regime.state_dict()
+    fresh = make_regime(base_steps=2)
+    fresh.wrap_model(UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16))))
+    fresh.load_state_dict(state)
+    assert fresh.stage == 2 and fresh.experts.route_all_to is None
+    with pytest.raises(UsageError, match="stage 2 .* --tdc_base_steps is 50"):
+        make_regime(base_steps=50).load_state_dict(state)
+    with pytest.raises(UsageError, match="not written by --regime tdc"):
+        make_regime().load_state_dict(TrainingRegime.from_args(regime_args(), RegimeDDPMScheduler()).state_dict())
+
+
+def run(script, tmp_path, tiny_flags, *extra, name="run"):
+    return script.main(script.parse_args(["--output_dir", str(tmp_path / name), *tiny_flags, *TDC_FLAGS, *extra]))
+
+
+def test_tdc_run_saves_a_routed_pipeline_that_generates(train_unconditional, tmp_path, tiny_flags):
+    summary = run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "8", "--use_ema")
+    assert summary["global_step"] == 8 and summary["regime_state"]["stage"] == 2
+    pipeline = DDPMPipeline.from_pretrained(tmp_path / "run")
+    assert isinstance(pipeline.unet, TimestepRoutedExperts) and len(pipeline.unet.experts) == 3
+    record = pipeline.scheduler.config.training_regime
+    assert record["name"] == "tdc" and record["base_steps"] == 4 and len(record["groups"]) == 3
+    assert all(e["flops_per_forward"] > 0 and e["params"] > 0 for e in record["experts"])
+    images = pipeline(batch_size=2, num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 32, 32, 1) and (tmp_path / "run" / "unet" / "expert_2" / "config.json").exists()
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 6], ids=["in-stage-1", "in-stage-2"])
+def test_resume_in_either_stage_reproduces_the_uninterrupted_run(train_unconditional, tmp_path, tiny_flags, interrupt_at):
+    flags = ["--max_train_steps", "8", "--checkpointing_steps", "3", "--use_ema"]
+    straight = run(train_unconditional, tmp_path, tiny_flags, *flags, name="straight")
+    (tmp_path / "resumed").mkdir()
+    name = f"checkpoint-{interrupt_at}"
+    shutil.copytree(tmp_path / "straight" / name, tmp_path / "resumed" / name)
+    resumed = run(train_unconditional, tmp_path, tiny_flags, *flags, "--resume_from_checkpoint", "latest", name="resumed")
+    assert resumed["losses"] == pytest.approx(straight["losses"][interrupt_at:], rel=1e-5)
+    a = load_file(tmp_path / "straight" / "checkpoint-6" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "checkpoint-6" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_stage_two_checkpoint_into_a_stage_one_config_is_refused(train_unconditional, tmp_path, tiny_flags):
+    run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "6", "--checkpointing_steps", "6")
+    flags = [f if f != "4" else "7" for f in TDC_FLAGS]  # --tdc_base_steps 7: step 6 would still be stage 1
+    args = train_unconditional.parse_args(["--output_dir", str(tmp_path / "run"), *tiny_flags, *flags,
+                                           "--max_train_steps", "10", "--resume_from_checkpoint", "latest"])
+    with pytest.raises(UsageError, match="stage 2 .*--tdc_base_steps is 7"):
+        train_unconditional.main(args)
