@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .errors import UsageError
-from .sampling import SAMPLERS, TimestepSampler
+from .sampling import SAMPLERS, TimestepSampler, WeightedSampler, speed_weights, timestep_bias_weights
 from .weighting import WEIGHTINGS, loss_weights
 
 
@@ -84,6 +84,16 @@ class TrainingRegime:
             "--timestep_sampling", type=str, default="uniform", choices=sorted(SAMPLERS),
             help="How the uniform regime draws timesteps.",
         )
+        group.add_argument("--speed_tau", type=float, default=0.7,
+                           help="--timestep_sampling speed: timesteps above tau·T are the suppressed convergence area.")
+        group.add_argument("--speed_suppression", type=float, default=0.25,
+                           help="--timestep_sampling speed: relative probability of the convergence area.")
+        group.add_argument("--timestep_bias_strategy", type=str, default="earlier", choices=["earlier", "later", "range"],
+                           help="--timestep_sampling timestep_bias: which timesteps get the bias (diffusers SDXL flags).")
+        group.add_argument("--timestep_bias_multiplier", type=float, default=2.0)
+        group.add_argument("--timestep_bias_portion", type=float, default=0.25)
+        group.add_argument("--timestep_bias_begin", type=int, default=0)
+        group.add_argument("--timestep_bias_end", type=int, default=1000)
         group.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal sampler.")
         group.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit-normal sampler.")
         group.add_argument(
@@ -113,6 +123,14 @@ class TrainingRegime:
             raise UsageError(f"--snr_gamma is set but --weighting is {args.weighting!r}; drop one of them")
         if not args.logit_std > 0:
             raise UsageError(f"--logit_std must be > 0, got {args.logit_std}")
+        if not 0 < args.speed_tau < 1:
+            raise UsageError(f"--speed_tau must be in (0, 1), got {args.speed_tau}")
+        if not args.speed_suppression > 0:
+            raise UsageError(f"--speed_suppression must be > 0, got {args.speed_suppression}")
+        if not args.timestep_bias_multiplier > 0:
+            raise UsageError(f"--timestep_bias_multiplier must be > 0, got {args.timestep_bias_multiplier}")
+        if not 0 < args.timestep_bias_portion <= 1:
+            raise UsageError(f"--timestep_bias_portion must be in (0, 1], got {args.timestep_bias_portion}")
         if not args.p2_k > 0:
             raise UsageError(f"--p2_k must be > 0, got {args.p2_k}")
         REGIMES[args.regime].validate_regime_args(args)
@@ -162,11 +180,29 @@ class TrainingRegime:
         num_train_timesteps = noise_scheduler.config.num_train_timesteps
         if args.timestep_sampling == "logit_normal":
             return SAMPLERS["logit_normal"](num_train_timesteps, args.logit_mean, args.logit_std, seed=seed)
+        if args.timestep_sampling == "speed":
+            return WeightedSampler(num_train_timesteps, speed_weights(num_train_timesteps, args.speed_tau, args.speed_suppression), seed=seed)
+        if args.timestep_sampling == "timestep_bias":
+            end = min(args.timestep_bias_end, num_train_timesteps)
+            try:
+                weights = timestep_bias_weights(num_train_timesteps, args.timestep_bias_strategy, args.timestep_bias_multiplier,
+                                                args.timestep_bias_portion, args.timestep_bias_begin, end)
+            except ValueError as e:
+                raise UsageError(f"--timestep_bias_begin/--timestep_bias_end: {e}") from None
+            return WeightedSampler(num_train_timesteps, weights, seed=seed)
         return SAMPLERS[args.timestep_sampling](num_train_timesteps, seed=seed)
 
     @classmethod
     def extra_kwargs_from_args(cls, args: argparse.Namespace, noise_scheduler) -> Dict[str, Any]:
         return {}
+
+    # ---- model plumbing ------------------------------------------------------------------------------
+    def wrap_model(self, model):
+        """The module to train in place of ``model`` (called before the optimizer and EMA are built)."""
+        return model
+
+    def attach(self, optimizer=None, ema_model=None) -> None:
+        """Hands the regime the run's optimizer and EMA (called once, after ``accelerator.prepare``)."""
 
     # ---- the training step ---------------------------------------------------------------------------
     def _local_slice(self, global_draw: torch.Tensor) -> torch.Tensor:
@@ -203,7 +239,8 @@ class TrainingRegime:
         """Back-propagates this regime's loss through ``accelerator`` and returns it (detached)."""
         loss = self.compute_loss(per_sample_loss, timesteps)
         accelerator.backward(loss)
-        self.sampler.observe(timesteps, per_sample_loss.detach())
+        if self.sampler.observes_losses:  # the same history on every rank keeps their draws identical
+            self.sampler.observe(accelerator.gather(timesteps), accelerator.gather(per_sample_loss.detach()))
         return loss.detach()
 
     def on_step_end(self, accelerator, global_step: int) -> Dict[str, Any]:

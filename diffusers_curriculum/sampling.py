@@ -39,6 +39,9 @@ class TimestepSampler:
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
 
+    # True for samplers that learn from losses: the regime then gathers every rank's losses for observe.
+    observes_losses = False
+
     def observe(self, timesteps: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
         """Receives the losses of the last batch; non-adaptive samplers ignore them."""
 
@@ -89,4 +92,91 @@ class LogitNormalSampler(TimestepSampler):
         return t.clamp_(0, self.num_train_timesteps - 1)
 
 
-SAMPLERS = {"uniform": UniformSampler, "logit_normal": LogitNormalSampler}
+class WeightedSampler(TimestepSampler):
+    """t drawn from fixed per-timestep weights (normalised); the base of the biased samplers below."""
+
+    def __init__(self, num_train_timesteps: int, weights: torch.Tensor, seed: int = 0):
+        super().__init__(num_train_timesteps, seed)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        if weights.shape != (num_train_timesteps,) or bool((weights < 0).any()) or not weights.sum() > 0:
+            raise ValueError(f"weights must be {num_train_timesteps} non-negative values with a positive sum")
+        self.weights = weights / weights.sum()
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+
+
+def timestep_bias_weights(num_train_timesteps: int, strategy: str = "none", multiplier: float = 1.0,
+                          portion: float = 0.25, begin: int = 0, end: int = 1000) -> torch.Tensor:
+    """diffusers' SDXL ``--timestep_bias_strategy``: ``earlier`` / ``later`` multiply the weight of the first /
+    last ``portion`` of the timesteps by ``multiplier``; ``range`` biases [``begin``, ``end``)."""
+    weights = torch.ones(num_train_timesteps, dtype=torch.float64)
+    if strategy == "none":
+        return weights
+    count = int(num_train_timesteps * portion)
+    if strategy == "later":
+        weights[-count:] *= multiplier
+    elif strategy == "earlier":
+        weights[:count] *= multiplier
+    elif strategy == "range":
+        if not 0 <= begin < end <= num_train_timesteps:
+            raise ValueError(f"timestep bias range [{begin}, {end}) is not inside [0, {num_train_timesteps})")
+        weights[begin:end] *= multiplier
+    else:
+        raise ValueError(f"unknown timestep bias strategy {strategy!r}")
+    return weights
+
+
+def speed_weights(num_train_timesteps: int, tau: float = 0.7, suppression: float = 0.25) -> torch.Tensor:
+    """SpeeD-style asymmetric sampling (Wang et al. 2024): timesteps above ``tau``·T, the convergence area
+    where the loss is near zero, are drawn ``suppression`` times as often as the rest."""
+    weights = torch.ones(num_train_timesteps, dtype=torch.float64)
+    weights[int(tau * num_train_timesteps):] *= suppression
+    return weights
+
+
+class LossAwareSampler(TimestepSampler):
+    """IDDPM's loss-second-moment resampling (Nichol & Dhariwal 2021): p(t) ∝ sqrt(E[L_t²]) over the last
+    ``history`` losses at t, mixed with ``uniform_prob`` of uniform; uniform until every t has a full history.
+    Losses must be the same on every rank (the regime gathers them)."""
+
+    observes_losses = True
+
+    def __init__(self, num_train_timesteps: int, history: int = 10, uniform_prob: float = 0.001, seed: int = 0):
+        super().__init__(num_train_timesteps, seed)
+        self.history, self.uniform_prob = history, uniform_prob
+        self.losses = torch.zeros(num_train_timesteps, history, dtype=torch.float64)
+        self.counts = torch.zeros(num_train_timesteps, dtype=torch.long)
+
+    def weights(self) -> torch.Tensor:
+        if bool((self.counts < self.history).any()):
+            return torch.full((self.num_train_timesteps,), 1.0 / self.num_train_timesteps, dtype=torch.float64)
+        weights = self.losses.pow(2).mean(dim=1).sqrt()
+        weights = weights / weights.sum()
+        return weights * (1 - self.uniform_prob) + self.uniform_prob / self.num_train_timesteps
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.multinomial(self.weights(), batch_size, replacement=True, generator=generator)
+
+    def observe(self, timesteps: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
+        for t, loss in zip(timesteps.tolist(), per_sample_loss.double().cpu().tolist()):
+            if self.counts[t] == self.history:
+                self.losses[t, :-1] = self.losses[t, 1:].clone()
+                self.losses[t, -1] = loss
+            else:
+                self.losses[t, self.counts[t]] = loss
+                self.counts[t] += 1
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "losses": self.losses.clone(), "counts": self.counts.clone()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.losses.copy_(state["losses"])
+        self.counts.copy_(state["counts"])
+
+
+SAMPLERS = {
+    "uniform": UniformSampler, "logit_normal": LogitNormalSampler, "loss_aware": LossAwareSampler,
+    "speed": WeightedSampler, "timestep_bias": WeightedSampler,
+}

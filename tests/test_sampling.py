@@ -62,3 +62,31 @@ def test_bad_parameters_raise():
         UniformSampler(0)
     with pytest.raises(ValueError, match="std"):
         LogitNormalSampler(10, std=0.0)
+
+
+def test_speed_and_timestep_bias_weights():
+    from diffusers_curriculum.sampling import WeightedSampler, speed_weights, timestep_bias_weights
+
+    w = speed_weights(1000, tau=0.7, suppression=0.25)
+    assert w[699] == 1 and w[700] == 0.25
+    draws = WeightedSampler(1000, w, seed=0).sample(40000)
+    share = (draws >= 700).float().mean().item()
+    assert share == pytest.approx(0.3 * 0.25 / (0.7 + 0.3 * 0.25), abs=0.01)
+    later = timestep_bias_weights(1000, "later", 3.0, 0.1)
+    assert later[899] == 1 and later[900] == 3 and timestep_bias_weights(1000, "range", 2.0, begin=10, end=20)[15] == 2
+    with pytest.raises(ValueError, match="timestep bias range"):
+        timestep_bias_weights(1000, "range", 2.0, begin=50, end=20)
+
+
+def test_loss_aware_sampler_is_uniform_until_warm_then_follows_loss():
+    from diffusers_curriculum.sampling import LossAwareSampler
+
+    sampler = LossAwareSampler(10, history=2, uniform_prob=0.0, seed=0)
+    assert torch.allclose(sampler.weights(), torch.full((10,), 0.1, dtype=torch.float64))
+    t = torch.arange(10).repeat(2)
+    sampler.observe(t, torch.where(t < 5, 3.0, 1.0))
+    weights = sampler.weights()
+    assert weights[0] == pytest.approx(3 * weights[9]) and weights.sum() == pytest.approx(1.0)
+    restored = LossAwareSampler(10, history=2, uniform_prob=0.0, seed=5)
+    restored.load_state_dict(sampler.state_dict())
+    assert torch.equal(restored.sample(20), sampler.sample(20))

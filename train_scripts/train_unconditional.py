@@ -194,7 +194,9 @@ def save_sample_grid(args, pipeline, path, seed):
     return grid
 
 
-def main(args):
+def main(args, evaluate=None):
+    """Trains; ``evaluate(global_step, pipeline)``, when given, is called on the main process every
+    ``--validation_steps`` and at the end with the pipeline that would be shipped (EMA weights with --use_ema)."""
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -335,6 +337,8 @@ def main(args):
                         logger.info(f"Saved state to {path}")
                     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                         validate(args, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+                        if evaluate is not None:
+                            evaluate(global_step, build_pipeline(args, final_unet(accelerator, model, ema_model), noise_scheduler, regime))
                     if preemption.requested(accelerator):
                         if global_step % args.checkpointing_steps != 0:
                             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
@@ -349,7 +353,9 @@ def main(args):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        finish(args, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+        pipeline = finish(args, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+        if evaluate is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
+            evaluate(global_step, pipeline)
     accelerator.end_training()
     return {"global_step": global_step, "losses": loss_history, "regime_state": regime.state_dict()}
 
@@ -398,6 +404,7 @@ def finish(args, accelerator, model, ema_model, noise_scheduler, regime, global_
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
         logger.info(f"Pushed to https://huggingface.co/{pushed}")
+    return pipeline
 
 
 @exits_on_usage_error
