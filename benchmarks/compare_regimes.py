@@ -76,7 +76,7 @@ def parse_args(argv=None):
     if args.quick:
         args.seeds, args.max_train_steps, args.eval_every = "0", 8, 4
         args.num_fid_images, args.num_inference_steps, args.prune_finetune_steps = 32, 2, 2
-        args.regimes = args.regimes or "uniform,min_snr,loss_aware,curriculum,tdc,tdc_pruned"
+        args.regimes = args.regimes or "uniform,loss_aware,tdc,tdc_pruned"
     return args
 
 
