@@ -159,7 +159,7 @@ def test_usage_error_is_one_line_with_exit_code_2(tmp_path):
         capture_output=True, text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == ["error: --regime 'warp' is unknown; choose one of ant, curriculum, uniform"]
+    assert proc.stderr.strip().splitlines() == ["error: --regime 'warp' is unknown; choose one of ant, curriculum, tdc, uniform"]
 
 
 def test_validation_steps_write_sample_grids(train_unconditional, tmp_path, tiny_flags):

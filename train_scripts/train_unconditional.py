@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -37,6 +37,7 @@ from diffusers_curriculum.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler
+from diffusers_curriculum.tasks import TASKS, Unconditional
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -48,8 +49,8 @@ CARD_SETTINGS = (
 )
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(description="Train an unconditional diffusion model with a training regime.")
+def parse_args(argv=None, task_cls=Unconditional):
+    parser = ArgumentParser(description=f"Train a{'n' if task_cls.name[0] in 'aeiou' else ''} {task_cls.name.replace('_', '-')} diffusion model with a training regime.")
     # data
     parser.add_argument(
         "--dataset_name", type=str, default="fashion_mnist",
@@ -111,8 +112,10 @@ def parse_args(argv=None):
     parser.add_argument("--hub_model_id", type=str, default=None)
     parser.add_argument("--hub_private_repo", action="store_true")
     TrainingRegime.add_args(parser)
+    task_cls.add_args(parser)
 
     args = parser.parse_args(argv)
+    args.task = task_cls.name
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
         args.local_rank = env_local_rank
@@ -149,6 +152,7 @@ def validate_args(args):
     if args.train_data_dir is None and args.dataset_name is None:
         raise UsageError("give --dataset_name or --train_data_dir")
     TrainingRegime.validate_args(args)
+    TASKS[args.task](args).validate_args()
     # Never train on top of someone's finished run by accident; --resume_from_checkpoint continues one.
     if (os.path.exists(os.path.join(args.output_dir, "model_index.json")) and not args.overwrite_output_dir
             and args.resume_from_checkpoint is None):
@@ -170,21 +174,18 @@ def check_writable(output_dir):
         raise UsageError(f"--output_dir {output_dir} is not writable ({e.strerror})") from None
 
 
-def build_pipeline(args, unet, noise_scheduler, regime):
+def build_pipeline(args, task, unet, noise_scheduler, regime):
     # A DDPMPipeline runs any scheduler; DDIMPipeline would swap ours for a stock DDIMScheduler and
     # drop the recorded regime, so --use_ddim keeps DDPMPipeline with a DDIM scheduler.
     scheduler_cls = RegimeDDIMScheduler if args.use_ddim else RegimeDDPMScheduler
     scheduler = scheduler_cls.from_config(noise_scheduler.config, training_regime=regime.describe())
-    return DDPMPipeline(unet=unet, scheduler=scheduler)
+    return task.build_pipeline(unet, scheduler)
 
 
-def save_sample_grid(args, pipeline, path, seed):
+def save_sample_grid(args, task, pipeline, path, seed):
     """Generates ``--eval_batch_size`` images and saves them as one PNG grid at ``path``."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    images = pipeline(
-        generator=generator, batch_size=args.eval_batch_size,
-        num_inference_steps=args.ddpm_num_inference_steps, output_type="pil",
-    ).images
+    images = task.generate(pipeline, args.eval_batch_size, args.ddpm_num_inference_steps, generator)
     rows = int(math.sqrt(len(images)))
     while len(images) % rows:
         rows -= 1
@@ -209,17 +210,19 @@ def main(args, evaluate=None):
     )
     if args.seed is not None:
         set_seed(args.seed)
+    task = TASKS[args.task](args)
 
     # Data and model: everything that can be wrong with them fails here, before any training.
     dataset = build_dataset(
         args.dataset_name, args.train_data_dir, args.resolution, args.image_column,
         image_mode=args.image_mode, center_crop=args.center_crop, random_flip=args.random_flip,
         dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
-        max_train_samples=args.max_train_samples,
+        max_train_samples=args.max_train_samples, label_column=getattr(args, "label_column", None),
     )
-    unet_config = unet_config_from_args(
+    task.check_dataset(dataset)
+    unet_config = task.unet_config(unet_config_from_args(
         args.model_config_name_or_path, args.resolution, num_channels(dataset), args.block_out_channels, args.layers_per_block
-    )
+    ))
     resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
 
     if accelerator.is_main_process:
@@ -277,7 +280,7 @@ def main(args, evaluate=None):
 
     if accelerator.is_main_process:
         run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
-        accelerator.init_trackers("train_unconditional", config=run_config)
+        accelerator.init_trackers(f"train_{task.name}", config=run_config)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
@@ -303,7 +306,7 @@ def main(args, evaluate=None):
                 noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
 
                 with accelerator.accumulate(model), regime.forward_context(accelerator, model):
-                    model_output = model(noisy_images, timesteps).sample
+                    model_output = model(noisy_images, timesteps, **task.model_kwargs(batch, accelerator.device)).sample
                     if args.prediction_type == "epsilon":
                         target = noise
                     elif args.prediction_type == "v_prediction":
@@ -336,9 +339,9 @@ def main(args, evaluate=None):
                         path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
                         logger.info(f"Saved state to {path}")
                     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                        validate(args, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+                        pipeline = validate(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
                         if evaluate is not None:
-                            evaluate(global_step, build_pipeline(args, final_unet(accelerator, model, ema_model), noise_scheduler, regime))
+                            evaluate(global_step, pipeline)
                     if preemption.requested(accelerator):
                         if global_step % args.checkpointing_steps != 0:
                             save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
@@ -353,7 +356,7 @@ def main(args, evaluate=None):
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        pipeline = finish(args, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+        pipeline = finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
         if evaluate is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
             evaluate(global_step, pipeline)
     accelerator.end_training()
@@ -370,30 +373,32 @@ def final_unet(accelerator, model, ema_model):
     return shipped
 
 
-def validate(args, accelerator, model, ema_model, noise_scheduler, regime, global_step):
-    pipeline = build_pipeline(args, final_unet(accelerator, model, ema_model), noise_scheduler, regime)
-    grid = save_sample_grid(args, pipeline, os.path.join(args.output_dir, "samples", f"step_{global_step}.png"), args.seed or 0)
+def validate(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step):
+    pipeline = build_pipeline(args, task, final_unet(accelerator, model, ema_model), noise_scheduler, regime)
+    grid = save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", f"step_{global_step}.png"), args.seed or 0)
     tracker = accelerator.get_tracker("tensorboard") if args.report_to == "tensorboard" else None
     if tracker is not None:
         import numpy as np
 
         tracker.writer.add_image("samples", np.asarray(grid), global_step, dataformats="HWC" if grid.mode == "RGB" else "HW")
+    return pipeline
 
 
-def finish(args, accelerator, model, ema_model, noise_scheduler, regime, global_step):
+def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step):
     """Saves the pipeline, a sample grid and the model card; then pushes when asked."""
-    pipeline = build_pipeline(args, final_unet(accelerator, model, ema_model), noise_scheduler, regime)
+    pipeline = build_pipeline(args, task, final_unet(accelerator, model, ema_model), noise_scheduler, regime)
     save_pipeline(pipeline, args.output_dir)
     validation_image = None
     if not args.no_validation:
-        save_sample_grid(args, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)
+        save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)
         validation_image = "samples/final.png"
     repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings["trained_steps"] = global_step
+    settings.update(task.card_settings())
     dataset = None if args.train_data_dir is not None else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
     write_model_card(
-        args.output_dir, "unconditional", repo_id, regime.describe(), settings, type(pipeline).__name__,
+        args.output_dir, task.card_template, repo_id, regime.describe(), settings, type(pipeline).__name__,
         dataset=dataset, validation_image=validation_image, use_ema=args.use_ema,
     )
     logger.info(f"Saved {type(pipeline).__name__} to {args.output_dir}")
