@@ -10,6 +10,7 @@ from .sampling import IntervalSampler, LogitNormalSampler, TimestepSampler, Unif
 from .schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler, RegimeSchedulerMixin
 from .experts import TimestepRoutedExperts
 from .tdc import TDCRegime
+from .pipelines import ClassConditionalPipeline
 from .metrics import FashionFeatures, fashion_feature_extractor, feature_fid
 from .mtl import NashMTL, PCGrad, UncertaintyWeighting
 from .weighting import loss_weights, min_snr_weights, p2_weights
@@ -18,6 +19,7 @@ from .weighting import loss_weights, min_snr_weights, p2_weights
 __all__ = [
     "ANTRegime",
     "AdaptivePacing",
+    "ClassConditionalPipeline",
     "CurriculumRegime",
     "FashionFeatures",
     "FixedPacing",

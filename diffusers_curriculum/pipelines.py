@@ -29,8 +29,11 @@ class ClassConditionalPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet, scheduler, num_classes: int, guidance_trained: bool = False):
+    # num_classes has a default only so that diffusers treats it as a config value, not a component.
+    def __init__(self, unet, scheduler, num_classes: Optional[int] = None, guidance_trained: bool = False):
         super().__init__()
+        if num_classes is None or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive number of classes, got {num_classes}")
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(num_classes=int(num_classes), guidance_trained=bool(guidance_trained))
 

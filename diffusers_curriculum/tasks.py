@@ -27,7 +27,7 @@ class Unconditional:
     def add_args(parser: argparse.ArgumentParser) -> None:
         pass
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, process_index: int = 0, num_processes: int = 1):
         self.args = args
 
     def validate_args(self) -> None:
@@ -58,6 +58,15 @@ class ClassConditional(Unconditional):
 
     name = "class_conditional"
     card_template = "class_conditional"
+    # Class dropout draws from its own generator (global-batch draw, rank slice, like the regime's noise),
+    # checkpointed with the run: the global RNG is also used by data loaders and would not resume exactly.
+    DROPOUT_SEED_SALT = 0x5EED
+
+    def __init__(self, args: argparse.Namespace, process_index: int = 0, num_processes: int = 1):
+        super().__init__(args)
+        seed = getattr(args, "seed", None) or 0
+        self.generator = torch.Generator().manual_seed(seed + self.DROPOUT_SEED_SALT)
+        self.process_index, self.num_processes = process_index, num_processes
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -100,10 +109,17 @@ class ClassConditional(Unconditional):
 
     def model_kwargs(self, batch, device):
         labels = batch["labels"].to(device)
-        if self.args.class_dropout_prob > 0:  # torch's global RNG: accelerate checkpoints it per process
-            drop = torch.rand(labels.shape[0]) < self.args.class_dropout_prob
+        if self.args.class_dropout_prob > 0:
+            draw = torch.rand(labels.shape[0] * self.num_processes, generator=self.generator)
+            drop = draw[self.process_index :: self.num_processes] < self.args.class_dropout_prob
             labels = torch.where(drop.to(device), torch.full_like(labels, self.null_class), labels)
         return {"class_labels": labels}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
 
     def build_pipeline(self, unet, scheduler):
         return ClassConditionalPipeline(unet=unet, scheduler=scheduler, num_classes=self.args.num_classes,

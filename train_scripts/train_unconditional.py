@@ -210,7 +210,7 @@ def main(args, evaluate=None):
     )
     if args.seed is not None:
         set_seed(args.seed)
-    task = TASKS[args.task](args)
+    task = TASKS[args.task](args, accelerator.process_index, accelerator.num_processes)
 
     # Data and model: everything that can be wrong with them fails here, before any training.
     dataset = build_dataset(
@@ -265,6 +265,8 @@ def main(args, evaluate=None):
         ema_model.to(accelerator.device)
         accelerator.register_for_checkpointing(ema_model)
     accelerator.register_for_checkpointing(regime)
+    if hasattr(task, "state_dict"):  # e.g. the class-dropout generator
+        accelerator.register_for_checkpointing(task)
     regime.attach(optimizer=optimizer, ema_model=ema_model)
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
