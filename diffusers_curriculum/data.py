@@ -208,3 +208,74 @@ def build_dataset(
 def num_channels(dataset: torch.utils.data.Dataset) -> int:
     """Channels of the images a dataset yields (reads the first item)."""
     return int(dataset[0]["pixel_values"].shape[0])
+
+
+# ---- captioned images (text-to-image) ---------------------------------------------------------------------
+def fashion_mnist_caption(label: int) -> str:
+    name = FASHION_MNIST_CLASSES[int(label)].lower()
+    return f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+class CaptionedDataset(torch.utils.data.Dataset):
+    """``{"pixel_values": (3, H, W) in [-1, 1], "caption": str}`` items. ``captions[i]`` is a string or a list
+    of strings (one is picked at random per access, like diffusers' script)."""
+
+    def __init__(self, images: torch.utils.data.Dataset, captions):
+        self.images, self.captions = images, captions
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        pixels = self.images[index]["pixel_values"]
+        if pixels.shape[0] == 1:
+            pixels = pixels.expand(3, -1, -1)
+        caption = self.captions[index]
+        if isinstance(caption, (list, tuple)):
+            caption = caption[int(torch.randint(0, len(caption), ()))]
+        return {"pixel_values": pixels, "caption": caption}
+
+
+def build_caption_dataset(
+    dataset_name: Optional[str] = "fashion_mnist",
+    train_data_dir: Optional[str] = None,
+    resolution: int = 16,
+    image_column: str = "image",
+    caption_column: str = "text",
+    center_crop: bool = True,
+    random_flip: bool = False,
+    dataset_config_name: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+    max_train_samples: Optional[int] = None,
+) -> CaptionedDataset:
+    """Captioned training images. ``fashion_mnist`` is captioned from its labels ("a photo of a sneaker");
+    image folders need a ``metadata.jsonl`` with the caption column; Hub sets need both columns."""
+    if train_data_dir is None and dataset_name == "fashion_mnist":
+        images = build_dataset("fashion_mnist", resolution=resolution, random_flip=random_flip, max_train_samples=max_train_samples)
+        return CaptionedDataset(images, [fashion_mnist_caption(y) for y in images.labels.tolist()])
+    if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
+        raise UsageError(f"--dataset_name {dataset_name} has no captions; use fashion_mnist or a captioned set")
+
+    import datasets
+
+    if train_data_dir is not None:
+        _check_image_folder(train_data_dir)
+        hf = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
+    else:
+        try:
+            hf = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
+        except Exception as e:
+            raise UsageError(f"--dataset_name {dataset_name}: cannot load it ({describe_exception(e)})") from None
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column not in hf.column_names:
+            raise UsageError(f"{flag} {column!r} is not a column of the data set ({', '.join(hf.column_names)})")
+    feature = hf.features[caption_column]
+    inner = getattr(feature, "feature", None) if not hasattr(feature, "dtype") else feature
+    if getattr(inner, "dtype", None) not in ("string", "large_string"):
+        raise UsageError(f"--caption_column {caption_column!r} must hold strings or lists of strings, not {feature}")
+    if len(hf) == 0:
+        raise UsageError("the training data set is empty")
+    if max_train_samples is not None:
+        hf = hf.select(range(min(max_train_samples, len(hf))))
+    images = HFImageDataset(hf, image_column, None, resolution, "RGB", center_crop, random_flip)
+    return CaptionedDataset(images, hf[caption_column])

@@ -210,14 +210,28 @@ class TrainingRegime:
         (e.g. grouped by cluster) spread evenly over the ranks."""
         return global_draw[self.process_index :: self.num_processes]
 
-    def sample(self, clean: torch.Tensor) -> Tuple[torch.Tensor, torch.LongTensor]:
-        """Draws ``(noise, timesteps)`` for this rank's batch ``clean`` of shape ``(B, C, H, W)``."""
-        batch_size = clean.shape[0]
-        global_size = batch_size * self.num_processes
-        timesteps = self._local_slice(self.sampler.sample(global_size))
-        noise = torch.randn((global_size, *clean.shape[1:]), generator=self.noise_generator)
-        noise = self._local_slice(noise)
-        return noise.to(device=clean.device, dtype=clean.dtype), timesteps.to(clean.device)
+    def sample(self, clean: torch.Tensor, noise_offset: float = 0.0) -> Tuple[torch.Tensor, torch.LongTensor]:
+        """Draws ``(noise, timesteps)`` for this rank's batch ``clean`` of shape ``(B, C, H, W)``.
+
+        ``noise_offset`` adds offset noise (one value per sample and channel), as diffusers' ``--noise_offset``.
+        """
+        timesteps = self._local_slice(self._draw_timesteps(clean.shape[0] * self.num_processes))
+        return self._noise(clean, noise_offset), timesteps.to(clean.device)
+
+    def _draw_timesteps(self, global_size: int) -> torch.Tensor:
+        return self.sampler.sample(global_size)
+
+    def _noise(self, clean: torch.Tensor, noise_offset: float) -> torch.Tensor:
+        noise = self.randn_like(clean)
+        if noise_offset:
+            noise = noise + noise_offset * self.randn_like(clean[:, :, :1, :1])
+        return noise
+
+    def randn_like(self, local: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like this rank's ``local`` batch, drawn for the global batch from the
+        regime's checkpointed generator (so it resumes exactly); e.g. for sampling VAE latents."""
+        draw = torch.randn((local.shape[0] * self.num_processes, *local.shape[1:]), generator=self.noise_generator)
+        return self._local_slice(draw).to(device=local.device, dtype=local.dtype)
 
     def weighted(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample losses (shape ``(B,)``) times this regime's loss weights."""

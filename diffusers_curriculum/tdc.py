@@ -134,13 +134,8 @@ class TDCRegime(TrainingRegime):
         self.experts.route_all_to = None
 
     # ---- the step ------------------------------------------------------------------------------------
-    def sample(self, clean: torch.Tensor):
-        if self.stage == 1:
-            return super().sample(clean)
-        batch_size = clean.shape[0]
-        timesteps = self._local_slice(self.group_sampler.sample(batch_size * self.num_processes))
-        noise = torch.randn((batch_size * self.num_processes, *clean.shape[1:]), generator=self.noise_generator)
-        return self._local_slice(noise).to(device=clean.device, dtype=clean.dtype), timesteps.to(clean.device)
+    def _draw_timesteps(self, global_size: int) -> torch.Tensor:
+        return self.sampler.sample(global_size) if self.stage == 1 else self.group_sampler.sample(global_size)
 
     def backward(self, accelerator, per_sample_loss, timesteps, model=None):
         loss = super().backward(accelerator, per_sample_loss, timesteps, model)

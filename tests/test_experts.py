@@ -89,7 +89,7 @@ def test_conditional_experts_route_encoder_states_per_sample():
 def test_stock_stable_diffusion_pipeline_generates_with_experts_and_reloads(tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from tiny_sd import UNET_CONFIG, tiny_stable_diffusion
+    from diffusers_curriculum.tiny_sd import UNET_CONFIG, tiny_stable_diffusion
 
     unet = TimestepRoutedExperts.from_model(UNet2DConditionModel(**UNET_CONFIG), [0, 500, 1000])
     pipe = tiny_stable_diffusion(tmp_path, unet=unet)

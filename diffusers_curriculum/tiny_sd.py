@@ -1,6 +1,12 @@
 """A tiny random Stable Diffusion (UNet2DConditionModel, AutoencoderKL, CLIPTextModel and a CLIP tokenizer
-built locally), for offline tests. Nothing here touches the Hub."""
+built locally) for offline tests and examples. Nothing here touches the Hub.
 
+    python -m diffusers_curriculum.tiny_sd --output_dir tiny-sd     # then --pretrained_model_name_or_path tiny-sd
+
+Its VAE halves the resolution once and its UNet works on 8×8 latents: 16×16 images, 16-token prompts.
+"""
+
+import argparse
 import json
 from pathlib import Path
 
@@ -58,3 +64,20 @@ def tiny_stable_diffusion(folder: Path, unet=None, seed: int = 0) -> StableDiffu
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet or UNet2DConditionModel(**UNET_CONFIG),
         scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Write a tiny random Stable Diffusion pipeline to a folder.")
+    parser.add_argument("--output_dir", type=str, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    folder = Path(args.output_dir)
+    tiny_stable_diffusion(folder / ".build", seed=args.seed).save_pretrained(folder)
+    import shutil
+
+    shutil.rmtree(folder / ".build", ignore_errors=True)
+    print(f"Saved a tiny StableDiffusionPipeline to {folder}")
+
+
+if __name__ == "__main__":
+    main()
