@@ -74,12 +74,24 @@ def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fsync_tree(tmp)
-        _move_into_place(tmp, final)  # re-saving a step (e.g. after a resume) swaps the folder
+        move_into_place(tmp, final)  # re-saving a step (e.g. after a resume) swaps the folder
         if total_limit is not None:
             for stale in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
+
+
+def check_writable(output_dir: str) -> None:
+    """Creates ``output_dir`` and writes a probe file there, so a bad path fails before training."""
+    probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--output_dir {output_dir} is not writable ({e.strerror})") from None
 
 
 def _fsync_tree(root: Path) -> None:
@@ -110,11 +122,11 @@ def save_pipeline(pipeline, output_dir: str) -> None:
         index.unlink()  # from here until the last rename, the folder is not a pipeline
     entries = sorted(tmp.iterdir(), key=lambda p: p.name == "model_index.json")
     for entry in entries:
-        _move_into_place(entry, root / entry.name)
+        move_into_place(entry, root / entry.name)
     tmp.rmdir()
 
 
-def _move_into_place(source: Path, target: Path) -> None:
+def move_into_place(source: Path, target: Path) -> None:
     """Renames ``source`` to ``target``. An existing target folder is first renamed aside (a rename cannot
     replace a non-empty folder) and deleted only once the new one is in place, so there is never neither."""
     if target.is_dir() and source.is_dir():

@@ -41,6 +41,7 @@ def write_model_card(
     dataset: Optional[str] = None,
     validation_image: Optional[str] = None,
     tags: Iterable[str] = (),
+    base_model: Optional[str] = None,
     **template_kwargs: Any,
 ) -> Path:
     """Renders ``model_cards/<template>.md`` to ``<output_dir>/README.md``.
@@ -53,6 +54,7 @@ def write_model_card(
         library_name="diffusers",
         tags=["diffusers", "diffusers-curriculum", f"regime-{regime.get('name', 'unknown')}", *tags],
         datasets=[dataset] if dataset and not os.path.isabs(dataset) else None,
+        base_model=base_model,
     )
     card = ModelCard.from_template(
         card_data,
@@ -64,6 +66,7 @@ def write_model_card(
         pipeline_class=pipeline_class,
         dataset=dataset,
         validation_image=validation_image,
+        base_model=base_model,
         **template_kwargs,
     )
     path = Path(output_dir) / "README.md"

@@ -60,3 +60,11 @@ class RegimeDDIMScheduler(RegimeSchedulerMixin, DDIMScheduler):
     """:class:`~diffusers.DDIMScheduler` whose config also records the training regime."""
 
     __init__ = register_to_config(_init_with_regime(DDIMScheduler))
+
+
+def regime_scheduler(noise_scheduler, training_regime: Dict[str, Any], sampler: str = "ddpm"):
+    """The scheduler to ship: ``noise_scheduler``'s config as a DDPM or DDIM regime scheduler recording
+    ``training_regime``. (``DDIMPipeline`` would swap any scheduler for a stock one and drop the record, so
+    pixel pipelines keep ``DDPMPipeline`` and take the DDIM scheduler.)"""
+    cls = {"ddpm": RegimeDDPMScheduler, "ddim": RegimeDDIMScheduler}[sampler]
+    return cls.from_config(noise_scheduler.config, training_regime=training_regime)

@@ -62,7 +62,8 @@ def tiny_stable_diffusion(folder: Path, unet=None, seed: int = 0) -> StableDiffu
                         norm_num_groups=4, sample_size=16)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet or UNet2DConditionModel(**UNET_CONFIG),
-        scheduler=DDPMScheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 

@@ -27,7 +27,9 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
-from diffusers_curriculum.checkpointing import load_checkpoint, resolve_resume_path, save_checkpoint, save_pipeline
+from diffusers_curriculum.checkpointing import (
+    check_writable, load_checkpoint, resolve_resume_path, save_checkpoint, save_pipeline,
+)
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
 from diffusers_curriculum.distributed import force_cpu_backend
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
@@ -36,7 +38,7 @@ from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
-from diffusers_curriculum.schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler
+from diffusers_curriculum.schedulers import RegimeDDPMScheduler, regime_scheduler
 from diffusers_curriculum.tasks import TASKS, Unconditional
 
 logger = get_logger(__name__, log_level="INFO")
@@ -162,23 +164,8 @@ def validate_args(args):
     check_writable(args.output_dir)
 
 
-def check_writable(output_dir):
-    """Creates ``output_dir`` and writes a probe file there, so a bad path fails before training."""
-    probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"--output_dir {output_dir} is not writable ({e.strerror})") from None
-
-
 def build_pipeline(args, task, unet, noise_scheduler, regime):
-    # A DDPMPipeline runs any scheduler; DDIMPipeline would swap ours for a stock DDIMScheduler and
-    # drop the recorded regime, so --use_ddim keeps DDPMPipeline with a DDIM scheduler.
-    scheduler_cls = RegimeDDIMScheduler if args.use_ddim else RegimeDDPMScheduler
-    scheduler = scheduler_cls.from_config(noise_scheduler.config, training_regime=regime.describe())
+    scheduler = regime_scheduler(noise_scheduler, regime.describe(), sampler="ddim" if args.use_ddim else "ddpm")
     return task.build_pipeline(unet, scheduler)
 
 

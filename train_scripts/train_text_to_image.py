@@ -1,0 +1,434 @@
+#!/usr/bin/env python
+"""Stable Diffusion fine-tuning (full or LoRA) with a timestep-aware training regime.
+
+Shaped like diffusers' ``examples/text_to_image/train_text_to_image.py`` and ``train_text_to_image_lora.py``
+(same flag names) plus ``--regime`` and its flags. Frozen VAE and text encoder; the UNet learns on latents,
+epsilon or v-prediction. ``--use_lora --rank 4`` trains peft LoRA adapters and saves them the diffusers way
+(``pytorch_lora_weights.safetensors``, read by ``pipe.load_lora_weights``). Default data: Fashion-MNIST
+captioned from its labels ("a photo of a sneaker"), offline.
+
+    python -m diffusers_curriculum.tiny_sd --output_dir tiny-sd
+    accelerate launch train_scripts/train_text_to_image.py --pretrained_model_name_or_path tiny-sd \
+        --output_dir fmnist-sd --max_train_steps 200 --regime curriculum --validation_prompts "a photo of a bag"
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils.import_utils import is_xformers_available
+from tqdm.auto import tqdm
+
+from diffusers_curriculum.checkpointing import (
+    check_writable, load_checkpoint, move_into_place, resolve_resume_path, save_checkpoint, save_pipeline,
+)
+from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_caption_dataset
+from diffusers_curriculum.distributed import force_cpu_backend
+from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
+from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
+from diffusers_curriculum.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from diffusers_curriculum.preemption import Preemption
+from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.schedulers import regime_scheduler
+
+logger = get_logger(__name__, log_level="INFO")
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+CARD_SETTINGS = (
+    "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+    "max_train_steps", "use_ema", "use_lora", "rank", "mixed_precision", "seed", "prediction_type", "noise_offset",
+)
+
+
+def parse_args(argv=None):
+    parser = ArgumentParser(description="Fine-tune Stable Diffusion (full or LoRA) with a training regime.")
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                        help="A Stable Diffusion folder or Hub id (e.g. one written by `python -m diffusers_curriculum.tiny_sd`).")
+    parser.add_argument("--revision", type=str, default=None)
+    parser.add_argument("--variant", type=str, default=None)
+    parser.add_argument("--dataset_name", type=str, default="fashion_mnist",
+                        help="A datasets Hub id, or 'fashion_mnist' (embedded, captioned from its labels).")
+    parser.add_argument("--dataset_config_name", type=str, default=None)
+    parser.add_argument("--train_data_dir", type=str, default=None, help="An image folder with a metadata.jsonl of captions.")
+    parser.add_argument("--image_column", type=str, default="image")
+    parser.add_argument("--caption_column", type=str, default="text")
+    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--validation_prompts", type=str, nargs="+", default=None)
+    parser.add_argument("--validation_epochs", type=int, default=1)
+    parser.add_argument("--num_validation_inference_steps", type=int, default=25)
+    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned")
+    parser.add_argument("--overwrite_output_dir", action="store_true")
+    parser.add_argument("--cache_dir", type=str, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample_size × the VAE's scale factor.")
+    parser.add_argument("--center_crop", default=False, action="store_true")
+    parser.add_argument("--random_flip", action="store_true")
+    parser.add_argument("--train_batch_size", type=int, default=16)
+    parser.add_argument("--num_train_epochs", type=int, default=100)
+    parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--scale_lr", action="store_true")
+    parser.add_argument("--lr_scheduler", type=str, default="constant")
+    parser.add_argument("--lr_warmup_steps", type=int, default=500)
+    parser.add_argument("--use_ema", action="store_true")
+    parser.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (peft) instead of the full UNet.")
+    parser.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0)
+    parser.add_argument("--adam_beta1", type=float, default=0.9)
+    parser.add_argument("--adam_beta2", type=float, default=0.999)
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+                        help="Default: the pretrained scheduler's.")
+    parser.add_argument("--noise_offset", type=float, default=0.0)
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    parser.add_argument("--checkpointing_steps", type=int, default=500)
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None)
+    parser.add_argument("--logging_dir", type=str, default="logs")
+    parser.add_argument("--report_to", type=str, default="tensorboard")
+    parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_token", type=str, default=None)
+    parser.add_argument("--hub_model_id", type=str, default=None)
+    parser.add_argument("--hub_private_repo", action="store_true")
+    TrainingRegime.add_args(parser)
+    args = parser.parse_args(argv)
+    validate_args(args)
+    return args
+
+
+def validate_args(args):
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "validation_epochs",
+                 "checkpointing_steps", "rank", "num_validation_inference_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if not args.learning_rate > 0:
+        raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.noise_offset < 0:
+        raise UsageError(f"--noise_offset must be >= 0, got {args.noise_offset}")
+    if args.use_lora and args.use_ema:
+        raise UsageError("--use_ema keeps an EMA of the full UNet and does not apply to --use_lora (LoRA trains adapters only)")
+    if args.use_lora and args.regime == "tdc":
+        raise UsageError("--regime tdc trains full expert copies; it does not combine with --use_lora")
+    if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
+        raise UsageError("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install 'diffusers-curriculum[xformers]')")
+    if args.push_to_hub:
+        args.hub_token_resolved = resolve_hub_token(args.hub_token)
+    if args.train_data_dir is None and args.dataset_name is None:
+        raise UsageError("give --dataset_name or --train_data_dir")
+    TrainingRegime.validate_args(args)
+    done = "model_index.json" if not args.use_lora else LORA_WEIGHTS
+    if (os.path.exists(os.path.join(args.output_dir, done)) and not args.overwrite_output_dir
+            and args.resume_from_checkpoint is None):
+        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run; pass --overwrite_output_dir or --resume_from_checkpoint")
+    check_writable(args.output_dir)
+
+
+def load_components(args):
+    """Tokenizer, text encoder, VAE, UNet and noise scheduler of the pretrained pipeline (one-line error if not)."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path, kwargs = args.pretrained_model_name_or_path, {"revision": args.revision}
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **kwargs)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **kwargs)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **kwargs)
+        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
+    except Exception as e:
+        raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a Stable Diffusion pipeline ({describe_exception(e)})") from None
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_resolution(args, vae, unet) -> int:
+    """The training resolution: must give latents the UNet can halve as often as it downsamples."""
+    vae_factor = vae_scale_factor(vae)
+    resolution = args.resolution or unet.config.sample_size * vae_factor
+    unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
+    if resolution % (vae_factor * unet_factor):
+        raise UsageError(
+            f"--resolution {resolution} does not fit the model: the VAE downsamples by {vae_factor} and the UNet by "
+            f"{unet_factor}, so it must be a multiple of {vae_factor * unet_factor}"
+        )
+    return resolution
+
+
+def collate(tokenizer):
+    def fn(examples):
+        captions = [e["caption"] for e in examples]
+        input_ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                              return_tensors="pt").input_ids
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(), "input_ids": input_ids}
+
+    return fn
+
+
+def lora_state_dict(unet):
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+
+
+def main(args):
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to in (None, "none") else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        cpu=force_cpu_backend(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=TrainingRegime.uses_unused_parameters(args))],
+    )
+    if args.seed is not None:
+        set_seed(args.seed)
+
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args)
+    resolution = check_resolution(args, vae, unet)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    dataset = build_caption_dataset(
+        args.dataset_name, args.train_data_dir, resolution, args.image_column, args.caption_column,
+        center_crop=args.center_crop, random_flip=args.random_flip, dataset_config_name=args.dataset_config_name,
+        cache_dir=args.cache_dir, max_train_samples=args.max_train_samples,
+    )
+    resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
+    regime = TrainingRegime.from_args(args, noise_scheduler, accelerator.process_index, accelerator.num_processes)
+
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    if args.use_lora:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                    target_modules=LORA_TARGET_MODULES))
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    unet = regime.wrap_model(unet)
+    ema_unet = None
+    if args.use_ema:
+        ema_unet = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config)
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                                   collate_fn=collate(tokenizer), num_workers=args.dataloader_num_workers,
+                                                   drop_last=True)
+    if len(train_dataloader) == 0:
+        raise UsageError(f"--train_batch_size {args.train_batch_size} is larger than the data set ({len(dataset)} images)")
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    TrainingRegime.check_schedule(args, args.max_train_steps)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
+    if ema_unet is not None:
+        ema_unet.to(accelerator.device)
+        accelerator.register_for_checkpointing(ema_unet)
+    accelerator.register_for_checkpointing(regime)
+    regime.attach(optimizer=optimizer, ema_model=ema_unet)
+
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    global_step = first_epoch = resume_step = 0
+    if resume_path is not None:
+        accelerator.print(f"Resuming from checkpoint {resume_path}")
+        global_step = load_checkpoint(accelerator, resume_path)
+        first_epoch = global_step // steps_per_epoch
+        resume_step = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
+        accelerator.init_trackers(args.tracker_project_name, config=run_config)
+
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(dataset)}; resolution {resolution}; {'LoRA rank ' + str(args.rank) if args.use_lora else 'full UNet'}")
+    logger.info(f"  Regime = {json.dumps(regime.describe())}")
+    logger.info(f"  Total train batch size = {total_batch_size}; optimization steps = {args.max_train_steps}")
+
+    losses = []
+    progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps")
+    with Preemption() as preemption:
+        for epoch in range(first_epoch, num_epochs):
+            unet.train()
+            train_dataloader.set_epoch(epoch)
+            loader = accelerator.skip_first_batches(train_dataloader, resume_step) if epoch == first_epoch and resume_step else train_dataloader
+            for batch in loader:
+                with torch.no_grad():
+                    latent_dist = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
+                    # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
+                    latents = (latent_dist.mean + latent_dist.std * regime.randn_like(latent_dist.mean)) * vae.config.scaling_factor
+                    encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+                noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
+                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                if noise_scheduler.config.prediction_type == "epsilon":
+                    target = noise
+                else:
+                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                with accelerator.accumulate(unet), regime.forward_context(accelerator, unet):
+                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    loss = regime.backward(accelerator, per_sample, timesteps, unet)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+
+                if accelerator.sync_gradients:
+                    if ema_unet is not None:
+                        ema_unet.step(unet.parameters())
+                    global_step += 1
+                    progress_bar.update(1)
+                    losses.append(loss.item())
+                    logs = {"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}
+                    logs.update(regime.on_step_end(accelerator, global_step))
+                    progress_bar.set_postfix(**logs)
+                    accelerator.log(logs, step=global_step)
+                    if global_step % args.checkpointing_steps == 0:
+                        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                    if preemption.requested(accelerator):
+                        if global_step % args.checkpointing_steps:
+                            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
+                        logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
+                        accelerator.end_training()
+                        sys.exit(PREEMPTED_EXIT_CODE)
+                if global_step >= args.max_train_steps:
+                    break
+            if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
+                    and global_step < args.max_train_steps):
+                pipeline = build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime)
+                log_validation(args, accelerator, pipeline, f"epoch_{epoch}", global_step)
+            if global_step >= args.max_train_steps:
+                break
+    progress_bar.close()
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step)
+    accelerator.end_training()
+    return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
+
+
+def shipped_unet(accelerator, unet, ema_unet):
+    unet = accelerator.unwrap_model(unet)
+    if ema_unet is None:
+        return unet
+    shipped = copy.deepcopy(unet)
+    ema_unet.copy_to(shipped.parameters())
+    return shipped
+
+
+def build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime):
+    scheduler = regime_scheduler(noise_scheduler, regime.describe(), sampler="ddim")
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=shipped_unet(accelerator, unet, ema_unet),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def log_validation(args, accelerator, pipeline, name, global_step):
+    """One image per validation prompt, saved to samples/<name>_<i>.png; returns the relative paths."""
+    generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
+    paths = []
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
+    for i, prompt in enumerate(args.validation_prompts or []):
+        image = pipeline(prompt, num_inference_steps=args.num_validation_inference_steps, generator=generator).images[0]
+        paths.append(f"samples/{name}_{i}.png")
+        image.save(os.path.join(args.output_dir, paths[-1]))
+    tracker = accelerator.get_tracker("tensorboard") if args.report_to == "tensorboard" and paths else None
+    if tracker is not None:
+        import numpy as np
+        from PIL import Image
+
+        images = np.stack([np.asarray(Image.open(os.path.join(args.output_dir, p))) for p in paths])
+        tracker.writer.add_images("validation", images, global_step, dataformats="NHWC")
+    return paths
+
+
+def save_lora(unet, output_dir):
+    """Writes the LoRA weights the diffusers way, through a temp folder (never half-written)."""
+    tmp = Path(output_dir) / ".lora.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+    move_into_place(tmp / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
+    shutil.rmtree(tmp)
+
+
+def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step):
+    pipeline = build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime)
+    if args.use_lora:
+        save_lora(accelerator.unwrap_model(unet), args.output_dir)
+        regime_file = Path(args.output_dir) / "training_regime.json"  # LoRA folders hold no scheduler config
+        regime_file.write_text(json.dumps(regime.describe(), indent=2))
+    else:
+        save_pipeline(pipeline, args.output_dir)
+    images = log_validation(args, accelerator, pipeline, "final", global_step) if args.validation_prompts else []
+    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    settings = {key: getattr(args, key) for key in CARD_SETTINGS}
+    settings.update(trained_steps=global_step, prediction_type=noise_scheduler.config.prediction_type)
+    dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
+    base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
+    write_model_card(
+        args.output_dir, "text_to_image", repo_id, regime.describe(), settings, "StableDiffusionPipeline",
+        dataset=dataset, validation_image=None, tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])],
+        base_model=base_model, use_lora=args.use_lora,
+        validation=list(zip(args.validation_prompts or [], images)),
+    )
+    logger.info(f"Saved {'LoRA weights' if args.use_lora else 'StableDiffusionPipeline'} to {args.output_dir}")
+    if args.push_to_hub:
+        try:
+            push_folder(args.output_dir, repo_id, args.hub_token_resolved, private=args.hub_private_repo)
+        except HubPushError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+
+@exits_on_usage_error
+def cli(argv=None):
+    main(parse_args(argv))
+
+
+if __name__ == "__main__":
+    cli()
