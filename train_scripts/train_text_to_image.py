@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.import_utils import is_xformers_available
@@ -162,15 +162,18 @@ def load_components(args):
     return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
-def vae_scale_factor(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def check_resolution(args, vae, unet) -> int:
-    """The training resolution: must give latents the UNet can halve as often as it downsamples."""
-    vae_factor = vae_scale_factor(vae)
-    resolution = args.resolution or unet.config.sample_size * vae_factor
-    unet_factor = 2 ** (len(unet.config.block_out_channels) - 1)
+def check_resolution(args) -> int:
+    """The training resolution (read from the configs, before any weights load): it must give latents the
+    UNet can halve as often as it downsamples."""
+    path = args.pretrained_model_name_or_path
+    try:
+        vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=args.revision)
+        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=args.revision)
+    except Exception as e:
+        raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a Stable Diffusion pipeline ({describe_exception(e)})") from None
+    vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    resolution = args.resolution or unet_config["sample_size"] * vae_factor
+    unet_factor = 2 ** (len(unet_config["block_out_channels"]) - 1)
     if resolution % (vae_factor * unet_factor):
         raise UsageError(
             f"--resolution {resolution} does not fit the model: the VAE downsamples by {vae_factor} and the UNet by "
@@ -210,8 +213,8 @@ def main(args):
     if args.seed is not None:
         set_seed(args.seed)
 
+    resolution = check_resolution(args)
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args)
-    resolution = check_resolution(args, vae, unet)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     dataset = build_caption_dataset(
@@ -359,6 +362,8 @@ def shipped_unet(accelerator, unet, ema_unet):
 
 
 def build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime):
+    from diffusers import StableDiffusionPipeline  # imports transformers' image processors: only when needed
+
     scheduler = regime_scheduler(noise_scheduler, regime.describe(), sampler="ddim")
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=shipped_unet(accelerator, unet, ema_unet),
@@ -389,6 +394,8 @@ def log_validation(args, accelerator, pipeline, name, global_step):
 
 def save_lora(unet, output_dir):
     """Writes the LoRA weights the diffusers way, through a temp folder (never half-written)."""
+    from diffusers import StableDiffusionPipeline
+
     tmp = Path(output_dir) / ".lora.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=lora_state_dict(unet), safe_serialization=True)

@@ -1,0 +1,181 @@
+"""train_scripts/train_text_to_image.py on a tiny random Stable Diffusion with captioned Fashion-MNIST."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import diffusers_curriculum  # noqa: F401  (registers the regime schedulers)
+from diffusers_curriculum.errors import UsageError
+from diffusers_curriculum.tiny_sd import tiny_stable_diffusion
+
+from conftest import ROOT, load_script
+from test_distributed import LAUNCH
+
+SCRIPT = ROOT / "train_scripts" / "train_text_to_image.py"
+FLAGS = ["--train_batch_size", "4", "--max_train_samples", "32", "--report_to", "none", "--seed", "0",
+         "--lr_warmup_steps", "0", "--learning_rate", "1e-3"]
+REGIME_FLAGS = {
+    "uniform": ["--snr_gamma", "5"],
+    "curriculum": ["--regime", "curriculum", "--curriculum_clusters", "4", "--curriculum_check_every", "1",
+                   "--curriculum_patience", "1"],
+    "ant": ["--regime", "ant", "--ant_clusters", "2"],
+    "curriculum_fixed": ["--regime", "curriculum", "--curriculum_clusters", "4", "--curriculum_pacing", "fixed",
+                         "--curriculum_steps_per_stage", "2"],
+    "tdc": ["--regime", "tdc", "--tdc_groups", "2", "--tdc_base_steps", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    tiny_stable_diffusion(folder / "build").save_pretrained(folder / "sd")
+    return folder / "sd"
+
+
+@pytest.fixture(scope="module")
+def script():
+    return load_script("train_text_to_image")
+
+
+def run(script, tiny_sd, out, *extra):
+    return script.main(script.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out), *FLAGS, *extra]))
+
+
+@pytest.mark.parametrize("regime", ["uniform", "curriculum", "ant", "tdc"])
+def test_each_regime_fine_tunes_and_saves_a_pipeline_that_generates(script, tiny_sd, tmp_path, regime):
+    summary = run(script, tiny_sd, tmp_path / "run", "--max_train_steps", "4", *REGIME_FLAGS[regime])
+    assert summary["global_step"] == 4 and all(np.isfinite(summary["losses"]))
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "run", safety_checker=None)
+    assert pipeline.scheduler.config.training_regime["name"] == regime
+    image = pipeline("a photo of a sneaker", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "No validation prompts were given" in card  # diffusers' script crashes here without prompts
+
+
+def test_v_prediction_validation_prompts_and_card(script, tiny_sd, tmp_path):
+    run(script, tiny_sd, tmp_path / "run", "--max_train_steps", "2", "--prediction_type", "v_prediction", "--use_ema",
+        "--validation_prompts", "a photo of a bag", "a photo of a dress", "--num_validation_inference_steps", "2")
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "run", safety_checker=None)
+    assert pipeline.scheduler.config.prediction_type == "v_prediction"
+    assert (tmp_path / "run" / "samples" / "final_1.png").exists()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert '"a photo of a dress"' in card and "samples/final_1.png" in card
+
+
+def test_lora_trains_only_adapters_and_load_lora_weights_restores_them(script, tiny_sd, tmp_path):
+    run(script, tiny_sd, tmp_path / "lora", "--max_train_steps", "4", "--use_lora", "--rank", "2",
+        "--checkpointing_steps", "4", "--learning_rate", "1e-2")
+    out = tmp_path / "lora"
+    assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / "model_index.json").exists()
+    assert json.loads((out / "training_regime.json").read_text())["name"] == "uniform"
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
+    base_unet = base.unet.state_dict()
+    trained = load_file(out / "checkpoint-4" / "model.safetensors")  # the UNet with its adapters, as trained
+    lora_keys = [k for k in trained if "lora" in k]
+    assert lora_keys and any(trained[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k)
+    for key, value in trained.items():
+        if "lora" not in key:  # every base weight is exactly the pretrained one
+            torch.testing.assert_close(value, base_unet[key.replace(".base_layer", "")], rtol=0, atol=0)
+
+    base.load_lora_weights(out)
+
+    def lora_only(state, adapter):  # adapter names differ (training: "default", loaded: "default_0")
+        return {k.replace(f".{adapter}.", "."): v for k, v in state.items() if f".{adapter}." in k}
+
+    adapter = base.unet.active_adapters()[0]
+    restored, saved = lora_only(base.unet.state_dict(), adapter), lora_only(trained, "default")
+    assert restored.keys() == saved.keys()
+    for key, value in restored.items():
+        torch.testing.assert_close(value, saved[key])
+    prompt = dict(prompt="a photo of a bag", num_inference_steps=2, output_type="np")
+    with_lora = base(**prompt, generator=torch.Generator().manual_seed(0)).images
+    base.unload_lora_weights()
+    without = base(**prompt, generator=torch.Generator().manual_seed(0)).images
+    assert not np.allclose(with_lora, without)
+
+
+def test_resume_keeps_the_regime_state(script, tiny_sd, tmp_path):
+    flags = ["--max_train_steps", "8", "--checkpointing_steps", "4", "--noise_offset", "0.1", *REGIME_FLAGS["curriculum_fixed"]]
+    straight = run(script, tiny_sd, tmp_path / "straight", *flags)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
+    resumed = run(script, tiny_sd, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
+    assert resumed["losses"] == pytest.approx(straight["losses"][4:], rel=1e-5)
+    assert resumed["regime_state"]["stage"] == straight["regime_state"]["stage"] == 4
+    assert resumed["regime_state"]["stage_history"] == straight["regime_state"]["stage_history"]
+
+
+def captioned_folder(root, metadata):
+    root.mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(metadata):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, np.uint8)).save(root / f"{i}.png")
+    (root / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", **row}) + "\n" for i, row in enumerate(metadata)))
+    return root
+
+
+def test_image_folder_with_captions_trains(script, tiny_sd, tmp_path):
+    data = captioned_folder(tmp_path / "data", [{"text": f"a photo of thing {i}"} for i in range(4)])
+    run(script, tiny_sd, tmp_path / "run", "--train_data_dir", str(data), "--max_train_steps", "1")
+    assert (tmp_path / "run" / "model_index.json").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--caption_column", "caption"], "--caption_column 'caption' is not a column of the data set"),
+    (["--image_column", "picture"], "--image_column 'picture' is not a column of the data set"),
+    (["--caption_column", "n"], "--caption_column 'n' must hold strings or lists of strings"),
+])
+def test_bad_columns_are_clear_errors(script, tiny_sd, tmp_path, extra, message):
+    data = captioned_folder(tmp_path / "data", [{"text": "a", "n": 1}, {"text": "b", "n": 2}])
+    with pytest.raises(UsageError, match=message):
+        run(script, tiny_sd, tmp_path / "run", "--train_data_dir", str(data), "--max_train_steps", "1", *extra)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--use_lora", "--use_ema"], "--use_ema keeps an EMA of the full UNet and does not apply to --use_lora (LoRA trains adapters only)"),
+    (["--resolution", "10"], "--resolution 10 does not fit the model: the VAE downsamples by 2 and the UNet by 2, so it must be a multiple of 4"),
+    (["--regime", "tdc", "--tdc_base_steps", "1", "--use_lora"], "--regime tdc trains full expert copies; it does not combine with --use_lora"),
+    (["--noise_offset", "-1"], "--noise_offset must be >= 0, got -1.0"),
+])
+def test_bad_flags_are_one_line_errors_before_work(tiny_sd, tmp_path, extra, message):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir",
+                           str(tmp_path / "run"), *FLAGS, "--max_train_steps", "2", *extra], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "model_index.json").exists()
+
+
+def test_missing_pretrained_model_is_a_clear_error(script, tmp_path):
+    with pytest.raises(UsageError, match="--pretrained_model_name_or_path .*nowhere: cannot load a Stable Diffusion pipeline"):
+        script.main(script.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "nowhere"), "--output_dir",
+                                       str(tmp_path / "run"), *FLAGS]))
+
+
+def test_failed_push_keeps_the_local_pipeline(tiny_sd, tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir",
+                           str(tmp_path / "run"), *FLAGS, "--max_train_steps", "1", "--push_to_hub", "--hub_token", "hf_fake",
+                           "--hub_model_id", "me/sd"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 1 and "push to me/sd failed" in proc.stderr and "hf_fake" not in proc.stderr
+    assert StableDiffusionPipeline.from_pretrained(tmp_path / "run", safety_checker=None).unet is not None
+
+
+@pytest.mark.slow
+def test_two_process_curriculum_run(tiny_sd, tmp_path):
+    out = tmp_path / "ddp"
+    proc = subprocess.run(
+        [*LAUNCH, str(SCRIPT), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out), *FLAGS,
+         "--train_batch_size", "2", "--max_train_steps", "6", "--checkpointing_steps", "6", *REGIME_FLAGS["curriculum_fixed"]],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoint-6").glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    record = StableDiffusionPipeline.from_pretrained(out, safety_checker=None).scheduler.config.training_regime
+    assert record["name"] == "curriculum" and [h["stage"] for h in record["stage_history"]][-1] == 4
