@@ -14,7 +14,7 @@ from diffusers_curriculum.experts import TimestepRoutedExperts
 from diffusers_curriculum.models import tiny_unet_config
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.schedulers import RegimeDDPMScheduler
-from diffusers_curriculum.tdc import TDCRegime, tdc_boundaries
+from diffusers_curriculum.tdc import tdc_boundaries
 
 from conftest import regime_args
 

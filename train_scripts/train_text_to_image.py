@@ -12,8 +12,6 @@ captioned from its labels ("a photo of a sneaker"), offline.
         --output_dir fmnist-sd --max_train_steps 200 --regime curriculum --validation_prompts "a photo of a bag"
 """
 
-import argparse
-import copy
 import json
 import math
 import os
@@ -23,9 +21,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -33,15 +30,16 @@ from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
 from diffusers_curriculum.checkpointing import (
-    check_writable, load_checkpoint, move_into_place, resolve_resume_path, save_checkpoint, save_pipeline,
+    check_writable, move_into_place, resolve_resume_path, save_pipeline,
 )
-from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_caption_dataset
-from diffusers_curriculum.distributed import force_cpu_backend
+from diffusers_curriculum.data import HUB_DATASET_IDS, build_caption_dataset
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
-from diffusers_curriculum.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.training import (
+    checkpoint_and_preempt, epoch_batches, make_accelerator, resume, run_config, shipped_model,
+)
 from diffusers_curriculum.schedulers import regime_scheduler
 
 logger = get_logger(__name__, log_level="INFO")
@@ -200,16 +198,7 @@ def lora_state_dict(unet):
 
 
 def main(args):
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in (None, "none") else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        cpu=force_cpu_backend(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=TrainingRegime.uses_unused_parameters(args))],
-    )
+    accelerator = make_accelerator(args)
     if args.seed is not None:
         set_seed(args.seed)
 
@@ -272,16 +261,10 @@ def main(args):
 
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    global_step = first_epoch = resume_step = 0
-    if resume_path is not None:
-        accelerator.print(f"Resuming from checkpoint {resume_path}")
-        global_step = load_checkpoint(accelerator, resume_path)
-        first_epoch = global_step // steps_per_epoch
-        resume_step = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
+    global_step, first_epoch, resume_step = resume(accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps)
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-        run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
-        accelerator.init_trackers(args.tracker_project_name, config=run_config)
+        accelerator.init_trackers(args.tracker_project_name, config=run_config(args))
 
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {len(dataset)}; resolution {resolution}; {'LoRA rank ' + str(args.rank) if args.use_lora else 'full UNet'}")
@@ -293,9 +276,7 @@ def main(args):
     with Preemption() as preemption:
         for epoch in range(first_epoch, num_epochs):
             unet.train()
-            train_dataloader.set_epoch(epoch)
-            loader = accelerator.skip_first_batches(train_dataloader, resume_step) if epoch == first_epoch and resume_step else train_dataloader
-            for batch in loader:
+            for batch in epoch_batches(accelerator, train_dataloader, epoch, first_epoch, resume_step):
                 with torch.no_grad():
                     latent_dist = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
                     # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
@@ -327,14 +308,7 @@ def main(args):
                     logs.update(regime.on_step_end(accelerator, global_step))
                     progress_bar.set_postfix(**logs)
                     accelerator.log(logs, step=global_step)
-                    if global_step % args.checkpointing_steps == 0:
-                        save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                    if preemption.requested(accelerator):
-                        if global_step % args.checkpointing_steps:
-                            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                        logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
-                        accelerator.end_training()
-                        sys.exit(PREEMPTED_EXIT_CODE)
+                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger)
                 if global_step >= args.max_train_steps:
                     break
             if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
@@ -352,21 +326,12 @@ def main(args):
     return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
 
 
-def shipped_unet(accelerator, unet, ema_unet):
-    unet = accelerator.unwrap_model(unet)
-    if ema_unet is None:
-        return unet
-    shipped = copy.deepcopy(unet)
-    ema_unet.copy_to(shipped.parameters())
-    return shipped
-
-
 def build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime):
     from diffusers import StableDiffusionPipeline  # imports transformers' image processors: only when needed
 
     scheduler = regime_scheduler(noise_scheduler, regime.describe(), sampler="ddim")
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=shipped_unet(accelerator, unet, ema_unet),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=shipped_model(accelerator, unet, ema_unet),
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)

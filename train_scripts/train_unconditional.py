@@ -9,7 +9,6 @@ into ``diffusers_curriculum.regimes``. Default data: Fashion-MNIST, offline, res
 """
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -17,9 +16,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -28,16 +26,17 @@ from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
 from diffusers_curriculum.checkpointing import (
-    check_writable, load_checkpoint, resolve_resume_path, save_checkpoint, save_pipeline,
+    check_writable, resolve_resume_path, save_pipeline,
 )
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
-from diffusers_curriculum.distributed import force_cpu_backend
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
 from diffusers_curriculum.models import unet_config_from_args
-from diffusers_curriculum.preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.training import (
+    checkpoint_and_preempt, epoch_batches, make_accelerator, resume, run_config, shipped_model,
+)
 from diffusers_curriculum.schedulers import RegimeDDPMScheduler, regime_scheduler
 from diffusers_curriculum.tasks import TASKS, Unconditional
 
@@ -185,16 +184,7 @@ def save_sample_grid(args, task, pipeline, path, seed):
 def main(args, evaluate=None):
     """Trains; ``evaluate(global_step, pipeline)``, when given, is called on the main process every
     ``--validation_steps`` and at the end with the pipeline that would be shipped (EMA weights with --use_ema)."""
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in (None, "none") else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
-        cpu=force_cpu_backend(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=TrainingRegime.uses_unused_parameters(args))],
-    )
+    accelerator = make_accelerator(args)
     if args.seed is not None:
         set_seed(args.seed)
     task = TASKS[args.task](args, accelerator.process_index, accelerator.num_processes)
@@ -258,18 +248,12 @@ def main(args, evaluate=None):
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    global_step = first_epoch = resume_step = 0
-    if resume_path is not None:
-        accelerator.print(f"Resuming from checkpoint {resume_path}")
-        global_step = load_checkpoint(accelerator, resume_path)
-        first_epoch = global_step // num_update_steps_per_epoch
-        resume_step = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
-    elif args.resume_from_checkpoint == "latest":
+    global_step, first_epoch, resume_step = resume(accelerator, resume_path, num_update_steps_per_epoch, args.gradient_accumulation_steps)
+    if resume_path is None and args.resume_from_checkpoint == "latest":
         accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
 
     if accelerator.is_main_process:
-        run_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
-        accelerator.init_trackers(f"train_{task.name}", config=run_config)
+        accelerator.init_trackers(f"train_{task.name}", config=run_config(args))
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
@@ -285,11 +269,7 @@ def main(args, evaluate=None):
     with Preemption() as preemption:  # SIGTERM: checkpoint after the current step, then exit
         for epoch in range(first_epoch, num_epochs):
             model.train()
-            train_dataloader.set_epoch(epoch)
-            epoch_loader = train_dataloader
-            if epoch == first_epoch and resume_step > 0:
-                epoch_loader = accelerator.skip_first_batches(train_dataloader, resume_step)
-            for batch in epoch_loader:
+            for batch in epoch_batches(accelerator, train_dataloader, epoch, first_epoch, resume_step):
                 clean_images = batch["pixel_values"].to(accelerator.device)
                 noise, timesteps = regime.sample(clean_images)
                 noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
@@ -324,19 +304,11 @@ def main(args, evaluate=None):
                     progress_bar.set_postfix(**{k: v for k, v in logs.items() if k != "step"})
                     accelerator.log(logs, step=global_step)
 
-                    if global_step % args.checkpointing_steps == 0:
-                        path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                        logger.info(f"Saved state to {path}")
                     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                         pipeline = validate(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
                         if evaluate is not None:
                             evaluate(global_step, pipeline)
-                    if preemption.requested(accelerator):
-                        if global_step % args.checkpointing_steps != 0:
-                            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit)
-                        logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
-                        accelerator.end_training()
-                        sys.exit(PREEMPTED_EXIT_CODE)
+                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger)
                 if global_step >= args.max_train_steps:
                     break
             if global_step >= args.max_train_steps:
@@ -352,18 +324,8 @@ def main(args, evaluate=None):
     return {"global_step": global_step, "losses": loss_history, "regime_state": regime.state_dict()}
 
 
-def final_unet(accelerator, model, ema_model):
-    """The weights to ship: the EMA weights when --use_ema, else the trained ones."""
-    unet = accelerator.unwrap_model(model)
-    if ema_model is None:
-        return unet
-    shipped = copy.deepcopy(unet)
-    ema_model.copy_to(shipped.parameters())
-    return shipped
-
-
 def validate(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step):
-    pipeline = build_pipeline(args, task, final_unet(accelerator, model, ema_model), noise_scheduler, regime)
+    pipeline = build_pipeline(args, task, shipped_model(accelerator, model, ema_model), noise_scheduler, regime)
     grid = save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", f"step_{global_step}.png"), args.seed or 0)
     tracker = accelerator.get_tracker("tensorboard") if args.report_to == "tensorboard" else None
     if tracker is not None:
@@ -375,7 +337,7 @@ def validate(args, task, accelerator, model, ema_model, noise_scheduler, regime,
 
 def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step):
     """Saves the pipeline, a sample grid and the model card; then pushes when asked."""
-    pipeline = build_pipeline(args, task, final_unet(accelerator, model, ema_model), noise_scheduler, regime)
+    pipeline = build_pipeline(args, task, shipped_model(accelerator, model, ema_model), noise_scheduler, regime)
     save_pipeline(pipeline, args.output_dir)
     validation_image = None
     if not args.no_validation:
