@@ -160,11 +160,10 @@ def infinite_batches(dataset, batch_size: int, seed: int) -> Iterator[torch.Tens
 
 def denoising_loss(model, noise_scheduler, clean, noise, timesteps) -> torch.Tensor:
     noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    from .training import prediction_target
+
     prediction = model(noisy, timesteps).sample
-    kind = noise_scheduler.config.prediction_type
-    target = noise if kind == "epsilon" else (
-        noise_scheduler.get_velocity(clean, noise, timesteps) if kind == "v_prediction" else clean)
-    return F.mse_loss(prediction.float(), target.float())
+    return F.mse_loss(prediction.float(), prediction_target(noise_scheduler, clean, noise, timesteps).float())
 
 
 def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: Tuple[int, int], steps: int,

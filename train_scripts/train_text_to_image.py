@@ -38,7 +38,7 @@ from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_toke
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.training import (
-    checkpoint_and_preempt, epoch_batches, make_accelerator, resume, run_config, shipped_model,
+    checkpoint_and_preempt, epoch_batches, make_accelerator, prediction_target, resume, run_config, shipped_model,
 )
 from diffusers_curriculum.schedulers import regime_scheduler
 
@@ -284,10 +284,7 @@ def main(args):
                     encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
                 noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                if noise_scheduler.config.prediction_type == "epsilon":
-                    target = noise
-                else:
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                target = prediction_target(noise_scheduler, latents, noise, timesteps)
                 with accelerator.accumulate(unet), regime.forward_context(accelerator, unet):
                     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))

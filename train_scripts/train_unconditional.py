@@ -35,7 +35,7 @@ from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.training import (
-    checkpoint_and_preempt, epoch_batches, make_accelerator, resume, run_config, shipped_model,
+    checkpoint_and_preempt, epoch_batches, make_accelerator, prediction_target, resume, run_config, shipped_model,
 )
 from diffusers_curriculum.schedulers import RegimeDDPMScheduler, regime_scheduler
 from diffusers_curriculum.tasks import TASKS, Unconditional
@@ -276,12 +276,7 @@ def main(args, evaluate=None):
 
                 with accelerator.accumulate(model), regime.forward_context(accelerator, model):
                     model_output = model(noisy_images, timesteps, **task.model_kwargs(batch, accelerator.device)).sample
-                    if args.prediction_type == "epsilon":
-                        target = noise
-                    elif args.prediction_type == "v_prediction":
-                        target = noise_scheduler.get_velocity(clean_images, noise, timesteps)
-                    else:
-                        target = clean_images
+                    target = prediction_target(noise_scheduler, clean_images, noise, timesteps)
                     per_sample_loss = F.mse_loss(model_output.float(), target.float(), reduction="none")
                     per_sample_loss = per_sample_loss.mean(dim=list(range(1, per_sample_loss.ndim)))
                     loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
