@@ -70,6 +70,8 @@ def parse_args(argv=None):
     parser.add_argument("--prune_finetune_steps", type=int, default=50)
     parser.add_argument("--target_fid", type=float, default=None,
                         help="FID for 'steps to reach'; default: the uniform arm's mean final FID.")
+    parser.add_argument("--inception_weights", type=str, default=None,
+                        help="Local FID Inception weights: also report real-Inception FID at the last step.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
     parser.add_argument("--quick", action="store_true", help="Tiny settings that finish in minutes (CI).")
     args = parser.parse_args(argv)
@@ -108,7 +110,7 @@ def sampling_flops(pipeline, steps):
 
 
 def run_arm(args, arm, flags, seed, real, extractor, record):
-    from diffusers_curriculum.metrics import feature_fid
+    from diffusers_curriculum.metrics import feature_fid, inception_fid
 
     out = Path(args.output_dir) / "runs" / f"{arm}-seed{seed}"
     started = time.perf_counter()
@@ -117,8 +119,11 @@ def run_arm(args, arm, flags, seed, real, extractor, record):
     def evaluate(step, pipeline):
         begin = time.perf_counter()
         fake = fid_images(pipeline, args.num_fid_images, args.num_inference_steps, seed)
-        record({"arm": arm, "seed": seed, "step": step, "train_seconds": round(begin - started - eval_seconds[0], 1),
-                "fid": feature_fid(real, fake, extractor), "flops_per_sample": sampling_flops(pipeline, args.num_inference_steps)})
+        row = {"arm": arm, "seed": seed, "step": step, "train_seconds": round(begin - started - eval_seconds[0], 1),
+               "fid": feature_fid(real, fake, extractor), "flops_per_sample": sampling_flops(pipeline, args.num_inference_steps)}
+        if args.inception_weights and step == args.max_train_steps:
+            row["inception_fid"] = inception_fid(real, fake, args.inception_weights)
+        record(row)
         eval_seconds[0] += time.perf_counter() - begin
 
     train = load_script("train_unconditional")
@@ -223,12 +228,14 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.inception_weights and not Path(args.inception_weights).is_file():
+        sys.exit(f"error: --inception_weights {args.inception_weights} does not exist (nothing is downloaded)")
     from diffusers_curriculum.metrics import fashion_feature_extractor, fashion_mnist_unit
 
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     results = output / "results.jsonl"
-    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "output_dir")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "output_dir", "inception_weights")}
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     settings_file = output / "settings.json"
     if rows and json.loads(settings_file.read_text()) != settings:

@@ -108,3 +108,23 @@ def feature_fid(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module, ba
         for start in range(0, images.shape[0], batch_size):
             metric.update(images[start : start + batch_size].float(), real=is_real)
     return float(metric.compute())
+
+
+@torch.no_grad()
+def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights_path: str, batch_size: int = 100) -> float:
+    """Standard FID on Inception-v3 pool features, for when the FID Inception weights exist locally
+    (``pt_inception-2015-12-05-6726825d.pth``; nothing is downloaded). Needs ``torch-fidelity``
+    (``pip install "diffusers-curriculum[inception]"``). Images: (N, 1 or 3, H, W) floats in [0, 1]."""
+    if not os.path.isfile(weights_path):
+        raise FileNotFoundError(f"Inception weights {weights_path} do not exist; real-Inception FID needs them locally")
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    try:
+        metric = FrechetInceptionDistance(feature=2048, normalize=True, feature_extractor_weights_path=weights_path)
+    except ModuleNotFoundError as e:
+        raise ImportError(f'real-Inception FID needs torch-fidelity: pip install "diffusers-curriculum[inception]" ({e})') from None
+    for images, is_real in ((real, True), (fake, False)):
+        for start in range(0, images.shape[0], batch_size):
+            batch = images[start : start + batch_size].float()
+            metric.update(batch.expand(-1, 3, -1, -1) if batch.shape[1] == 1 else batch, real=is_real)
+    return float(metric.compute())

@@ -63,3 +63,9 @@ def test_extractor_accepts_rgb_and_other_sizes(extractor, data):
     with torch.no_grad():
         assert extractor(grey32).shape == (4, 128)
         assert torch.allclose(extractor(grey32.repeat(1, 3, 1, 1)), extractor(grey32), atol=1e-6)
+
+
+def test_inception_fid_needs_local_weights(tmp_path):
+    images = torch.rand(4, 1, 28, 28)
+    with pytest.raises(FileNotFoundError, match="Inception weights .* do not exist"):
+        metrics.inception_fid(images, images, str(tmp_path / "pt_inception.pth"))
