@@ -47,6 +47,8 @@ REGIME_FLAGS = {
     "ant-uw": ["--regime", "ant", "--ant_method", "uw", "--ant_clusters", "4"],
     "ant-pcgrad": ["--regime", "ant", "--ant_method", "pcgrad", "--ant_clusters", "4"],
     "ant-nash": ["--regime", "ant", "--ant_method", "nash", "--ant_clusters", "4", "--nash_update_every", "2"],
+    # branches at step 2, resumes at 3 in stage 2; experts without samples in a step need find_unused_parameters
+    "tdc": ["--regime", "tdc", "--tdc_groups", "3", "--tdc_base_steps", "2"],
 }
 
 
@@ -58,7 +60,8 @@ def test_two_process_ddp_resume_matches_uninterrupted_run(tmp_path, regime):
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
     launch(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
-    for part in ("checkpoint-6/model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+    unet = "unet/expert_2" if regime == "tdc" else "unet"
+    for part in ("checkpoint-6/model.safetensors", f"{unet}/diffusion_pytorch_model.safetensors"):
         a, b = load_file(tmp_path / "straight" / part), load_file(tmp_path / "resumed" / part)
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
