@@ -184,6 +184,14 @@ def build_dataset(
             images, labels = images[:max_train_samples], labels[:max_train_samples]
         return TensorImageDataset(images, labels, resolution, random_flip)
 
+    hf = _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_train_samples,
+                  {"--image_column": image_column, "--label_column": label_column})
+    return HFImageDataset(hf, image_column, label_column, resolution, image_mode or "RGB", center_crop, random_flip)
+
+
+def _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_train_samples, columns):
+    """A ``datasets`` split from an image folder or the Hub, checked to hold ``columns`` ({flag: name};
+    ``None`` names are skipped) and not to be empty, cut to ``max_train_samples``."""
     import datasets
 
     if train_data_dir is not None:
@@ -194,15 +202,14 @@ def build_dataset(
             hf = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
         except Exception as e:
             raise UsageError(f"--dataset_name {dataset_name}: cannot load it ({describe_exception(e)})") from None
-    if image_column not in hf.column_names:
-        raise UsageError(f"--image_column {image_column!r} is not a column of the data set ({', '.join(hf.column_names)})")
-    if label_column is not None and label_column not in hf.column_names:
-        raise UsageError(f"--label_column {label_column!r} is not a column of the data set ({', '.join(hf.column_names)})")
+    for flag, column in columns.items():
+        if column is not None and column not in hf.column_names:
+            raise UsageError(f"{flag} {column!r} is not a column of the data set ({', '.join(hf.column_names)})")
     if len(hf) == 0:
         raise UsageError("the training data set is empty")
     if max_train_samples is not None:
         hf = hf.select(range(min(max_train_samples, len(hf))))
-    return HFImageDataset(hf, image_column, label_column, resolution, image_mode or "RGB", center_crop, random_flip)
+    return hf
 
 
 def num_channels(dataset: torch.utils.data.Dataset) -> int:
@@ -256,26 +263,11 @@ def build_caption_dataset(
     if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
         raise UsageError(f"--dataset_name {dataset_name} has no captions; use fashion_mnist or a captioned set")
 
-    import datasets
-
-    if train_data_dir is not None:
-        _check_image_folder(train_data_dir)
-        hf = datasets.load_dataset("imagefolder", data_dir=train_data_dir, cache_dir=cache_dir, split="train")
-    else:
-        try:
-            hf = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, split="train")
-        except Exception as e:
-            raise UsageError(f"--dataset_name {dataset_name}: cannot load it ({describe_exception(e)})") from None
-    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
-        if column not in hf.column_names:
-            raise UsageError(f"{flag} {column!r} is not a column of the data set ({', '.join(hf.column_names)})")
+    hf = _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_train_samples,
+                  {"--image_column": image_column, "--caption_column": caption_column})
     feature = hf.features[caption_column]
     inner = getattr(feature, "feature", None) if not hasattr(feature, "dtype") else feature
     if getattr(inner, "dtype", None) not in ("string", "large_string"):
         raise UsageError(f"--caption_column {caption_column!r} must hold strings or lists of strings, not {feature}")
-    if len(hf) == 0:
-        raise UsageError("the training data set is empty")
-    if max_train_samples is not None:
-        hf = hf.select(range(min(max_train_samples, len(hf))))
     images = HFImageDataset(hf, image_column, None, resolution, "RGB", center_crop, random_flip)
     return CaptionedDataset(images, hf[caption_column])
