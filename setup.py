@@ -35,6 +35,7 @@ setup(
         "jinja2",
         "torchmetrics>=1.0",
         "torch-pruning>=1.5",
+        "peft>=0.7",  # LoRA in train_text_to_image.py
     ],
     extras_require=extras,
     entry_points={"console_scripts": ["diffusers-curriculum-difficulty=diffusers_curriculum.difficulty:main"]},
