@@ -390,5 +390,4 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
         log(f"  kept {expert.pruning_record['flops'] / flops_before:.3f} of the FLOPs; validation loss "
             f"{loss_before:.5f} -> {expert.pruning_record['validation_loss']:.5f}")
         reports.append({"expert": index, **expert.pruning_record})
-    experts_model.register_to_config(**{})  # widths changed; the routing config itself did not
     return reports

@@ -84,6 +84,8 @@ def load_tdc_pipeline(path):
             f"--pretrained_model_name_or_path {path}: its unet is a {type(pipeline.unet).__name__}, not the "
             "TimestepRoutedExperts a --regime tdc run saves"
         )
+    if pipeline.unet.config.get("num_class_embeds"):
+        raise UsageError(f"--pretrained_model_name_or_path {path}: pruning class-conditional experts is not supported (the proxy has no labels)")
     return pipeline
 
 
