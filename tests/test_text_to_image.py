@@ -179,3 +179,13 @@ def test_two_process_curriculum_run(tiny_sd, tmp_path):
     assert sorted(p.name for p in (out / "checkpoint-6").glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     record = StableDiffusionPipeline.from_pretrained(out, safety_checker=None).scheduler.config.training_regime
     assert record["name"] == "curriculum" and [h["stage"] for h in record["stage_history"]][-1] == 4
+
+
+def test_tiny_sd_cli_writes_a_loadable_pipeline(tmp_path):
+    from diffusers_curriculum import tiny_sd
+
+    tiny_sd.main(["--output_dir", str(tmp_path / "tiny")])
+    pipeline = StableDiffusionPipeline.from_pretrained(tmp_path / "tiny", safety_checker=None)
+    assert pipeline.unet.config.sample_size == 8 and not (tmp_path / "tiny" / ".build").exists()
+    image = pipeline("a photo of a bag", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 16, 16, 3)
