@@ -10,13 +10,20 @@ images is recorded with the wall-clock time. ``tdc_pruned`` prunes the finished 
 
     python benchmarks/compare_regimes.py --output_dir benchmarks/results/compare      # the README run
     python benchmarks/compare_regimes.py --quick --output_dir /tmp/compare-quick     # minutes, for CI
+
+``--workers N`` trains N (seed, arm) jobs at once, each in its own process (e.g. several small runs sharing
+one GPU); their step times then share the machine, so the equal-wall-clock view takes per-step costs from
+``benchmarks/overhead.py`` (``--step_costs``), measured side by side, rather than from the jobs' clocks.
 """
 
 import argparse
+import fcntl
 import importlib.util
 import json
 import math
+import signal
 import statistics
+import subprocess
 import sys
 import time
 from datetime import date
@@ -72,9 +79,15 @@ def parse_args(argv=None):
                         help="FID for 'steps to reach'; default: the uniform arm's mean final FID.")
     parser.add_argument("--inception_weights", type=str, default=None,
                         help="Local FID Inception weights: also report real-Inception FID at the last step.")
+    parser.add_argument("--step_costs", type=str, default=None,
+                        help="overhead.py's JSON: per-arm seconds per step, for the equal-wall-clock column.")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
+    parser.add_argument("--workers", type=int, default=1, help="(seed, arm) jobs trained at once, one process each.")
+    parser.add_argument("--job", type=str, default=None, help=argparse.SUPPRESS)  # "seed:arm,arm" (a worker's share)
     parser.add_argument("--quick", action="store_true", help="Tiny settings that finish in minutes (CI).")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     if args.quick:
         args.seeds, args.max_train_steps, args.eval_every = "0", 8, 4
         args.num_fid_images, args.num_inference_steps, args.prune_finetune_steps = 32, 2, 2
@@ -161,14 +174,39 @@ def prune_arm(args, tdc_dir, seed, real, extractor, record):
             "extra_finetune_steps_per_expert": args.prune_finetune_steps})
 
 
-def summarize(rows, args):
-    """Table rows: per arm, FID mean ± std at each evaluated step, steps to reach the target, FLOPs."""
+def load_step_costs(path):
+    """Per-arm seconds per training step: the rows of ``benchmarks/overhead.py``'s JSON that name an ``arm``."""
+    try:
+        rows = json.loads(Path(path).read_text())["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        sys.exit(f"error: --step_costs {path}: not benchmarks/overhead.py output ({type(e).__name__}: {e})")
+    costs = {r["arm"]: r["median_s"] for r in rows if "arm" in r}
+    if "uniform" not in costs:
+        sys.exit(f"error: --step_costs {path} times no 'uniform' arm; rerun benchmarks/overhead.py")
+    return costs
+
+
+def modelled_seconds(arm, step, costs, args):
+    """Training time of ``arm`` after ``step`` steps at the measured per-step costs (TDC pays the routed
+    stage-2 step only after its base stage); None when the arm was not timed."""
+    if arm == "tdc":
+        if "tdc_stage2" not in costs or "tdc" not in costs:
+            return None
+        base = args.max_train_steps // 2
+        return costs["tdc"] * min(step, base) + costs["tdc_stage2"] * max(0, step - base)
+    return costs[arm] * step if arm in costs else None
+
+
+def summarize(rows, args, costs=None):
+    """Table rows: per arm, FID mean ± std at each evaluated step, steps to reach the target, FLOPs and, with
+    per-step ``costs``, the FID at the uniform arm's wall-clock budget."""
     by_arm = {}
     for row in rows:
         by_arm.setdefault(row["arm"], []).append(row)
     final = args.max_train_steps
     uniform_final = [r["fid"] for r in by_arm.get("uniform", []) if r["step"] == final]
     target = args.target_fid if args.target_fid is not None else (statistics.mean(uniform_final) if uniform_final else None)
+    budget = modelled_seconds("uniform", final, costs, args) if costs else None
     table = []
     for arm, arm_rows in by_arm.items():
         steps = sorted({r["step"] for r in arm_rows})
@@ -183,19 +221,31 @@ def summarize(rows, args):
         entry["steps_to_target"] = statistics.median(reach) if reach else math.inf
         seconds = [r["train_seconds"] / r["step"] for r in arm_rows if r["step"] == final and r["arm"] != "tdc_pruned"]
         entry["seconds_per_step"] = statistics.mean(seconds) if seconds else None
+        entry["equal_wall_clock"] = None  # (step reached within the budget, FID mean, FID std)
+        if budget is not None and modelled_seconds(arm, final, costs, args) is not None:
+            within = [s for s in steps if modelled_seconds(arm, s, costs, args) <= budget * (1 + 1e-9)]
+            if within:
+                entry["equal_wall_clock"] = (within[-1], *entry["fid"][within[-1]][:2])
         table.append(entry)
     return table, target
 
 
 def print_table(table, target, args):
     steps = sorted({s for e in table for s in e["fid"]})
-    lines = [f"feature-FID (mean ± std over seeds {args.seeds}; lower is better); target FID {target if target is None else round(target, 2)}",
-             "| arm | " + " | ".join(f"FID @ {s}" for s in steps) + " | steps to target | GFLOPs / image | s / step |",
-             "| --- | " + " | ".join("---" for _ in steps) + " | --- | --- | --- |"]
+    wall = any(e["equal_wall_clock"] for e in table)
+    shared = f"; s / step from each job's clock while {args.workers} jobs shared the machine" if args.workers > 1 else ""
+    lines = [f"feature-FID (mean ± std over seeds {args.seeds}; lower is better); target FID {target if target is None else round(target, 2)}{shared}",
+             "| arm | " + " | ".join(f"FID @ {s}" for s in steps) + " | steps to target | GFLOPs / image | s / step |"
+             + (" FID @ uniform's wall-clock (step) |" if wall else ""),
+             "| --- | " + " | ".join("---" for _ in steps) + " | --- | --- | --- |" + (" --- |" if wall else "")]
     for e in table:
         cells = [f"{e['fid'][s][0]:.1f} ± {e['fid'][s][1]:.1f}" if s in e["fid"] else "" for s in steps]
         spt = "" if e["seconds_per_step"] is None else f"{e['seconds_per_step']:.3f}"
-        lines.append(f"| {e['arm']} | " + " | ".join(cells) + f" | {e['steps_to_target']} | {e['flops_per_sample'] / 1e9:.2f} | {spt} |")
+        line = f"| {e['arm']} | " + " | ".join(cells) + f" | {e['steps_to_target']} | {e['flops_per_sample'] / 1e9:.2f} | {spt} |"
+        if wall:
+            w = e["equal_wall_clock"]
+            line += f" {w[1]:.1f} ± {w[2]:.1f} ({w[0]}) |" if w else " |"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -224,60 +274,144 @@ def plot(rows, table, path):
     plt.close(fig)
 
 
+SETTINGS_IGNORED = ("threads", "output_dir", "inception_weights", "step_costs", "workers", "job")
+
+
+def plan(chosen, seeds, done):
+    """The jobs still to run, as ``(seed, arms)``; ``tdc_pruned`` joins its seed's ``tdc`` job (it prunes that run)."""
+    jobs = []
+    for seed in seeds:
+        todo = [arm for arm in chosen if (arm, seed) not in done]
+        for arm in todo:
+            if arm == "tdc_pruned" and "tdc" in todo:
+                continue
+            jobs.append((seed, [arm, "tdc_pruned"] if arm == "tdc" and "tdc_pruned" in todo else [arm]))
+    return sorted(jobs, key=lambda job: "tdc" not in job[1])  # the longest jobs first, for parallel workers
+
+
+def appender(results):
+    """``record(row)``: appends one JSON line to ``results`` (locked: worker processes share the file)."""
+
+    def record(row):
+        with results.open("a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            f.write(json.dumps(row) + "\n")
+        print(f"{row['arm']:>14} seed {row['seed']} step {row['step']:>5}: FID {row['fid']:.2f}", flush=True)
+
+    return record
+
+
+def real_images(args):
+    from diffusers_curriculum.metrics import fashion_mnist_unit
+
+    test_images, _ = fashion_mnist_unit("test")
+    return test_images[: max(args.num_fid_images, 500) if not args.quick else args.num_fid_images]
+
+
+def run_job(args, seed, job_arms, record):
+    from diffusers_curriculum.metrics import fashion_feature_extractor
+
+    extractor, real, all_arms = fashion_feature_extractor(), real_images(args), arms(args.max_train_steps)
+    for arm in job_arms:
+        if arm == "tdc_pruned":
+            tdc_dir = Path(args.output_dir) / "runs" / f"tdc-seed{seed}"
+            if not (tdc_dir / "model_index.json").exists():
+                run_arm(args, "tdc", all_arms["tdc"], seed, real, extractor, lambda row: None)
+            prune_arm(args, tdc_dir, seed, real, extractor, record)
+        else:
+            run_arm(args, arm, all_arms[arm], seed, real, extractor, record)
+
+
+def run_workers(args, jobs, argv, output):
+    """Runs ``jobs`` ``args.workers`` at a time, each as ``compare_regimes.py <argv> --job seed:arms`` with its
+    log in ``output/logs``; returns the names of the jobs that failed."""
+    logs = output / "logs"
+    logs.mkdir(exist_ok=True)
+    pending, running, failed = list(jobs), [], []
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit("compare_regimes: terminated; stopping the workers"))
+    try:
+        _dispatch(args, argv, logs, pending, running, failed)
+    finally:  # stopped early: no worker outlives the run (rows so far stay in results.jsonl; half-done jobs restart)
+        for _, process, log in running:
+            process.kill()
+            process.wait()
+            log.close()
+        signal.signal(signal.SIGTERM, previous)
+    return failed
+
+
+def _dispatch(args, argv, logs, pending, running, failed):
+    while pending or running:
+        while pending and len(running) < args.workers:
+            seed, job_arms = pending.pop(0)
+            name = f"{'+'.join(job_arms)}-seed{seed}"
+            log = (logs / f"{name}.log").open("w")
+            command = [sys.executable, str(Path(__file__).resolve()), *argv, "--job", f"{seed}:{','.join(job_arms)}"]
+            running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
+        time.sleep(0.5)
+        for item in list(running):
+            name, process, log = item
+            if process.poll() is None:
+                continue
+            running.remove(item)
+            log.close()
+            if process.returncode:
+                failed.append(name)
+            print(f"job {name}: {'FAILED, see ' + str(logs / (name + '.log')) if process.returncode else 'done'}", flush=True)
+
+
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.inception_weights and not Path(args.inception_weights).is_file():
         sys.exit(f"error: --inception_weights {args.inception_weights} does not exist (nothing is downloaded)")
-    from diffusers_curriculum.metrics import fashion_feature_extractor, fashion_mnist_unit
-
+    costs = load_step_costs(args.step_costs) if args.step_costs else None
     output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
     results = output / "results.jsonl"
-    settings = {k: v for k, v in vars(args).items() if k not in ("threads", "output_dir", "inception_weights")}
+    if args.job:  # a worker: train its share, append the rows, leave the table to the parent
+        seed, job_arms = args.job.split(":")
+        run_job(args, int(seed), job_arms.split(","), appender(results))
+        return None
+
+    from diffusers_curriculum.metrics import fashion_feature_extractor
+
+    output.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if k not in SETTINGS_IGNORED}
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     settings_file = output / "settings.json"
     if rows and json.loads(settings_file.read_text()) != settings:
         sys.exit(f"error: {results} holds results of other settings; use another --output_dir")
     settings_file.write_text(json.dumps(settings, indent=2))
-
-    def record(row):
-        rows.append(row)
-        with results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"{row['arm']:>14} seed {row['seed']} step {row['step']:>5}: FID {row['fid']:.2f}", flush=True)
-
-    extractor = fashion_feature_extractor()
-    test_images, _ = fashion_mnist_unit("test")
-    real = test_images[: max(args.num_fid_images, 500) if not args.quick else args.num_fid_images]
     all_arms = arms(args.max_train_steps)
     chosen = args.regimes.split(",") if args.regimes else list(all_arms)
     unknown = [a for a in chosen if a not in all_arms]
     if unknown:
         sys.exit(f"error: --regimes: unknown arms {unknown}; choose from {list(all_arms)}")
-    done = {(r["arm"], r["seed"]) for r in rows if r["step"] == args.max_train_steps}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for arm in chosen:
-            if (arm, seed) in done:
-                continue
-            if arm == "tdc_pruned":
-                tdc_dir = output / "runs" / f"tdc-seed{seed}"
-                if not (tdc_dir / "model_index.json").exists():
-                    run_arm(args, "tdc", all_arms["tdc"], seed, real, extractor, lambda row: None)
-                prune_arm(args, tdc_dir, seed, real, extractor, record)
-            else:
-                rows[:] = [r for r in rows if not (r["arm"] == arm and r["seed"] == seed)]  # a half-done arm restarts
-                results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-                run_arm(args, arm, all_arms[arm], seed, real, extractor, record)
 
-    table, target = summarize(rows, args)
+    done = {(r["arm"], r["seed"]) for r in rows if r["step"] == args.max_train_steps}
+    jobs = plan(chosen, [int(s) for s in args.seeds.split(",")], done)
+    restarting = {(arm, seed) for seed, job_arms in jobs for arm in job_arms}
+    rows = [r for r in rows if (r["arm"], r["seed"]) not in restarting]  # a half-done arm restarts
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    fashion_feature_extractor()  # trained and cached once, before any worker needs it
+    failed = []
+    if args.workers == 1:
+        for seed, job_arms in jobs:
+            run_job(args, seed, job_arms, appender(results))
+    else:
+        failed = run_workers(args, jobs, argv, output)
+
+    rows = [r for r in map(json.loads, results.read_text().splitlines()) if r["arm"] in chosen]
+    table, target = summarize(rows, args, costs)
     text = print_table(table, target, args)
     print(text)
-    (output / "table.md").write_text(f"{text}\n\nRun {date.today().isoformat()}: python benchmarks/compare_regimes.py "
-                                      f"{' '.join(argv if argv is not None else sys.argv[1:])}\n")
+    (output / "table.md").write_text(f"{text}\n\nRun {date.today().isoformat()}: python benchmarks/compare_regimes.py {' '.join(argv)}\n")
     (output / "summary.json").write_text(json.dumps({"settings": settings, "target_fid": target, "table": table}, indent=2, default=str))
     plot(rows, table, output / "fid_vs_steps.png")
+    if failed:
+        sys.exit(f"error: {len(failed)} jobs failed ({', '.join(failed)}); their logs are in {output / 'logs'}")
     return table
 
 

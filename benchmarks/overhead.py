@@ -2,14 +2,19 @@
 
 Every variant trains its own copy of the same UNet on the same Fashion-MNIST batch; the variants take turns
 step by step (so drifts in machine load hit all of them alike) and the table reports median step times and
-their ratio to the plain step. Targets: uniform regime with Min-SNR ≤ 1.01×, curriculum sampler ≤ 1.01× vs uniform; ANT at k = 5:
+their ratio to the plain step. ``--arms`` also times the regime of every ``compare_regimes.py`` arm, built
+from that arm's flags exactly as the training script builds it (rows with an ``arm`` key; TDC as ``tdc``,
+its base stage, and ``tdc_stage2``, the routed step after branching): ``compare_regimes.py --step_costs``
+turns them into its equal-wall-clock column. On CUDA every step is synchronized before its clock stops. Targets: uniform regime with Min-SNR ≤ 1.01×, curriculum sampler ≤ 1.01× vs uniform; ANT at k = 5:
 UW ≤ 1.01×, Nash ≤ 1.05×, PCGrad ≤ 1.38× (the ratios of the ANT paper, measured there on an LDM on GPU).
 
     python benchmarks/overhead.py --steps 60 --output benchmarks/results/overhead.json
+    python benchmarks/overhead.py --arms --batch_size 32 --output overhead-arms.json   # + compare_regimes' arms
 """
 
 import argparse
 import copy
+from functools import partial
 from itertools import count
 import json
 import platform
@@ -24,6 +29,8 @@ from accelerate import Accelerator
 from diffusers import UNet2DModel
 from diffusers.training_utils import compute_snr
 
+from compare_regimes import arms, load_script
+from compare_regimes import parse_args as compare_args
 from diffusers_curriculum.ant import ANTRegime, StratifiedSampler, cluster_boundaries
 from diffusers_curriculum.curriculum import AdaptivePacing, CurriculumRegime, equal_clusters
 from diffusers_curriculum.data import build_dataset
@@ -66,14 +73,45 @@ def regime_step(accelerator, model, optimizer, scheduler, clean, regime, steps):
     regime.on_step_end(accelerator, next(steps))
 
 
-def main():
+def arm_variants(args, accelerator, scheduler, clean):
+    """``{arm: (label, step)}``: each compare_regimes.py arm's regime, built by the training script's own
+    argument parser and ``TrainingRegime.from_args``, wrapping its own fresh UNet."""
+    train = load_script("train_unconditional")
+    widths = args.block_out_channels or compare_args([]).block_out_channels
+    steps = 10 ** 6  # long enough that no curriculum stage or TDC base stage ends while timed
+    flags = {arm: f for arm, f in arms(steps).items() if f is not None}
+    flags["tdc_stage2"] = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "1"]  # branches in warm-up
+    out = {}
+    for arm, arm_flags in flags.items():
+        run_args = train.parse_args(["--output_dir", "unused", "--resolution", str(args.resolution), "--block_out_channels",
+                                     widths, "--max_train_steps", str(steps), "--seed", "0", *arm_flags])
+        regime = TrainingRegime.from_args(run_args, scheduler)
+        torch.manual_seed(0)
+        model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(args.resolution, 1, block_out_channels=run_args.block_out_channels)))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        regime.attach(optimizer=optimizer)
+        out[arm] = (f"arm {arm}", partial(regime_step, accelerator, model, optimizer, scheduler, clean, regime, count(1)))
+    return out
+
+
+def machine(accelerator):
+    if accelerator.device.type == "cuda":
+        return f"{torch.cuda.get_device_name()}, {platform.machine()}"
+    return f"{platform.machine()}, {torch.get_num_threads()} torch threads"
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60, help="Timed steps per variant (after warm-up).")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--output", type=str, default="benchmarks/results/overhead.json")
-    args = parser.parse_args()
+    parser.add_argument("--arms", action="store_true", help="Also time every compare_regimes.py arm's regime.")
+    parser.add_argument("--block_out_channels", type=str, default=None,
+                        help="UNet widths for the --arms variants (default: compare_regimes.py's).")
+    args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     accelerator = Accelerator()
@@ -112,11 +150,18 @@ def main():
             for method in ("uw", "nash", "pcgrad")
         },
     }
+    arm_of = {}
+    if args.arms:
+        for arm, (name, step) in arm_variants(args, accelerator, scheduler, clean).items():
+            variants[name], arm_of[name] = step, arm
+    sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
     times = {name: [] for name in variants}
     for i in range(args.warmup + args.steps):
         for name, step in variants.items():
+            sync()
             start = time.perf_counter()
             step()
+            sync()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
 
@@ -131,11 +176,12 @@ def main():
             "variant": name, "median_s": median, "mean_s": mean,
             "median_ratio_vs_plain": median / plain[statistics.median], "mean_ratio_vs_plain": mean / plain[statistics.mean],
             "median_ratio_vs_plain_min_snr": median / plain_snr[statistics.median],
+            **({"arm": arm_of[name]} if name in arm_of else {}),
         })
         print(f"{name:36s} {median:9.4f} {mean:8.4f} {rows[-1]['median_ratio_vs_plain']:13.3f} "
               f"{rows[-1]['mean_ratio_vs_plain']:11.3f} {rows[-1]['median_ratio_vs_plain_min_snr']:20.3f}")
     result = {
-        "date": date.today().isoformat(), "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        "date": date.today().isoformat(), "machine": machine(accelerator),
         "torch": torch.__version__, "batch_size": args.batch_size, "resolution": args.resolution, "steps": args.steps,
         "rows": rows,
     }

@@ -75,3 +75,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if output_type == "pil":
             image = self.numpy_to_pil(image)
         return ImagePipelineOutput(images=image) if return_dict else (image,)
+
+
+def _register_with_diffusers() -> None:
+    """``DiffusionPipeline.from_pretrained`` finds a folder's pipeline class by its ``_class_name`` in the
+    ``diffusers`` module; naming ours there lets a saved class-conditional folder load the generic way."""
+    import diffusers
+
+    if not hasattr(diffusers, ClassConditionalPipeline.__name__):
+        setattr(diffusers, ClassConditionalPipeline.__name__, ClassConditionalPipeline)
+
+
+_register_with_diffusers()

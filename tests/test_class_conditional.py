@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from PIL import Image
 
 from diffusers_curriculum import ClassConditionalPipeline
@@ -105,6 +105,8 @@ def test_image_folder_with_class_subfolders_infers_the_classes(script, tmp_path,
     run(script, tmp_path, tiny_flags, "--train_data_dir", str(tmp_path / "data"), "--image_mode", "L",
         "--max_train_steps", "2", "--no_validation")
     assert ClassConditionalPipeline.from_pretrained(tmp_path / "run").config.num_classes == 2
+    # the generic entry point (what the Hub and most users call) finds the class too
+    assert isinstance(DiffusionPipeline.from_pretrained(tmp_path / "run"), ClassConditionalPipeline)
 
 
 @pytest.mark.parametrize("extra, message", [
