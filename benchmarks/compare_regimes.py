@@ -85,6 +85,8 @@ def parse_args(argv=None):
     parser.add_argument("--workers", type=int, default=1, help="(seed, arm) jobs trained at once, one process each.")
     parser.add_argument("--job", type=str, default=None, help=argparse.SUPPRESS)  # "seed:arm,arm" (a worker's share)
     parser.add_argument("--quick", action="store_true", help="Tiny settings that finish in minutes (CI).")
+    parser.add_argument("--summarize_only", action="store_true",
+                        help="Train nothing: write the table and plot from results.jsonl (e.g. one brought back from a GPU run).")
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
@@ -198,15 +200,22 @@ def modelled_seconds(arm, step, costs, args):
 
 
 def summarize(rows, args, costs=None):
-    """Table rows: per arm, FID mean ± std at each evaluated step, steps to reach the target, FLOPs and, with
-    per-step ``costs``, the FID at the uniform arm's wall-clock budget."""
+    """Table rows: per arm, FID mean ± std at each evaluated step, steps to reach the target, FLOPs, and the
+    FID at the uniform arm's wall-clock budget: per seed, the last evaluation within the training time of
+    that seed's uniform run, on the jobs' own clocks or, with per-step ``costs``, on modelled clocks."""
     by_arm = {}
     for row in rows:
         by_arm.setdefault(row["arm"], []).append(row)
     final = args.max_train_steps
     uniform_final = [r["fid"] for r in by_arm.get("uniform", []) if r["step"] == final]
     target = args.target_fid if args.target_fid is not None else (statistics.mean(uniform_final) if uniform_final else None)
-    budget = modelled_seconds("uniform", final, costs, args) if costs else None
+
+    def seconds(row):
+        return modelled_seconds(row["arm"], row["step"], costs, args) if costs else row["train_seconds"]
+
+    # Each seed's budget is its own uniform run's time: jobs of one seed run side by side (see plan), so on
+    # shared machines they saw the same load.
+    budget = {r["seed"]: seconds(r) for r in by_arm.get("uniform", []) if r["step"] == final}
     table = []
     for arm, arm_rows in by_arm.items():
         steps = sorted({r["step"] for r in arm_rows})
@@ -214,18 +223,22 @@ def summarize(rows, args, costs=None):
         for step in steps:
             values = [r["fid"] for r in arm_rows if r["step"] == step]
             entry["fid"][step] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+        seeds = sorted({r["seed"] for r in arm_rows})
         reach = []
-        for seed in sorted({r["seed"] for r in arm_rows}):
+        for seed in seeds:
             hits = [r["step"] for r in sorted(arm_rows, key=lambda r: r["step"]) if r["seed"] == seed and target is not None and r["fid"] <= target]
             reach.append(hits[0] if hits else math.inf)
         entry["steps_to_target"] = statistics.median(reach) if reach else math.inf
-        seconds = [r["train_seconds"] / r["step"] for r in arm_rows if r["step"] == final and r["arm"] != "tdc_pruned"]
-        entry["seconds_per_step"] = statistics.mean(seconds) if seconds else None
-        entry["equal_wall_clock"] = None  # (step reached within the budget, FID mean, FID std)
-        if budget is not None and modelled_seconds(arm, final, costs, args) is not None:
-            within = [s for s in steps if modelled_seconds(arm, s, costs, args) <= budget * (1 + 1e-9)]
-            if within:
-                entry["equal_wall_clock"] = (within[-1], *entry["fid"][within[-1]][:2])
+        timed = [r for r in arm_rows if r["step"] == final and arm != "tdc_pruned"]
+        entry["seconds_per_step"] = statistics.mean(r["train_seconds"] / r["step"] for r in timed) if timed else None
+        entry["equal_wall_clock"] = None  # (median step reached within the budget, FID mean, FID std)
+        if arm != "tdc_pruned" and set(seeds) <= set(budget) and all(seconds(r) is not None for r in arm_rows):
+            within = [max((r for r in arm_rows if r["seed"] == seed and seconds(r) <= budget[seed] * (1 + 1e-9)),
+                          key=lambda r: r["step"], default=None) for seed in seeds]
+            if None not in within:
+                fids = [r["fid"] for r in within]
+                entry["equal_wall_clock"] = (statistics.median(r["step"] for r in within), statistics.mean(fids),
+                                             statistics.stdev(fids) if len(fids) > 1 else 0.0)
         table.append(entry)
     return table, target
 
@@ -234,9 +247,10 @@ def print_table(table, target, args):
     steps = sorted({s for e in table for s in e["fid"]})
     wall = any(e["equal_wall_clock"] for e in table)
     shared = f"; s / step from each job's clock while {args.workers} jobs shared the machine" if args.workers > 1 else ""
+    clock = "modelled from --step_costs" if args.step_costs else "the jobs' own clocks"
     lines = [f"feature-FID (mean ± std over seeds {args.seeds}; lower is better); target FID {target if target is None else round(target, 2)}{shared}",
              "| arm | " + " | ".join(f"FID @ {s}" for s in steps) + " | steps to target | GFLOPs / image | s / step |"
-             + (" FID @ uniform's wall-clock (step) |" if wall else ""),
+             + (f" FID @ uniform's wall-clock, {clock} (step) |" if wall else ""),
              "| --- | " + " | ".join("---" for _ in steps) + " | --- | --- | --- |" + (" --- |" if wall else "")]
     for e in table:
         cells = [f"{e['fid'][s][0]:.1f} ± {e['fid'][s][1]:.1f}" if s in e["fid"] else "" for s in steps]
@@ -249,13 +263,14 @@ def print_table(table, target, args):
     return "\n".join(lines)
 
 
-def plot(rows, table, path):
+def plot(table, args, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ax1.set_prop_cycle(color=plt.cm.tab20(np.linspace(0, 1, 20))[: max(len(table), 1)])
     for entry in table:
         arm = entry["arm"]
         steps = sorted(entry["fid"])
@@ -268,13 +283,14 @@ def plot(rows, table, path):
     ax1.legend(fontsize=7)
     timed = [e for e in table if e["seconds_per_step"] is not None]
     ax2.barh([e["arm"] for e in timed], [e["seconds_per_step"] for e in timed])
-    ax2.set(xlabel="seconds per training step (this CPU)", title="step time")
+    shared = f", {args.workers} jobs sharing the machine" if args.workers > 1 else ""
+    ax2.set(xlabel=f"seconds per training step (each job's own clock{shared})", title="step time")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-SETTINGS_IGNORED = ("threads", "output_dir", "inception_weights", "step_costs", "workers", "job")
+SETTINGS_IGNORED = ("threads", "output_dir", "inception_weights", "step_costs", "workers", "job", "summarize_only")
 
 
 def plan(chosen, seeds, done):
@@ -286,7 +302,8 @@ def plan(chosen, seeds, done):
             if arm == "tdc_pruned" and "tdc" in todo:
                 continue
             jobs.append((seed, [arm, "tdc_pruned"] if arm == "tdc" and "tdc_pruned" in todo else [arm]))
-    return sorted(jobs, key=lambda job: "tdc" not in job[1])  # the longest jobs first, for parallel workers
+    # The longest jobs first, then seed by seed: parallel workers run one seed's arms side by side.
+    return sorted(jobs, key=lambda job: not any(arm.startswith("tdc") for arm in job[1]))
 
 
 def appender(results):
@@ -392,24 +409,28 @@ def main(argv=None):
 
     done = {(r["arm"], r["seed"]) for r in rows if r["step"] == args.max_train_steps}
     jobs = plan(chosen, [int(s) for s in args.seeds.split(",")], done)
-    restarting = {(arm, seed) for seed, job_arms in jobs for arm in job_arms}
-    rows = [r for r in rows if (r["arm"], r["seed"]) not in restarting]  # a half-done arm restarts
-    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fashion_feature_extractor()  # trained and cached once, before any worker needs it
+    unfinished = sorted({(arm, seed) for seed, job_arms in jobs for arm in job_arms})
     failed = []
-    if args.workers == 1:
-        for seed, job_arms in jobs:
-            run_job(args, seed, job_arms, appender(results))
+    if args.summarize_only:
+        print(f"--summarize_only: {len(unfinished)} unfinished (arm, seed) runs count up to the step they reached: {unfinished}")
     else:
-        failed = run_workers(args, jobs, argv, output)
+        rows = [r for r in rows if (r["arm"], r["seed"]) not in unfinished]  # a half-done arm restarts
+        results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        fashion_feature_extractor()  # trained and cached once, before any worker needs it
+        if args.workers == 1:
+            for seed, job_arms in jobs:
+                run_job(args, seed, job_arms, appender(results))
+        else:
+            failed = run_workers(args, jobs, argv, output)
 
     rows = [r for r in map(json.loads, results.read_text().splitlines()) if r["arm"] in chosen]
     table, target = summarize(rows, args, costs)
     text = print_table(table, target, args)
     print(text)
-    (output / "table.md").write_text(f"{text}\n\nRun {date.today().isoformat()}: python benchmarks/compare_regimes.py {' '.join(argv)}\n")
+    verb = "Table written" if args.summarize_only else "Run"
+    (output / "table.md").write_text(f"{text}\n\n{verb} {date.today().isoformat()}: python benchmarks/compare_regimes.py {' '.join(argv)}\n")
     (output / "summary.json").write_text(json.dumps({"settings": settings, "target_fid": target, "table": table}, indent=2, default=str))
-    plot(rows, table, output / "fid_vs_steps.png")
+    plot(table, args, output / "fid_vs_steps.png")
     if failed:
         sys.exit(f"error: {len(failed)} jobs failed ({', '.join(failed)}); their logs are in {output / 'logs'}")
     return table

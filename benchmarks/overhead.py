@@ -117,7 +117,7 @@ def main(argv=None):
     accelerator = Accelerator()
     scheduler = RegimeDDPMScheduler(num_train_timesteps=1000)
     clean = build_dataset("fashion_mnist", resolution=args.resolution, max_train_samples=args.batch_size)
-    clean = torch.stack([clean[i]["pixel_values"] for i in range(args.batch_size)])
+    clean = torch.stack([clean[i]["pixel_values"] for i in range(args.batch_size)]).to(accelerator.device)
     base = UNet2DModel.from_config(tiny_unet_config(args.resolution, 1))
     ant_boundaries = cluster_boundaries("log_snr", 5, scheduler)
 

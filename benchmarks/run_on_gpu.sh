@@ -17,10 +17,11 @@ costs=(); [ -f "$run/overhead_gpu.json" ] && costs=(--step_costs "$run/overhead_
 OMP_NUM_THREADS=2 timeout "${COMPARE_SECONDS:-420}" $python benchmarks/cuda_smoke.py --output "$run/cuda_smoke.json" > "$run/cuda_smoke.log" 2>&1 &
 timeout "${COMPARE_SECONDS:-420}" $python benchmarks/compare_regimes.py --workers "${WORKERS:-10}" --threads 1 \
   --max_train_steps "${STEPS:-2000}" --eval_every "${EVAL_EVERY:-250}" "${costs[@]}" \
-  --output_dir "$run/compare" > "$run/compare.log" 2>&1
+  --output_dir "${COMPARE_DIR:-$run/compare}" > "$run/compare.log" 2>&1
 echo "compare_regimes exit $?"
 wait
 grep -E "PASS|FAIL|passed" "$run/cuda_smoke.log"
 tail -20 "$run/compare.log"
+[ -n "${COMPARE_DIR:-}" ] && cp -r "$COMPARE_DIR" "$run/compare"
 rm -rf "$run/compare/runs"
 tar czf "$out/gpu_run.tgz" -C "$run" .

@@ -50,9 +50,10 @@ def nash_weights(gram: torch.Tensor, iterations: int = 50, tol: float = 1e-10) -
 
     α is the unique minimiser of the strictly convex φ(α) = ½ αᵀGα − Σ log α_i (∇φ = Gα − 1/α), found by
     damped Newton steps that keep α positive. G is normalised by its norm first, as in the reference code,
-    so α does not depend on the gradients' scale.
+    so α does not depend on the gradients' scale. The k×k solve runs on the CPU whatever ``gram``'s device
+    (a GPU gains nothing on it, and every Newton step would wait on it); α is returned on the CPU.
     """
-    G = gram.double()
+    G = gram.detach().double().cpu()
     G = G / G.norm().clamp_min(1e-20)
     k = G.shape[0]
     alpha = torch.ones(k, dtype=torch.float64)
@@ -197,7 +198,7 @@ class NashMTL(Balancer):
     def backward(self, accelerator, cluster_losses, present, model, step):
         if self.needs_manual_sync(step):
             grads, params = self._cluster_grads(accelerator, cluster_losses, present, model)
-            self.alpha = nash_weights(grads.double() @ grads.double().T).float().cpu()
+            self.alpha = nash_weights(grads.double() @ grads.double().T).float()
             _add_flat_grad(params, (self.alpha.to(grads.device)[:, None] * grads).sum(0))
             return (self.alpha.to(cluster_losses.device) * cluster_losses).sum().detach()
         loss = (self.alpha.to(cluster_losses.device)[present] * cluster_losses[present]).sum()

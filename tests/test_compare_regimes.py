@@ -19,8 +19,9 @@ def load_benchmark():
 def test_quick_mode_writes_table_plot_and_resumes(tmp_path):
     bench = load_benchmark()
     out = tmp_path / "quick"
-    table = bench.main(["--quick", "--output_dir", str(out)])
+    table = bench.main(["--quick", "--output_dir", str(out), "--workers", "2"])  # one process per job
     assert {row["arm"] for row in table} == {"uniform", "loss_aware", "tdc", "tdc_pruned"}
+    assert {p.name for p in (out / "logs").iterdir()} == {"uniform-seed0.log", "loss_aware-seed0.log", "tdc+tdc_pruned-seed0.log"}
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert {(r["arm"], r["step"]) for r in rows} >= {("uniform", 4), ("uniform", 8), ("tdc", 8), ("tdc_pruned", 8)}
     assert all(r["fid"] > 0 for r in rows)
@@ -31,6 +32,9 @@ def test_quick_mode_writes_table_plot_and_resumes(tmp_path):
 
     bench.main(["--quick", "--output_dir", str(out)])  # everything is done: nothing is retrained
     assert len((out / "results.jsonl").read_text().splitlines()) == len(rows)
+    (out / "table.md").unlink()
+    bench.main(["--quick", "--output_dir", str(out), "--summarize_only"])
+    assert "| tdc_pruned |" in (out / "table.md").read_text() and "Table written" in (out / "table.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):
         bench.main(["--quick", "--output_dir", str(out), "--prune_ratio", "0.3"])
 
@@ -53,3 +57,55 @@ def test_summary_statistics_and_steps_to_target():
     # median over seeds: uniform seed 0 reaches 32 at step 20, seed 1 never does
     assert entry["fast"]["steps_to_target"] == 10 and entry["uniform"]["steps_to_target"] == float("inf")
     assert entry["uniform"]["seconds_per_step"] == pytest.approx(1.05)
+
+
+def test_plan_puts_pruning_after_its_tdc_run_and_long_jobs_first():
+    bench = load_benchmark()
+    chosen = ["uniform", "tdc", "tdc_pruned"]
+    jobs = bench.plan(chosen, [0, 1], done={("uniform", 0), ("tdc", 1)})
+    assert jobs == [(0, ["tdc", "tdc_pruned"]), (1, ["tdc_pruned"]), (1, ["uniform"])]
+
+
+def test_equal_wall_clock_takes_each_seeds_last_evaluation_within_its_uniform_runs_time():
+    bench = load_benchmark()
+    args = bench.parse_args(["--max_train_steps", "20", "--seeds", "0,1"])
+    rows = [
+        {"arm": "uniform", "seed": 0, "step": 10, "fid": 50.0, "flops_per_sample": 4, "train_seconds": 10},
+        {"arm": "uniform", "seed": 0, "step": 20, "fid": 30.0, "flops_per_sample": 4, "train_seconds": 20},
+        {"arm": "uniform", "seed": 1, "step": 10, "fid": 52.0, "flops_per_sample": 4, "train_seconds": 30},
+        {"arm": "uniform", "seed": 1, "step": 20, "fid": 34.0, "flops_per_sample": 4, "train_seconds": 60},
+        # twice as slow per step: within its seed's uniform time it reaches step 10 only
+        {"arm": "slow", "seed": 0, "step": 10, "fid": 40.0, "flops_per_sample": 4, "train_seconds": 20},
+        {"arm": "slow", "seed": 0, "step": 20, "fid": 20.0, "flops_per_sample": 4, "train_seconds": 40},
+        {"arm": "slow", "seed": 1, "step": 10, "fid": 44.0, "flops_per_sample": 4, "train_seconds": 60},
+        {"arm": "slow", "seed": 1, "step": 20, "fid": 24.0, "flops_per_sample": 4, "train_seconds": 120},
+    ]
+    entry = {e["arm"]: e for e in bench.summarize(rows, args)[0]}
+    assert entry["uniform"]["equal_wall_clock"] == pytest.approx((20, 32.0, 2 ** 1.5))
+    assert entry["slow"]["equal_wall_clock"] == pytest.approx((10, 42.0, 2 ** 1.5))
+
+    # modelled clocks: per-step costs as overhead.py measures them; TDC pays its stage-2 cost after branching
+    costs = {"uniform": 1.0, "slow": 1.0, "tdc": 1.0, "tdc_stage2": 3.0}
+    assert bench.modelled_seconds("tdc", 20, costs, args) == 10 * 1.0 + 10 * 3.0
+    tdc = [{"arm": "tdc", "seed": s, "step": step, "fid": fid, "flops_per_sample": 4, "train_seconds": 0}
+           for s in (0, 1) for step, fid in ((10, 45.0), (20, 25.0))]
+    entry = {e["arm"]: e for e in bench.summarize(rows + tdc, args, costs)[0]}
+    assert entry["slow"]["equal_wall_clock"] == pytest.approx((20, 22.0, 2 ** 1.5))  # same cost as uniform here
+    assert entry["tdc"]["equal_wall_clock"] == pytest.approx((10, 45.0, 0.0))  # 40 s for 20 steps > 20 s budget
+
+
+def test_step_costs_must_be_overhead_output(tmp_path):
+    bench = load_benchmark()
+    (tmp_path / "costs.json").write_text('{"rows": [{"variant": "plain", "median_s": 1.0}]}')
+    with pytest.raises(SystemExit, match="times no 'uniform' arm"):
+        bench.load_step_costs(tmp_path / "costs.json")
+    with pytest.raises(SystemExit, match="not benchmarks/overhead.py output"):
+        bench.load_step_costs(tmp_path / "missing.json")
+
+
+def test_a_failing_worker_is_reported_with_its_log(tmp_path):
+    bench = load_benchmark()
+    argv = ["--quick", "--output_dir", str(tmp_path)]
+    failed = bench.run_workers(bench.parse_args(argv + ["--workers", "2"]), [(0, ["no_such_arm"])], argv, tmp_path)
+    assert failed == ["no_such_arm-seed0"]
+    assert "KeyError: 'no_such_arm'" in (tmp_path / "logs" / "no_such_arm-seed0.log").read_text()
