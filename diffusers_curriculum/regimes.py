@@ -218,8 +218,13 @@ class TrainingRegime:
         timesteps = self._local_slice(self._draw_timesteps(clean.shape[0] * self.num_processes))
         return self._noise(clean, noise_offset), timesteps.to(clean.device)
 
+    @property
+    def active_sampler(self) -> TimestepSampler:
+        """The sampler drawing this step's timesteps (TDC switches samplers between its stages)."""
+        return self.sampler
+
     def _draw_timesteps(self, global_size: int) -> torch.Tensor:
-        return self.sampler.sample(global_size)
+        return self.active_sampler.sample(global_size)
 
     def _noise(self, clean: torch.Tensor, noise_offset: float) -> torch.Tensor:
         noise = self.randn_like(clean)
@@ -234,10 +239,14 @@ class TrainingRegime:
         return self._local_slice(draw).to(device=local.device, dtype=local.dtype)
 
     def weighted(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses (shape ``(B,)``) times this regime's loss weights."""
+        """Per-sample losses (shape ``(B,)``) times this regime's loss weights and the sampler's importance
+        weights (loss-aware sampling)."""
         weights = loss_weights(
             self.noise_scheduler, timesteps, self.weighting, self.snr_gamma, self.p2_gamma, self.p2_k
         )
+        importance = self.active_sampler.importance_weights(timesteps)
+        if importance is not None:
+            weights = importance if weights is None else weights * importance
         return per_sample_loss if weights is None else per_sample_loss * weights.to(per_sample_loss.dtype)
 
     def compute_loss(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -253,8 +262,8 @@ class TrainingRegime:
         """Back-propagates this regime's loss through ``accelerator`` and returns it (detached)."""
         loss = self.compute_loss(per_sample_loss, timesteps)
         accelerator.backward(loss)
-        if self.sampler.observes_losses:  # the same history on every rank keeps their draws identical
-            self.sampler.observe(accelerator.gather(timesteps), accelerator.gather(per_sample_loss.detach()))
+        if self.active_sampler.observes_losses:  # the same history on every rank keeps their draws identical
+            self.active_sampler.observe(accelerator.gather(timesteps), accelerator.gather(per_sample_loss.detach()))
         return loss.detach()
 
     def on_step_end(self, accelerator, global_step: int) -> Dict[str, Any]:

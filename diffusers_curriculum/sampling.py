@@ -45,6 +45,12 @@ class TimestepSampler:
     def observe(self, timesteps: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
         """Receives the losses of the last batch; non-adaptive samplers ignore them."""
 
+    def importance_weights(self, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
+        """Per-sample loss factors that make the batch loss an unbiased estimate of the uniform-t objective
+        under this sampler's distribution (importance sampling); None for samplers that change the objective
+        on purpose (logit-normal, SpeeD, intervals, ...)."""
+        return None
+
     def state_dict(self) -> Dict[str, Any]:
         return {"generator": self.generator.get_state()}
 
@@ -138,6 +144,9 @@ def speed_weights(num_train_timesteps: int, tau: float = 0.7, suppression: float
 class LossAwareSampler(TimestepSampler):
     """IDDPM's loss-second-moment resampling (Nichol & Dhariwal 2021): p(t) ∝ sqrt(E[L_t²]) over the last
     ``history`` losses at t, mixed with ``uniform_prob`` of uniform; uniform until every t has a full history.
+    As in IDDPM, every sample's loss is weighted by 1 / (T·p(t)) (:meth:`importance_weights`), so the
+    objective stays the uniform-t one and only the variance of its estimate changes: without those weights
+    the draws pile onto the high-loss (low-noise) timesteps and the others are neglected.
     Losses must be the same on every rank (the regime gathers them)."""
 
     observes_losses = True
@@ -157,6 +166,11 @@ class LossAwareSampler(TimestepSampler):
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         return torch.multinomial(self.weights(), batch_size, replacement=True, generator=generator)
+
+    def importance_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """1 / (T·p(t)) under the distribution the batch was drawn from (no loss is observed in between)."""
+        p = self.weights()[timesteps.cpu()]
+        return (1.0 / (self.num_train_timesteps * p)).float().to(timesteps.device)
 
     def observe(self, timesteps: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
         for t, loss in zip(timesteps.tolist(), per_sample_loss.double().cpu().tolist()):

@@ -134,8 +134,9 @@ class TDCRegime(TrainingRegime):
         self.experts.route_all_to = None
 
     # ---- the step ------------------------------------------------------------------------------------
-    def _draw_timesteps(self, global_size: int) -> torch.Tensor:
-        return self.sampler.sample(global_size) if self.stage == 1 else self.group_sampler.sample(global_size)
+    @property
+    def active_sampler(self):
+        return self.sampler if self.stage == 1 else self.group_sampler
 
     def backward(self, accelerator, per_sample_loss, timesteps, model=None):
         loss = super().backward(accelerator, per_sample_loss, timesteps, model)

@@ -74,3 +74,23 @@ def test_state_dict_restores_timestep_and_noise_draws():
 def test_noise_and_timesteps_come_from_different_streams_under_one_seed():
     regime = TrainingRegime(DDPMScheduler(num_train_timesteps=1000), UniformSampler(1000, seed=7), seed=7)
     assert not torch.equal(regime.noise_generator.get_state(), regime.sampler.generator.get_state())
+
+
+def test_loss_aware_sampling_weights_each_loss_by_its_importance_and_tdc_stage_two_does_not():
+    from diffusers_curriculum.sampling import LossAwareSampler
+    from diffusers_curriculum.tdc import TDCRegime
+
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    sampler = LossAwareSampler(10, history=1, uniform_prob=0.0, seed=0)
+    sampler.observe(torch.arange(10), torch.arange(1.0, 11.0))
+    regime = TrainingRegime(scheduler, sampler)
+    t = torch.tensor([0, 9])
+    losses = torch.tensor([2.0, 2.0])
+    expected = losses * sampler.importance_weights(t)
+    assert regime.compute_loss(losses, t).item() == pytest.approx(expected.mean().item())
+    assert sampler.importance_weights(t)[0] > sampler.importance_weights(t)[1]
+
+    tdc = TDCRegime(scheduler, sampler, boundaries=[0, 5, 10], base_steps=1)
+    assert tdc.compute_loss(losses, t).item() == pytest.approx(expected.mean().item())  # stage 1: the loss-aware sampler
+    tdc.stage = 2  # stage 2 draws stratified over the groups: no importance weights
+    assert tdc.active_sampler is tdc.group_sampler and tdc.compute_loss(losses, t).item() == pytest.approx(2.0)

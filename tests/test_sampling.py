@@ -90,3 +90,18 @@ def test_loss_aware_sampler_is_uniform_until_warm_then_follows_loss():
     restored = LossAwareSampler(10, history=2, uniform_prob=0.0, seed=5)
     restored.load_state_dict(sampler.state_dict())
     assert torch.equal(restored.sample(20), sampler.sample(20))
+
+
+def test_loss_aware_importance_weights_keep_the_uniform_objective():
+    from diffusers_curriculum.sampling import LossAwareSampler
+
+    sampler = LossAwareSampler(10, history=1, uniform_prob=0.01, seed=0)
+    assert torch.equal(sampler.importance_weights(torch.arange(10)), torch.ones(10))  # uniform while warming up
+    losses = torch.linspace(4.0, 0.1, 10)
+    sampler.observe(torch.arange(10), losses)
+    p = sampler.weights()
+    w = sampler.importance_weights(torch.arange(10)).double()
+    assert torch.allclose(w, 1 / (10 * p))
+    # E_{t~p}[w(t) L(t)] equals the uniform mean of L: the reweighted loss is unbiased for the uniform objective
+    assert float((p * w * losses.double()).sum()) == pytest.approx(float(losses.mean()), rel=1e-6)
+    assert w[0] < 1 < w[9]  # high-loss timesteps are drawn more often and weighted down
