@@ -129,17 +129,20 @@ def run_arm(args, arm, flags, seed, real, extractor, record):
 
     out = Path(args.output_dir) / "runs" / f"{arm}-seed{seed}"
     started = time.perf_counter()
-    eval_seconds = [0.0]  # evaluation time is not training time
+    eval_seconds = 0.0  # evaluation time is not training time
+    flops = None  # counted once: training does not change the model's shape
 
     def evaluate(step, pipeline):
+        nonlocal eval_seconds, flops
         begin = time.perf_counter()
         fake = fid_images(pipeline, args.num_fid_images, args.num_inference_steps, seed)
-        row = {"arm": arm, "seed": seed, "step": step, "train_seconds": round(begin - started - eval_seconds[0], 1),
-               "fid": feature_fid(real, fake, extractor), "flops_per_sample": sampling_flops(pipeline, args.num_inference_steps)}
+        flops = flops or sampling_flops(pipeline, args.num_inference_steps)
+        row = {"arm": arm, "seed": seed, "step": step, "train_seconds": round(begin - started - eval_seconds, 1),
+               "fid": feature_fid(real, fake, extractor), "flops_per_sample": flops}
         if args.inception_weights and step == args.max_train_steps:
             row["inception_fid"] = inception_fid(real, fake, args.inception_weights)
         record(row)
-        eval_seconds[0] += time.perf_counter() - begin
+        eval_seconds += time.perf_counter() - begin
 
     train = load_script("train_unconditional")
     train_args = train.parse_args([

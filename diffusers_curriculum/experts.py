@@ -183,9 +183,6 @@ def resize_to_state_dict(model: nn.Module, state: dict) -> None:
     Covers the layers structured pruning changes in diffusers UNets (convolutions, linear layers, group and
     layer norms, up/down-samplers); every width follows from the saved tensor shapes.
     """
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
-
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
         for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
@@ -204,6 +201,14 @@ def resize_to_state_dict(model: nn.Module, state: dict) -> None:
             module.num_channels = module.weight.shape[0]
         elif isinstance(module, nn.LayerNorm) and module.weight is not None:
             module.normalized_shape = tuple(module.weight.shape)
-    for module in model.modules():  # samplers check their input width against these attributes
+    sync_sampler_widths(model)
+
+
+def sync_sampler_widths(model: nn.Module) -> None:
+    """Up/down-samplers check their input width against attributes that resizing or pruning leaves stale."""
+    from diffusers.models.downsampling import Downsample2D
+    from diffusers.models.upsampling import Upsample2D
+
+    for module in model.modules():
         if isinstance(module, (Downsample2D, Upsample2D)) and getattr(module, "conv", None) is not None:
             module.channels, module.out_channels = module.conv.in_channels, module.conv.out_channels

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .experts import sync_sampler_widths
+
 Config = Dict[str, float]
 
 
@@ -101,16 +103,6 @@ def _local_roots(block: nn.Module) -> List[nn.Module]:
         elif isinstance(module, Attention):
             roots += [module.to_q, module.to_k, module.to_v]
     return roots
-
-
-def sync_sampler_widths(model: nn.Module) -> None:
-    """Up/down-samplers check their input width against attributes pruning leaves stale."""
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
-
-    for module in model.modules():
-        if isinstance(module, (Downsample2D, Upsample2D)) and getattr(module, "conv", None) is not None:
-            module.channels, module.out_channels = module.conv.in_channels, module.conv.out_channels
 
 
 def prune_model(model: nn.Module, config: Config) -> nn.Module:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
@@ -46,6 +46,28 @@ def epoch_batches(accelerator, dataloader, epoch: int, first_epoch: int, resume_
     if epoch == first_epoch and resume_step > 0:
         return accelerator.skip_first_batches(dataloader, resume_step)
     return dataloader
+
+
+def optimizer_step(accelerator, parameters, optimizer, lr_scheduler, max_grad_norm: float) -> None:
+    """The optimizer half of a diffusers training step: clip the gradients on sync steps, step, schedule, clear."""
+    if accelerator.sync_gradients:
+        accelerator.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad()
+
+
+def after_sync_step(accelerator, regime, model, ema_model, loss: float, lr_scheduler, global_step: int) -> Dict[str, float]:
+    """After an optimizer step that synced gradients: the EMA update, then the step's logs (loss, learning
+    rate, the regime's own values, e.g. its stage, and the EMA decay). The regime's step hook runs after the
+    EMA update (TDC copies EMA weights when it branches)."""
+    if ema_model is not None:
+        ema_model.step(model.parameters())
+    logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}
+    logs.update(regime.on_step_end(accelerator, global_step))
+    if ema_model is not None:
+        logs["ema_decay"] = ema_model.cur_decay_value
+    return logs
 
 
 def checkpoint_and_preempt(accelerator, args, global_step: int, preemption, logger) -> None:

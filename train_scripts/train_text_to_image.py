@@ -38,7 +38,8 @@ from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_toke
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.training import (
-    checkpoint_and_preempt, epoch_batches, make_accelerator, prediction_target, resume, run_config, shipped_model,
+    after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, prediction_target, resume,
+    run_config, shipped_model,
 )
 from diffusers_curriculum.schedulers import regime_scheduler
 
@@ -289,20 +290,13 @@ def main(args):
                     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
                     per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                     loss = regime.backward(accelerator, per_sample, timesteps, unet)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
+                    optimizer_step(accelerator, trainable, optimizer, lr_scheduler, args.max_grad_norm)
 
                 if accelerator.sync_gradients:
-                    if ema_unet is not None:
-                        ema_unet.step(unet.parameters())
                     global_step += 1
                     progress_bar.update(1)
                     losses.append(loss.item())
-                    logs = {"loss": losses[-1], "lr": lr_scheduler.get_last_lr()[0]}
-                    logs.update(regime.on_step_end(accelerator, global_step))
+                    logs = after_sync_step(accelerator, regime, unet, ema_unet, losses[-1], lr_scheduler, global_step)
                     progress_bar.set_postfix(**logs)
                     accelerator.log(logs, step=global_step)
                     checkpoint_and_preempt(accelerator, args, global_step, preemption, logger)

@@ -35,7 +35,8 @@ from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.training import (
-    checkpoint_and_preempt, epoch_batches, make_accelerator, prediction_target, resume, run_config, shipped_model,
+    after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, prediction_target, resume,
+    run_config, shipped_model,
 )
 from diffusers_curriculum.schedulers import RegimeDDPMScheduler, regime_scheduler
 from diffusers_curriculum.tasks import TASKS, Unconditional
@@ -280,24 +281,15 @@ def main(args, evaluate=None):
                     per_sample_loss = F.mse_loss(model_output.float(), target.float(), reduction="none")
                     per_sample_loss = per_sample_loss.mean(dim=list(range(1, per_sample_loss.ndim)))
                     loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
-                    if accelerator.sync_gradients:
-                        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                    optimizer.step()
-                    lr_scheduler.step()
-                    optimizer.zero_grad()
+                    optimizer_step(accelerator, model.parameters(), optimizer, lr_scheduler, args.max_grad_norm)
 
                 if accelerator.sync_gradients:
-                    if ema_model is not None:
-                        ema_model.step(model.parameters())
                     global_step += 1
                     progress_bar.update(1)
                     loss_history.append(loss.item())
-                    logs = {"loss": loss_history[-1], "lr": lr_scheduler.get_last_lr()[0], "step": global_step}
-                    logs.update(regime.on_step_end(accelerator, global_step))
-                    if ema_model is not None:
-                        logs["ema_decay"] = ema_model.cur_decay_value
-                    progress_bar.set_postfix(**{k: v for k, v in logs.items() if k != "step"})
-                    accelerator.log(logs, step=global_step)
+                    logs = after_sync_step(accelerator, regime, model, ema_model, loss_history[-1], lr_scheduler, global_step)
+                    progress_bar.set_postfix(**logs)
+                    accelerator.log({**logs, "step": global_step}, step=global_step)
 
                     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                         pipeline = validate(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
