@@ -27,8 +27,12 @@ class HubPushError(RuntimeError):
 
 
 def template_path(name: str) -> Path:
-    """Path of the card template ``model_cards/<name>.md`` shipped with the package."""
-    return Path(str(resources.files("diffusers_curriculum.model_cards").joinpath(f"{name}.md")))
+    """Path of the card template ``model_cards/<name>.md``: shipped inside the installed package, or beside it
+    in a source checkout used without installing (``PYTHONPATH=<checkout>``)."""
+    try:
+        return Path(str(resources.files("diffusers_curriculum.model_cards").joinpath(f"{name}.md")))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[1] / "model_cards" / f"{name}.md"
 
 
 def write_model_card(

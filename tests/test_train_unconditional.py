@@ -175,3 +175,17 @@ def test_validation_steps_write_sample_grids(train_unconditional, tmp_path, tiny
     from PIL import Image
 
     assert Image.open(samples / "step_2.png").size == (64, 64)  # 4 images of 32×32 in a 2×2 grid
+
+
+def test_card_templates_are_found_in_a_source_checkout_without_install(monkeypatch):
+    from diffusers_curriculum import hub
+
+    installed = hub.template_path("unconditional")
+    assert installed.is_file()
+
+    def not_installed(package):
+        raise ModuleNotFoundError(f"No module named {package!r}")
+
+    monkeypatch.setattr(hub.resources, "files", not_installed)  # PYTHONPATH=<checkout>: no model_cards package
+    fallback = hub.template_path("unconditional")
+    assert fallback == ROOT / "model_cards" / "unconditional.md" and fallback.read_text() == installed.read_text()
