@@ -3,8 +3,7 @@
 # then every compare_regimes.py arm × 3 seeds, WORKERS jobs at a time on the one GPU, while cuda_smoke.py
 # checks fp16/bf16 training and fp16 reloading beside it. Results and logs end up in $1/gpu_run.tgz.
 #   bash benchmarks/run_on_gpu.sh <output folder>       (STEPS, EVAL_EVERY, WORKERS, COMPARE_SECONDS, OVERHEAD_STEPS override)
-# Install the package first (pip install ., or --target a folder on PYTHONPATH on an offline machine): the model
-# card templates ship as package data, so a bare PYTHONPATH=<checkout> fails when the runs save. COMPARE_DIR=<dir>
+# Needs the package importable (installed, or PYTHONPATH=<checkout>) with its dependencies. COMPARE_DIR=<dir>
 # continues an earlier run's results.jsonl there instead of starting a fresh one.
 set -u
 out=${1:?usage: run_on_gpu.sh <output folder>}
