@@ -109,3 +109,15 @@ def test_a_failing_worker_is_reported_with_its_log(tmp_path):
     failed = bench.run_workers(bench.parse_args(argv + ["--workers", "2"]), [(0, ["no_such_arm"])], argv, tmp_path)
     assert failed == ["no_such_arm-seed0"]
     assert "KeyError: 'no_such_arm'" in (tmp_path / "logs" / "no_such_arm-seed0.log").read_text()
+
+
+def test_a_run_slower_only_by_timing_noise_keeps_its_last_evaluation():
+    bench = load_benchmark()
+    args = bench.parse_args(["--max_train_steps", "20", "--seeds", "0"])
+    rows = [{"arm": arm, "seed": 0, "step": step, "fid": fid, "flops_per_sample": 4, "train_seconds": seconds}
+            for arm, step, fid, seconds in (("uniform", 10, 50.0, 10.0), ("uniform", 20, 30.0, 20.0),
+                                            ("noisy", 10, 49.0, 10.1), ("noisy", 20, 29.0, 20.3),   # 1.5 % slower
+                                            ("slower", 10, 48.0, 10.5), ("slower", 20, 28.0, 21.0))]  # 5 % slower
+    entry = {e["arm"]: e for e in bench.summarize(rows, args)[0]}
+    assert bench.WALL_CLOCK_TOLERANCE == 0.02
+    assert entry["noisy"]["equal_wall_clock"][:2] == (20, 29.0) and entry["slower"]["equal_wall_clock"][:2] == (10, 48.0)
