@@ -8,12 +8,13 @@ images is recorded with the wall-clock time. ``tdc_pruned`` prunes the finished 
 ``results.jsonl`` as they come, so an interrupted run continues where it stopped; then a table
 (mean ± std over seeds, steps to reach ``--target_fid``) and plots are written.
 
-    python benchmarks/compare_regimes.py --output_dir benchmarks/results/compare      # the README run
+    python benchmarks/compare_regimes.py --workers 10 --output_dir <dir>     # the README's GPU run (the defaults)
     python benchmarks/compare_regimes.py --quick --output_dir /tmp/compare-quick     # minutes, for CI
 
 ``--workers N`` trains N (seed, arm) jobs at once, each in its own process (e.g. several small runs sharing
-one GPU); their step times then share the machine, so the equal-wall-clock view takes per-step costs from
-``benchmarks/overhead.py`` (``--step_costs``), measured side by side, rather than from the jobs' clocks.
+one GPU); their step times then share the machine. The equal-wall-clock column compares each seed's arms
+with that seed's uniform run on the jobs' own clocks, or, with ``--step_costs``, on clocks modelled from
+``benchmarks/overhead.py --arms`` (per-step costs measured side by side on a quiet machine).
 """
 
 import argparse
@@ -66,8 +67,8 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", type=str, default="benchmarks/results/compare")
     parser.add_argument("--regimes", type=str, default=None, help="Comma-separated arms (default: all).")
     parser.add_argument("--seeds", type=str, default="0,1,2")
-    parser.add_argument("--max_train_steps", type=int, default=600)
-    parser.add_argument("--eval_every", type=int, default=200)
+    parser.add_argument("--max_train_steps", type=int, default=1500)
+    parser.add_argument("--eval_every", type=int, default=250)
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--block_out_channels", type=str, default="16,32,32")

@@ -313,6 +313,9 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step)
+    # Every rank leaves together: a rank that destroyed the process group while rank 0 was still saving hung
+    # 2-process gloo runs at exit now and then (seen twice in CI-sized runs).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
 

@@ -307,6 +307,9 @@ def main(args, evaluate=None):
         pipeline = finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
         if evaluate is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
             evaluate(global_step, pipeline)
+    # Every rank leaves together: a rank that destroyed the process group while rank 0 was still saving hung
+    # 2-process gloo runs at exit now and then (seen twice in CI-sized runs).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": global_step, "losses": loss_history, "regime_state": regime.state_dict()}
 
