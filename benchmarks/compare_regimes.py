@@ -208,6 +208,11 @@ def modelled_seconds(arm, step, costs, args):
 WALL_CLOCK_TOLERANCE = 0.02
 
 
+def mean_std(values):
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def summarize(rows, args, costs=None):
     """Table rows: per arm, FID mean ± std at each evaluated step, steps to reach the target, FLOPs, and the
     FID at the uniform arm's wall-clock budget: per seed, the last evaluation within the training time of
@@ -232,7 +237,7 @@ def summarize(rows, args, costs=None):
         entry = {"arm": arm, "flops_per_sample": arm_rows[-1]["flops_per_sample"], "fid": {}}
         for step in steps:
             values = [r["fid"] for r in arm_rows if r["step"] == step]
-            entry["fid"][step] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0, len(values))
+            entry["fid"][step] = (*mean_std(values), len(values))
         seeds = sorted({r["seed"] for r in arm_rows})
         reach = []
         for seed in seeds:
@@ -246,9 +251,7 @@ def summarize(rows, args, costs=None):
             within = [max((r for r in arm_rows if r["seed"] == seed and seconds(r) <= budget[seed] * (1 + WALL_CLOCK_TOLERANCE)),
                           key=lambda r: r["step"], default=None) for seed in seeds]
             if None not in within:
-                fids = [r["fid"] for r in within]
-                entry["equal_wall_clock"] = (statistics.median(r["step"] for r in within), statistics.mean(fids),
-                                             statistics.stdev(fids) if len(fids) > 1 else 0.0)
+                entry["equal_wall_clock"] = (statistics.median(r["step"] for r in within), *mean_std([r["fid"] for r in within]))
         table.append(entry)
     order = list(arms(final))
     table.sort(key=lambda e: order.index(e["arm"]) if e["arm"] in order else len(order))

@@ -98,6 +98,8 @@ def main(argv=None):
     parser.add_argument("--device", type=str, default="cuda", choices=["cuda", "cpu"],
                         help="cpu (with --precisions no) dry-runs the same cases where no GPU is lent.")
     args = parser.parse_args(argv)
+    if args.device == "cpu" and args.precisions != "no":
+        sys.exit(f"error: --device cpu runs without mixed precision: pass --precisions no, not {args.precisions}")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: no CUDA device; this check is for a machine with a GPU (--device cpu dry-runs it)")
     from diffusers_curriculum.tiny_sd import tiny_stable_diffusion

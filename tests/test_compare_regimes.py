@@ -15,6 +15,11 @@ def load_benchmark():
     return module
 
 
+def row(arm, seed, step, fid, train_seconds, flops=4):
+    """One results.jsonl row, as an evaluation records it."""
+    return {"arm": arm, "seed": seed, "step": step, "fid": fid, "flops_per_sample": flops, "train_seconds": train_seconds}
+
+
 @pytest.mark.slow
 def test_quick_mode_writes_table_plot_and_resumes(tmp_path):
     bench = load_benchmark()
@@ -42,14 +47,9 @@ def test_quick_mode_writes_table_plot_and_resumes(tmp_path):
 def test_summary_statistics_and_steps_to_target():
     bench = load_benchmark()
     args = bench.parse_args(["--max_train_steps", "20", "--seeds", "0,1"])
-    rows = [
-        {"arm": "uniform", "seed": 0, "step": 10, "fid": 50.0, "flops_per_sample": 4, "train_seconds": 10},
-        {"arm": "uniform", "seed": 0, "step": 20, "fid": 30.0, "flops_per_sample": 4, "train_seconds": 20},
-        {"arm": "uniform", "seed": 1, "step": 10, "fid": 40.0, "flops_per_sample": 4, "train_seconds": 10},
-        {"arm": "uniform", "seed": 1, "step": 20, "fid": 34.0, "flops_per_sample": 4, "train_seconds": 22},
-        {"arm": "fast", "seed": 0, "step": 10, "fid": 31.0, "flops_per_sample": 2, "train_seconds": 10},
-        {"arm": "fast", "seed": 0, "step": 20, "fid": 20.0, "flops_per_sample": 2, "train_seconds": 20},
-    ]
+    rows = [row("uniform", 0, 10, 50.0, 10), row("uniform", 0, 20, 30.0, 20),
+            row("uniform", 1, 10, 40.0, 10), row("uniform", 1, 20, 34.0, 22),
+            row("fast", 0, 10, 31.0, 10, flops=2), row("fast", 0, 20, 20.0, 20, flops=2)]
     table, target = bench.summarize(rows, args)
     assert target == pytest.approx(32.0)  # the uniform arm's mean final FID
     entry = {e["arm"]: e for e in table}
@@ -69,17 +69,11 @@ def test_plan_puts_pruning_after_its_tdc_run_and_long_jobs_first():
 def test_equal_wall_clock_takes_each_seeds_last_evaluation_within_its_uniform_runs_time():
     bench = load_benchmark()
     args = bench.parse_args(["--max_train_steps", "20", "--seeds", "0,1"])
-    rows = [
-        {"arm": "uniform", "seed": 0, "step": 10, "fid": 50.0, "flops_per_sample": 4, "train_seconds": 10},
-        {"arm": "uniform", "seed": 0, "step": 20, "fid": 30.0, "flops_per_sample": 4, "train_seconds": 20},
-        {"arm": "uniform", "seed": 1, "step": 10, "fid": 52.0, "flops_per_sample": 4, "train_seconds": 30},
-        {"arm": "uniform", "seed": 1, "step": 20, "fid": 34.0, "flops_per_sample": 4, "train_seconds": 60},
-        # twice as slow per step: within its seed's uniform time it reaches step 10 only
-        {"arm": "slow", "seed": 0, "step": 10, "fid": 40.0, "flops_per_sample": 4, "train_seconds": 20},
-        {"arm": "slow", "seed": 0, "step": 20, "fid": 20.0, "flops_per_sample": 4, "train_seconds": 40},
-        {"arm": "slow", "seed": 1, "step": 10, "fid": 44.0, "flops_per_sample": 4, "train_seconds": 60},
-        {"arm": "slow", "seed": 1, "step": 20, "fid": 24.0, "flops_per_sample": 4, "train_seconds": 120},
-    ]
+    rows = [row("uniform", 0, 10, 50.0, 10), row("uniform", 0, 20, 30.0, 20),
+            row("uniform", 1, 10, 52.0, 30), row("uniform", 1, 20, 34.0, 60),
+            # twice as slow per step: within its seed's uniform time it reaches step 10 only
+            row("slow", 0, 10, 40.0, 20), row("slow", 0, 20, 20.0, 40),
+            row("slow", 1, 10, 44.0, 60), row("slow", 1, 20, 24.0, 120)]
     entry = {e["arm"]: e for e in bench.summarize(rows, args)[0]}
     assert entry["uniform"]["equal_wall_clock"] == pytest.approx((20, 32.0, 2 ** 1.5))
     assert entry["slow"]["equal_wall_clock"] == pytest.approx((10, 42.0, 2 ** 1.5))
@@ -87,8 +81,7 @@ def test_equal_wall_clock_takes_each_seeds_last_evaluation_within_its_uniform_ru
     # modelled clocks: per-step costs as overhead.py measures them; TDC pays its stage-2 cost after branching
     costs = {"uniform": 1.0, "slow": 1.0, "tdc": 1.0, "tdc_stage2": 3.0}
     assert bench.modelled_seconds("tdc", 20, costs, args) == 10 * 1.0 + 10 * 3.0
-    tdc = [{"arm": "tdc", "seed": s, "step": step, "fid": fid, "flops_per_sample": 4, "train_seconds": 0}
-           for s in (0, 1) for step, fid in ((10, 45.0), (20, 25.0))]
+    tdc = [row("tdc", s, step, fid, 0) for s in (0, 1) for step, fid in ((10, 45.0), (20, 25.0))]
     entry = {e["arm"]: e for e in bench.summarize(rows + tdc, args, costs)[0]}
     assert entry["slow"]["equal_wall_clock"] == pytest.approx((20, 22.0, 2 ** 1.5))  # same cost as uniform here
     assert entry["tdc"]["equal_wall_clock"] == pytest.approx((10, 45.0, 0.0))  # 40 s for 20 steps > 20 s budget
@@ -114,10 +107,9 @@ def test_a_failing_worker_is_reported_with_its_log(tmp_path):
 def test_a_run_slower_only_by_timing_noise_keeps_its_last_evaluation():
     bench = load_benchmark()
     args = bench.parse_args(["--max_train_steps", "20", "--seeds", "0"])
-    rows = [{"arm": arm, "seed": 0, "step": step, "fid": fid, "flops_per_sample": 4, "train_seconds": seconds}
-            for arm, step, fid, seconds in (("uniform", 10, 50.0, 10.0), ("uniform", 20, 30.0, 20.0),
-                                            ("noisy", 10, 49.0, 10.1), ("noisy", 20, 29.0, 20.3),   # 1.5 % slower
-                                            ("slower", 10, 48.0, 10.5), ("slower", 20, 28.0, 21.0))]  # 5 % slower
+    rows = [row("uniform", 0, 10, 50.0, 10.0), row("uniform", 0, 20, 30.0, 20.0),
+            row("noisy", 0, 10, 49.0, 10.1), row("noisy", 0, 20, 29.0, 20.3),     # 1.5 % slower
+            row("slower", 0, 10, 48.0, 10.5), row("slower", 0, 20, 28.0, 21.0)]  # 5 % slower
     entry = {e["arm"]: e for e in bench.summarize(rows, args)[0]}
     assert bench.WALL_CLOCK_TOLERANCE == 0.02
     assert entry["noisy"]["equal_wall_clock"][:2] == (20, 29.0) and entry["slower"]["equal_wall_clock"][:2] == (10, 48.0)
