@@ -113,14 +113,14 @@ def fid_images(pipeline, n, steps, seed):
 
 
 def sampling_flops(pipeline, steps):
-    from diffusers_curriculum.experts import TimestepRoutedExperts
+    from diffusers_curriculum.experts import is_routed_experts
     from diffusers_curriculum.pruning import count_flops, flops_report
 
     from diffusers import DDIMScheduler
 
     scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
     scheduler.set_timesteps(steps)
-    if isinstance(pipeline.unet, TimestepRoutedExperts):
+    if is_routed_experts(pipeline.unet):
         return flops_report(pipeline.unet, scheduler.timesteps.tolist())["flops_per_sample"]
     return count_flops(pipeline.unet) * steps
 
@@ -159,7 +159,7 @@ def run_arm(args, arm, flags, seed, real, extractor, record):
 
 
 def prune_arm(args, tdc_dir, seed, real, extractor, record):
-    from diffusers import DDPMPipeline
+    from diffusers import DiffusionPipeline
 
     from diffusers_curriculum.metrics import feature_fid
 
@@ -173,7 +173,7 @@ def prune_arm(args, tdc_dir, seed, real, extractor, record):
         "--learning_rate", str(args.learning_rate / 4), "--num_inference_steps", str(args.num_inference_steps),
         "--validation_size", "64", "--seed", str(seed),
     ]))
-    pipeline = DDPMPipeline.from_pretrained(out)
+    pipeline = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     fake = fid_images(pipeline, args.num_fid_images, args.num_inference_steps, seed)
     record({"arm": "tdc_pruned", "seed": seed, "step": args.max_train_steps, "train_seconds": round(time.perf_counter() - started, 1),
             "fid": feature_fid(real, fake, extractor), "flops_per_sample": sampling_flops(pipeline, args.num_inference_steps),

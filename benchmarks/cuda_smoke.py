@@ -62,8 +62,9 @@ def cases(precisions, text_precision):
 
 def check_pipeline(out: Path, script: str, base_model: Path, device: str) -> str:
     """Reloads the saved pipeline (fp16 on a GPU) and samples from it; returns a short description."""
-    import diffusers_curriculum  # noqa: F401  (registers the regime schedulers)
     from diffusers import DiffusionPipeline
+
+    from diffusers_curriculum import read_training_regime
 
     dtype = torch.float16 if device == "cuda" else torch.float32
     lora = (out / "pytorch_lora_weights.safetensors").exists()
@@ -71,10 +72,11 @@ def check_pipeline(out: Path, script: str, base_model: Path, device: str) -> str
         pipeline = DiffusionPipeline.from_pretrained(base_model, torch_dtype=dtype, safety_checker=None)
         pipeline.load_lora_weights(out)
     else:
-        pipeline = DiffusionPipeline.from_pretrained(out, torch_dtype=dtype, **({"safety_checker": None} if script == "train_text_to_image" else {}))
+        pipeline = DiffusionPipeline.from_pretrained(out, torch_dtype=dtype, trust_remote_code=True,
+                                                     **({"safety_checker": None} if script == "train_text_to_image" else {}))
     pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    regime = pipeline.scheduler.config.get("training_regime", {}).get("name")
+    regime = read_training_regime(out)["name"]
     generator = torch.Generator(device).manual_seed(0)
     if script == "train_text_to_image":
         images = pipeline("a photo of a sneaker", num_inference_steps=4, generator=generator, output_type="np").images

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.training_utils import compute_snr
 
 from compare_regimes import arms, load_script
@@ -38,7 +38,6 @@ from diffusers_curriculum.models import tiny_unet_config
 from diffusers_curriculum.mtl import build_balancer
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.sampling import IntervalSampler, UniformSampler
-from diffusers_curriculum.schedulers import RegimeDDPMScheduler
 
 
 def plain_step(accelerator, model, optimizer, scheduler, clean, snr_gamma=None):
@@ -115,7 +114,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     accelerator = Accelerator()
-    scheduler = RegimeDDPMScheduler(num_train_timesteps=1000)
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
     clean = build_dataset("fashion_mnist", resolution=args.resolution, max_train_samples=args.batch_size)
     clean = torch.stack([clean[i]["pixel_values"] for i in range(args.batch_size)]).to(accelerator.device)
     base = UNet2DModel.from_config(tiny_unet_config(args.resolution, 1))

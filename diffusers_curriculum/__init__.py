@@ -7,10 +7,11 @@ from .clustering import cluster_intervals, interval_costs
 from .curriculum import AdaptivePacing, CurriculumRegime, FixedPacing, equal_clusters, stage_interval
 from .regimes import REGIMES, TrainingRegime
 from .sampling import IntervalSampler, LogitNormalSampler, TimestepSampler, UniformSampler
-from .schedulers import RegimeDDIMScheduler, RegimeDDPMScheduler, RegimeSchedulerMixin
+from . import schedulers  # noqa: F401  (folders saved in the old layout name this module)
 from .experts import TimestepRoutedExperts
 from .tdc import TDCRegime
 from .pipelines import ClassConditionalPipeline
+from .export import read_training_regime
 from .metrics import FashionFeatures, fashion_feature_extractor, feature_fid
 from .mtl import NashMTL, PCGrad, UncertaintyWeighting
 from .weighting import loss_weights, min_snr_weights, p2_weights
@@ -28,9 +29,6 @@ __all__ = [
     "NashMTL",
     "PCGrad",
     "REGIMES",
-    "RegimeDDIMScheduler",
-    "RegimeDDPMScheduler",
-    "RegimeSchedulerMixin",
     "StratifiedSampler",
     "TDCRegime",
     "TimestepRoutedExperts",
@@ -46,5 +44,6 @@ __all__ = [
     "loss_weights",
     "min_snr_weights",
     "p2_weights",
+    "read_training_regime",
     "stage_interval",
 ]

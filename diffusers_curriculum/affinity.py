@@ -88,14 +88,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @exits_on_usage_error
 def main(argv=None) -> np.ndarray:
-    from diffusers import DDPMPipeline
+    from diffusers import DiffusionPipeline
 
-    from . import schedulers  # noqa: F401  (lets pipelines saved with our schedulers load)
+    from . import schedulers  # noqa: F401  (pipelines saved in the old layout name this module)
     from .data import build_dataset
 
     args = parse_args(argv)
     try:
-        pipeline = DDPMPipeline.from_pretrained(args.pretrained_model_name_or_path)
+        pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, trust_remote_code=True)
     except Exception as e:
         raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot load a DDPM pipeline ({type(e).__name__})") from None
     unet, scheduler = pipeline.unet, pipeline.scheduler

@@ -11,9 +11,10 @@ import os
 import re
 import shutil
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from .errors import UsageError, describe_exception
+from .export import make_portable, write_training_regime
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
@@ -105,17 +106,22 @@ def _fsync_tree(root: Path) -> None:
                 os.close(fd)
 
 
-def save_pipeline(pipeline, output_dir: str) -> None:
-    """``pipeline.save_pretrained(output_dir)`` that a crash cannot leave half-written.
+def save_pipeline(pipeline, output_dir: str, training_regime: Optional[Dict[str, Any]] = None) -> None:
+    """``pipeline.save_pretrained(output_dir)`` that stock diffusers can load and a crash cannot leave half-written.
 
-    The pipeline is saved to a hidden temp folder first; its entries then replace those in ``output_dir``
-    one rename at a time, ``model_index.json`` last, so a folder with ``model_index.json`` always holds a
-    complete pipeline (checkpoints and other files in ``output_dir`` are not touched).
+    The pipeline is saved to a hidden temp folder first and made portable there (custom parts carry their
+    code, :func:`~diffusers_curriculum.export.make_portable`; the regime record goes to
+    ``training_regime.json``); its entries then replace those in ``output_dir`` one rename at a time,
+    ``model_index.json`` last, so a folder with ``model_index.json`` always holds a complete pipeline
+    (checkpoints and other files in ``output_dir`` are not touched).
     """
     root = Path(output_dir)
     tmp = root / ".pipeline.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     pipeline.save_pretrained(str(tmp))
+    make_portable(tmp)
+    if training_regime is not None:
+        write_training_regime(tmp, training_regime)
     _fsync_tree(tmp)
     index = root / "model_index.json"
     if index.exists():

@@ -133,19 +133,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_study(args: argparse.Namespace) -> Dict[str, object]:
-    from diffusers import UNet2DModel
+    from diffusers import DDPMScheduler, UNet2DModel
 
     from .data import build_dataset, load_fashion_mnist, TensorImageDataset
     from .models import unet_config_from_args
     from .regimes import TrainingRegime
     from .sampling import UniformSampler
-    from .schedulers import RegimeDDPMScheduler
 
     torch.manual_seed(args.seed)
     dataset = build_dataset(args.dataset_name, resolution=args.resolution)
     config = unet_config_from_args(None, args.resolution, 1, args.block_out_channels, 1)
     model = UNet2DModel.from_config(config)
-    scheduler = RegimeDDPMScheduler(num_train_timesteps=args.ddpm_num_steps)
+    scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps)
     regime = TrainingRegime(scheduler, UniformSampler(args.ddpm_num_steps, seed=args.seed), seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,

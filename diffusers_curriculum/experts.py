@@ -1,214 +1,25 @@
-"""A timestep-routed multi-expert denoiser (TDC, arXiv 2312.13307).
+"""The timestep-routed multi-expert denoiser (TDC, arXiv 2312.13307) for training code.
 
-:class:`TimestepRoutedExperts` holds one denoiser per timestep group [b_i, b_{i+1}) and routes every sample
-of a batch to the expert of its own timestep, so mixed-t training batches and scalar-t sampling both work.
-It keeps the wrapped model's ``forward`` signature and output type and mirrors the first expert's config
-(``sample_size``, ``in_channels``, …), so stock ``DDPMPipeline``, ``DDIMPipeline`` and
-``StableDiffusionPipeline`` use it in place of their UNet.
-
-``save_pretrained`` writes the routing config (``config.json``) plus one folder per expert
-(``expert_0/``, ``expert_1/``, …); ``from_pretrained`` restores it from a folder or a Hub repo. A timestep
-equal to a boundary b_i belongs to group i (intervals are closed on the left).
-
-Experts may differ in width after structured pruning (:mod:`diffusers_curriculum.pruning`): a pruned
-expert's folder holds its unpruned ``config.json``, its weights (whose shapes define the pruned widths) and
-``pruning.json``; loading builds the model from the config and shrinks every layer to the saved shapes.
+The class lives in :mod:`diffusers_curriculum.portable.timestep_routed_experts`, a self-contained module that
+every saved TDC pipeline carries so that stock diffusers can load it; this module is where the package imports
+it from (and where pipelines saved in the old layout, ``["diffusers_curriculum.experts",
+"TimestepRoutedExperts"]``, find it).
 """
 
-from __future__ import annotations
+# Folders saved in the old layout name this module as the experts' library; diffusers' loader then looks the
+# base class up on it (`getattr(module, "ModelMixin")`) to find `from_pretrained`. Keep it importable here.
+from diffusers import ModelMixin  # noqa: F401
 
-import json
-import os
-from typing import Any, List, Optional, Sequence
-
-import diffusers
-import torch
-from diffusers import ConfigMixin, ModelMixin
-from diffusers.configuration_utils import register_to_config
-from torch import nn
-
-# Keys of the routing config itself; everything else in the config mirrors expert 0.
-ROUTING_KEYS = ("boundaries", "expert_class")
-# Loading options that make sense for every expert; others that pipelines pass (device maps, offloading,
-# quantization) are left to the experts' defaults.
-PRUNING_FILE = "pruning.json"
-EXPERT_LOAD_KWARGS = ("torch_dtype", "variant", "use_safetensors", "cache_dir", "local_files_only", "revision", "token")
+from .portable.timestep_routed_experts import (  # noqa: F401
+    PRUNING_FILE,
+    TimestepRoutedExperts,
+    check_boundaries,
+    resize_to_state_dict,
+    sync_sampler_widths,
+)
 
 
-def check_boundaries(boundaries: Sequence[int], num_experts: Optional[int] = None) -> List[int]:
-    """Integer boundaries 0 = b_0 < b_1 < … < b_k = T; raises ValueError otherwise."""
-    boundaries = [int(b) for b in boundaries]
-    if len(boundaries) < 2 or boundaries[0] != 0:
-        raise ValueError(f"boundaries {boundaries} must start at 0 and hold at least one group")
-    if any(b <= a for a, b in zip(boundaries, boundaries[1:])):
-        raise ValueError(f"boundaries {boundaries} must increase strictly (groups may not overlap or be empty)")
-    if num_experts is not None and len(boundaries) - 1 != num_experts:
-        raise ValueError(f"{len(boundaries) - 1} groups in {boundaries} but {num_experts} experts")
-    return boundaries
-
-
-def _select(value: Any, index: torch.Tensor, batch_size: int) -> Any:
-    """The rows ``index`` of a per-sample tensor (or of the tensors in a dict); anything else unchanged."""
-    if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
-        return value[index]
-    if isinstance(value, dict):
-        return {k: _select(v, index, batch_size) for k, v in value.items()}
-    return value
-
-
-class TimestepRoutedExperts(ModelMixin, ConfigMixin):
-    """One expert per timestep group, routed by each sample's timestep.
-
-    Args:
-        boundaries: ``[0, b_1, …, T]``; expert i serves t ∈ [b_i, b_{i+1}).
-        expert_class: the experts' diffusers class name (e.g. ``"UNet2DModel"``), used when loading.
-        experts: the expert modules (same input/output shapes; widths may differ).
-    """
-
-    config_name = "config.json"
-    ignore_for_config = ["experts"]
-
-    @register_to_config
-    def __init__(self, boundaries: List[int], expert_class: str = "UNet2DModel", experts: Optional[Sequence[nn.Module]] = None):
-        super().__init__()
-        if not experts:
-            raise ValueError("TimestepRoutedExperts needs its experts; load saved ones with from_pretrained")
-        check_boundaries(boundaries, len(experts))
-        self.experts = nn.ModuleList(experts)
-        # When set, every sample goes to this expert (TDC stage 1 trains the base model only).
-        self.route_all_to: Optional[int] = None
-        self.register_buffer("_inner_boundaries", torch.tensor(boundaries[1:-1], dtype=torch.long), persistent=False)
-        # Pipelines read e.g. unet.config.sample_size / in_channels: mirror the first expert's config.
-        mirrored = {k: v for k, v in experts[0].config.items() if not k.startswith("_") and k not in ROUTING_KEYS}
-        self.register_to_config(**mirrored)
-
-    @classmethod
-    def from_model(cls, model: ModelMixin, boundaries: Sequence[int]) -> "TimestepRoutedExperts":
-        """Copies ``model`` once per group (TDC stage 2 starts from the base model)."""
-        import copy
-
-        boundaries = check_boundaries(boundaries)
-        experts = [copy.deepcopy(model) for _ in range(len(boundaries) - 1)]
-        return cls(boundaries=boundaries, expert_class=type(model).__name__, experts=experts)
-
-    @property
-    def boundaries(self) -> List[int]:
-        return list(self.config.boundaries)
-
-    def group_of(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """Expert index of each timestep."""
-        return torch.bucketize(timesteps, self._inner_boundaries.to(timesteps.device), right=True)
-
-    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
-        if self.route_all_to is not None:
-            return self.experts[self.route_all_to](sample, timestep, *args, return_dict=return_dict, **kwargs)
-        batch_size = sample.shape[0]
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(batch_size).contiguous() if t.ndim == 0 else t
-        groups = self.group_of(t.long())
-        if bool((groups == groups[0]).all()):  # sampling: one timestep, one expert
-            return self.experts[int(groups[0])](sample, timestep, *args, return_dict=return_dict, **kwargs)
-
-        output, output_type = None, None
-        for group in groups.unique().tolist():
-            index = (groups == group).nonzero().squeeze(1)
-            result = self.experts[group](
-                sample[index], t[index], *[_select(a, index, batch_size) for a in args],
-                return_dict=True, **{k: _select(v, index, batch_size) for k, v in kwargs.items()},
-            )
-            if output is None:
-                output_type = type(result)
-                output = result.sample.new_empty((batch_size, *result.sample.shape[1:]))
-            output[index] = result.sample
-        return output_type(sample=output) if return_dict else (output,)
-
-    # ---- persistence: one folder per expert + the routing config -------------------------------------------
-    def save_pretrained(self, save_directory: str, is_main_process: bool = True, **kwargs):
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {save_directory} is a file")
-        os.makedirs(save_directory, exist_ok=True)
-        for i, expert in enumerate(self.experts):
-            folder = os.path.join(save_directory, f"expert_{i}")
-            expert.save_pretrained(folder, is_main_process=is_main_process,
-                                   safe_serialization=kwargs.get("safe_serialization", True), variant=kwargs.get("variant"))
-            record = getattr(expert, "pruning_record", None)
-            if record is not None and is_main_process:
-                with open(os.path.join(folder, PRUNING_FILE), "w") as f:
-                    json.dump(record, f, indent=2)
-        if is_main_process:
-            self.save_config(save_directory)  # last: a folder with config.json is complete
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        folder = str(pretrained_model_name_or_path)
-        if not os.path.isdir(folder):  # a Hub repo id
-            from huggingface_hub import snapshot_download
-
-            pattern = f"{subfolder}/*" if subfolder else None
-            folder = snapshot_download(folder, allow_patterns=pattern, revision=kwargs.get("revision"),
-                                       token=kwargs.get("token"), cache_dir=kwargs.get("cache_dir"),
-                                       local_files_only=kwargs.get("local_files_only", False))
-        if subfolder:
-            folder = os.path.join(folder, subfolder)
-        config = cls.load_config(folder)
-        boundaries = check_boundaries(config["boundaries"])
-        expert_cls = getattr(diffusers, config["expert_class"])
-        load_kwargs = {k: kwargs[k] for k in EXPERT_LOAD_KWARGS if kwargs.get(k) is not None and k not in ("revision", "token", "cache_dir", "local_files_only")}
-        experts = [_load_expert(expert_cls, os.path.join(folder, f"expert_{i}"), load_kwargs) for i in range(len(boundaries) - 1)]
-        model = cls(boundaries=boundaries, expert_class=config["expert_class"], experts=experts)
-        return model.eval()
-
-
-def _load_expert(expert_cls, folder: str, load_kwargs) -> nn.Module:
-    """An expert from its folder; a pruned one is built from its config and shrunk to the saved shapes."""
-    pruning_path = os.path.join(folder, PRUNING_FILE)
-    if not os.path.exists(pruning_path):
-        return expert_cls.from_pretrained(folder, **load_kwargs)
-    from safetensors.torch import load_file
-
-    with open(pruning_path) as f:
-        record = json.load(f)
-    expert = expert_cls.from_config(expert_cls.load_config(folder))
-    state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
-    resize_to_state_dict(expert, state)
-    expert.load_state_dict(state, strict=True)
-    expert.pruning_record = record
-    dtype = load_kwargs.get("torch_dtype")
-    return expert.to(dtype) if dtype is not None else expert
-
-
-def resize_to_state_dict(model: nn.Module, state: dict) -> None:
-    """Shrinks ``model``'s layers in place so that their parameters have the shapes in ``state``.
-
-    Covers the layers structured pruning changes in diffusers UNets (convolutions, linear layers, group and
-    layer norms, up/down-samplers); every width follows from the saved tensor shapes.
-    """
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            saved = state.get(prefix + key)
-            if saved is not None and saved.shape != tensor.shape:
-                new = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
-                if isinstance(tensor, nn.Parameter):
-                    setattr(module, key, nn.Parameter(new, requires_grad=tensor.requires_grad))
-                else:
-                    module.register_buffer(key, new)
-        if isinstance(module, nn.Conv2d):
-            module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
-        elif isinstance(module, nn.Linear):
-            module.out_features, module.in_features = module.weight.shape
-        elif isinstance(module, nn.GroupNorm) and module.weight is not None:
-            module.num_channels = module.weight.shape[0]
-        elif isinstance(module, nn.LayerNorm) and module.weight is not None:
-            module.normalized_shape = tuple(module.weight.shape)
-    sync_sampler_widths(model)
-
-
-def sync_sampler_widths(model: nn.Module) -> None:
-    """Up/down-samplers check their input width against attributes that resizing or pruning leaves stale."""
-    from diffusers.models.downsampling import Downsample2D
-    from diffusers.models.upsampling import Upsample2D
-
-    for module in model.modules():
-        if isinstance(module, (Downsample2D, Upsample2D)) and getattr(module, "conv", None) is not None:
-            module.channels, module.out_channels = module.conv.in_channels, module.conv.out_channels
+def is_routed_experts(model) -> bool:
+    """Whether ``model`` is a :class:`TimestepRoutedExperts`: this package's class, or the copy of it that a
+    saved folder ships and diffusers loads with ``trust_remote_code=True``."""
+    return type(model).__name__ == TimestepRoutedExperts.__name__

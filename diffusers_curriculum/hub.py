@@ -1,20 +1,23 @@
 """Model cards and pushes to the Hugging Face Hub.
 
-Cards render the templates in ``model_cards/`` with ``huggingface_hub.ModelCard.from_template``. Pushing
-always follows a complete local save: a failed push leaves the local folder as it was and ends the script
-with a one-line error.
+Cards render the templates in ``model_cards/`` with ``huggingface_hub.ModelCard.from_template`` and follow
+the Hub's conventions (``library_name``, ``pipeline_tag``, ``base_model`` and its license, tags, a loading
+snippet that names the repo). Pushing always follows a complete local save: a failed push leaves a complete,
+loadable local folder and ends the script with a one-line error.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional
 
-from huggingface_hub import ModelCard, ModelCardData, create_repo, get_token, upload_folder
+from huggingface_hub import ModelCard, ModelCardData, create_repo, get_token, hf_hub_download, upload_folder
 
 from .errors import UsageError, describe_exception
+from .export import needs_remote_code
 
 # Never uploaded: training state and logs that live next to the pipeline in --output_dir.
 PUSH_IGNORE_PATTERNS = [
@@ -42,24 +45,31 @@ def write_model_card(
     regime: Dict[str, Any],
     settings: Dict[str, Any],
     pipeline_class: str,
+    pipeline_tag: Optional[str] = None,
     dataset: Optional[str] = None,
     validation_image: Optional[str] = None,
     tags: Iterable[str] = (),
     base_model: Optional[str] = None,
+    license: Optional[str] = None,
     **template_kwargs: Any,
 ) -> Path:
     """Renders ``model_cards/<template>.md`` to ``<output_dir>/README.md``.
 
-    ``validation_image`` is a path relative to ``output_dir`` (or ``None`` when no samples exist).
-    Values are written as given: pass no tokens and no local paths.
+    The card's loading snippet names ``repo_id`` and passes ``trust_remote_code=True`` only when the saved
+    pipeline in ``output_dir`` carries its own code. ``validation_image`` is a path relative to
+    ``output_dir`` (or ``None`` when no samples exist). Values are written as given: pass no tokens and no
+    local paths. ``license`` is the base model's for fine-tunes; a model trained from scratch gets none
+    (the weights are the user's to license).
     """
     card_data = ModelCardData(
-        license="apache-2.0",
+        license=license,
         library_name="diffusers",
-        tags=["diffusers", "diffusers-curriculum", f"regime-{regime.get('name', 'unknown')}", *tags],
+        pipeline_tag=pipeline_tag,
+        tags=["diffusers", "diffusers-training", "diffusers-curriculum", str(regime.get("name", "unknown")), *tags],
         datasets=[dataset] if dataset and not os.path.isabs(dataset) else None,
         base_model=base_model,
     )
+    index = Path(output_dir) / "model_index.json"
     card = ModelCard.from_template(
         card_data,
         template_path=str(template_path(template)),
@@ -68,6 +78,7 @@ def write_model_card(
         regime=regime,
         settings=settings,
         pipeline_class=pipeline_class,
+        remote_code=index.exists() and needs_remote_code(output_dir),
         dataset=dataset,
         validation_image=validation_image,
         base_model=base_model,
@@ -80,6 +91,42 @@ def write_model_card(
     return path
 
 
+def base_model_id(name_or_path: str) -> Optional[str]:
+    """The Hub id of the model a run fine-tuned: the id itself, or for a local folder the repo it came from
+    (a ``huggingface_hub`` cache snapshot ``models--<org>--<name>/snapshots/<rev>``, or a ``git clone`` of a
+    huggingface.co repo); ``None`` for a folder of unknown origin."""
+    path = Path(name_or_path)
+    if not path.is_dir():
+        return str(name_or_path)
+    path = path.resolve()
+    for part in path.parts:
+        if part.startswith("models--") and "snapshots" in path.parts:
+            return part[len("models--"):].replace("--", "/")
+    git_config = path / ".git" / "config"
+    if git_config.is_file():
+        match = re.search(r"url\s*=\s*https://huggingface\.co/([\w.-]+/[\w.-]+?)(?:\.git)?\s*$", git_config.read_text(), re.M)
+        if match:
+            return match.group(1)
+    return None
+
+
+def base_model_license(name_or_path: str, repo_id: Optional[str]) -> Optional[str]:
+    """The ``license`` of the base model's card: the local folder's ``README.md``, else the Hub repo's card
+    (downloaded, or from the cache when offline); ``None`` when no card can be read."""
+    card_path = Path(name_or_path) / "README.md"
+    if not card_path.is_file():
+        if repo_id is None:
+            return None
+        try:
+            card_path = Path(hf_hub_download(repo_id, "README.md"))
+        except Exception:  # offline, no such repo, no card: the license is unknown, not an error
+            return None
+    try:
+        return ModelCard.load(card_path).data.license
+    except Exception:
+        return None
+
+
 def resolve_hub_token(hub_token: Optional[str]) -> str:
     """The token a push will use: ``--hub_token`` or the one saved by ``hf auth login``."""
     token = hub_token or get_token()
@@ -88,10 +135,15 @@ def resolve_hub_token(hub_token: Optional[str]) -> str:
     return token
 
 
-def push_folder(output_dir: str, repo_id: str, token: str, private: bool = False, commit_message: str = "End of training") -> str:
-    """Creates (or reuses) ``repo_id`` and uploads ``output_dir`` minus checkpoints and logs."""
+def push_folder(output_dir: str, repo_id: str, token: str, private: bool = False, commit_message: str = "End of training",
+                write_card: Optional[Callable[[str], Any]] = None) -> str:
+    """Creates (or reuses) ``repo_id`` and uploads ``output_dir`` minus checkpoints and logs; returns the
+    namespaced id ``create_repo`` gave. ``write_card(repo_id)``, when given, rewrites the model card with that
+    id before the upload, so the card's loading snippet names the repo it is in."""
     try:
         repo_id = create_repo(repo_id, exist_ok=True, private=private, token=token).repo_id
+        if write_card is not None:
+            write_card(repo_id)
         upload_folder(
             repo_id=repo_id,
             folder_path=output_dir,
@@ -103,4 +155,16 @@ def push_folder(output_dir: str, repo_id: str, token: str, private: bool = False
         raise HubPushError(
             f"push to {repo_id} failed ({describe_exception(e)}); the pipeline is saved in {output_dir}"
         ) from None
+    return repo_id
+
+
+def publish(output_dir: str, write_card: Callable[[str], Any], push_to_hub: bool, hub_model_id: Optional[str] = None,
+            token: Optional[str] = None, private: bool = False) -> str:
+    """Writes the card for ``--hub_model_id`` (default: the output folder's name) and, with ``--push_to_hub``,
+    pushes; the pushed card names the namespaced id the Hub gave. Returns the repo id the card names.
+    Raises :class:`HubPushError` when the push fails (the local folder stays complete)."""
+    repo_id = hub_model_id or Path(output_dir).resolve().name
+    write_card(repo_id)
+    if push_to_hub:
+        repo_id = push_folder(output_dir, repo_id, token, private=private, write_card=write_card)
     return repo_id

@@ -22,6 +22,7 @@ class Unconditional:
 
     name = "unconditional"
     card_template = "unconditional"
+    pipeline_tag = "unconditional-image-generation"
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +59,7 @@ class ClassConditional(Unconditional):
 
     name = "class_conditional"
     card_template = "class_conditional"
+    pipeline_tag = None  # the Hub has no class-conditional task tag
     # Class dropout draws from its own generator (global-batch draw, rank slice, like the regime's noise),
     # checkpointed with the run: the global RNG is also used by data loaders and would not resume exactly.
     DROPOUT_SEED_SALT = 0x5EED

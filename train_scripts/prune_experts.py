@@ -10,18 +10,22 @@ by ``--proxy_steps`` of fine-tuning plus a validation loss, then ``--finetune_st
 scheduler config and the model card record each expert's size and FLOPs and the FLOPs per generated sample.
 """
 
+import functools
 import json
 import os
 import sys
 
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline
 
 from diffusers_curriculum.checkpointing import save_pipeline
-from diffusers_curriculum.data import BUILTIN_DATASETS, build_dataset
+from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
-from diffusers_curriculum.experts import TimestepRoutedExperts
-from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
+from diffusers_curriculum.experts import TimestepRoutedExperts, is_routed_experts
+from diffusers_curriculum.export import read_training_regime, stock_scheduler
+from diffusers_curriculum.hub import (
+    HubPushError, base_model_id, base_model_license, publish, resolve_hub_token, write_model_card,
+)
 from diffusers_curriculum.pruning import flops_report, prune_experts
 
 REPORT_FILE = "pruning_report.json"
@@ -75,23 +79,32 @@ def validate_args(args):
 
 
 def load_tdc_pipeline(path):
+    """The TDC pipeline at ``path`` (folder or Hub id) with this package's experts class and a stock scheduler.
+
+    The folder loads the way its users load it (its own copy of the experts' code, ``trust_remote_code``);
+    the loaded experts are then wrapped in the package's class, which the pruning code works on.
+    """
     try:
-        pipeline = DDPMPipeline.from_pretrained(path)
+        pipeline = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
     except Exception as e:
         raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a pipeline ({describe_exception(e)})") from None
-    if not isinstance(pipeline.unet, TimestepRoutedExperts):
+    unet = pipeline.unet
+    if not is_routed_experts(unet):
         raise UsageError(
-            f"--pretrained_model_name_or_path {path}: its unet is a {type(pipeline.unet).__name__}, not the "
+            f"--pretrained_model_name_or_path {path}: its unet is a {type(unet).__name__}, not the "
             "TimestepRoutedExperts a --regime tdc run saves"
         )
-    if pipeline.unet.config.get("num_class_embeds"):
+    if unet.config.get("num_class_embeds"):
         raise UsageError(f"--pretrained_model_name_or_path {path}: pruning class-conditional experts is not supported (the proxy has no labels)")
-    return pipeline
+    experts = TimestepRoutedExperts(boundaries=unet.boundaries, expert_class=unet.config.expert_class, experts=list(unet.experts))
+    sampler = "ddim" if isinstance(pipeline.scheduler, DDIMScheduler) else "ddpm"
+    return DDPMPipeline(unet=experts, scheduler=stock_scheduler(pipeline.scheduler, sampler))
 
 
 def main(args):
     torch.manual_seed(args.seed)
     pipeline = load_tdc_pipeline(args.pretrained_model_name_or_path)
+    regime = read_training_regime(args.pretrained_model_name_or_path)
     experts = pipeline.unet
     resolution = args.resolution or experts.config.sample_size
     if resolution != experts.config.sample_size:
@@ -117,24 +130,26 @@ def main(args):
         "num_inference_steps": args.num_inference_steps,
         "experts": after["experts"],
     }
-    regime = dict(scheduler.config.get("training_regime") or {})
     regime["pruning"] = summary
-    scheduler.register_to_config(training_regime=regime)
-    save_pipeline(pipeline, args.output_dir)
+    save_pipeline(pipeline, args.output_dir, training_regime=regime)
     with open(os.path.join(args.output_dir, REPORT_FILE), "w") as f:
         json.dump({**summary, "search": reports}, f, indent=2)
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    base_model = base_model_id(args.pretrained_model_name_or_path)
     settings = {k: getattr(args, k) for k in ("prune_ratio", "search_rounds", "proxy_steps", "finetune_steps", "seed")}
-    write_model_card(args.output_dir, "unconditional", repo_id, regime, settings, type(pipeline).__name__,
-                     dataset=None if args.train_data_dir else args.dataset_name, tags=["pruned"])
+    write_card = functools.partial(
+        write_model_card, args.output_dir, "unconditional", regime=regime, settings=settings,
+        pipeline_class=type(pipeline).__name__, pipeline_tag="unconditional-image-generation",
+        dataset=None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name),
+        tags=["pruned"], num_inference_steps=args.num_inference_steps, base_model=base_model,
+        license=base_model_license(args.pretrained_model_name_or_path, base_model),
+    )
     print(f"FLOPs per sample ({args.num_inference_steps} steps): {before['flops_per_sample']:.3e} -> "
           f"{after['flops_per_sample']:.3e} ({summary['flops_saved_fraction']:.1%} fewer); saved to {args.output_dir}")
-    if args.push_to_hub:
-        try:
-            push_folder(args.output_dir, repo_id, args.hub_token_resolved)
-        except HubPushError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
+    try:
+        publish(args.output_dir, write_card, args.push_to_hub, args.hub_model_id, getattr(args, "hub_token_resolved", None))
+    except HubPushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     return summary
 
 

@@ -12,6 +12,7 @@ captioned from its labels ("a photo of a sneaker"), offline.
         --output_dir fmnist-sd --max_train_steps 200 --regime curriculum --validation_prompts "a photo of a bag"
 """
 
+import functools
 import json
 import math
 import os
@@ -34,14 +35,16 @@ from diffusers_curriculum.checkpointing import (
 )
 from diffusers_curriculum.data import HUB_DATASET_IDS, build_caption_dataset
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
-from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
+from diffusers_curriculum.export import stock_scheduler, write_training_regime
+from diffusers_curriculum.hub import (
+    HubPushError, base_model_id, base_model_license, publish, resolve_hub_token, write_model_card,
+)
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.training import (
     after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, prediction_target, resume,
     run_config, shipped_model,
 )
-from diffusers_curriculum.schedulers import regime_scheduler
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -203,7 +206,7 @@ def main(args):
     if args.seed is not None:
         set_seed(args.seed)
 
-    resolution = check_resolution(args)
+    args.resolution = resolution = check_resolution(args)  # the card shows the resolution trained at
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -323,10 +326,9 @@ def main(args):
 def build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime):
     from diffusers import StableDiffusionPipeline  # imports transformers' image processors: only when needed
 
-    scheduler = regime_scheduler(noise_scheduler, regime.describe(), sampler="ddim")
     pipeline = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=shipped_model(accelerator, unet, ema_unet),
-        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        scheduler=stock_scheduler(noise_scheduler, "ddim"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -366,30 +368,31 @@ def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, nois
     pipeline = build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime)
     if args.use_lora:
         save_lora(accelerator.unwrap_model(unet), args.output_dir)
-        regime_file = Path(args.output_dir) / "training_regime.json"  # LoRA folders hold no scheduler config
-        regime_file.write_text(json.dumps(regime.describe(), indent=2))
+        write_training_regime(args.output_dir, regime.describe())
     else:
-        save_pipeline(pipeline, args.output_dir)
+        save_pipeline(pipeline, args.output_dir, training_regime=regime.describe())
     images = log_validation(args, accelerator, pipeline, "final", global_step) if args.validation_prompts else []
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings.update(trained_steps=global_step, prediction_type=noise_scheduler.config.prediction_type)
     dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
-    base_model = args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None
-    write_model_card(
-        args.output_dir, "text_to_image", repo_id, regime.describe(), settings, "StableDiffusionPipeline",
-        dataset=dataset, validation_image=None, tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])],
-        base_model=base_model, use_lora=args.use_lora,
-        validation=list(zip(args.validation_prompts or [], images)),
+    base_model = base_model_id(args.pretrained_model_name_or_path)
+    write_card = functools.partial(
+        write_model_card, args.output_dir, "text_to_image", regime=regime.describe(), settings=settings,
+        pipeline_class="StableDiffusionPipeline", pipeline_tag="text-to-image", dataset=dataset,
+        tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])],
+        base_model=base_model, license=base_model_license(args.pretrained_model_name_or_path, base_model),
+        use_lora=args.use_lora, validation=list(zip(args.validation_prompts or [], images)),
+        num_inference_steps=args.num_validation_inference_steps,
     )
     logger.info(f"Saved {'LoRA weights' if args.use_lora else 'StableDiffusionPipeline'} to {args.output_dir}")
+    try:
+        repo_id = publish(args.output_dir, write_card, args.push_to_hub, args.hub_model_id,
+                          getattr(args, "hub_token_resolved", None), args.hub_private_repo)
+    except HubPushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if args.push_to_hub:
-        try:
-            push_folder(args.output_dir, repo_id, args.hub_token_resolved, private=args.hub_private_repo)
-        except HubPushError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-
+        logger.info(f"Pushed to https://huggingface.co/{repo_id}")
 
 @exits_on_usage_error
 def cli(argv=None):

@@ -9,6 +9,7 @@ into ``diffusers_curriculum.regimes``. Default data: Fashion-MNIST, offline, res
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
@@ -30,7 +31,8 @@ from diffusers_curriculum.checkpointing import (
 )
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
-from diffusers_curriculum.hub import HubPushError, push_folder, resolve_hub_token, write_model_card
+from diffusers_curriculum.export import stock_scheduler
+from diffusers_curriculum.hub import HubPushError, publish, resolve_hub_token, write_model_card
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
@@ -38,7 +40,6 @@ from diffusers_curriculum.training import (
     after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, prediction_target, resume,
     run_config, shipped_model,
 )
-from diffusers_curriculum.schedulers import RegimeDDPMScheduler, regime_scheduler
 from diffusers_curriculum.tasks import TASKS, Unconditional
 
 logger = get_logger(__name__, log_level="INFO")
@@ -165,8 +166,7 @@ def validate_args(args):
 
 
 def build_pipeline(args, task, unet, noise_scheduler, regime):
-    scheduler = regime_scheduler(noise_scheduler, regime.describe(), sampler="ddim" if args.use_ddim else "ddpm")
-    return task.build_pipeline(unet, scheduler)
+    return task.build_pipeline(unet, stock_scheduler(noise_scheduler, "ddim" if args.use_ddim else "ddpm"))
 
 
 def save_sample_grid(args, task, pipeline, path, seed):
@@ -205,7 +205,7 @@ def main(args, evaluate=None):
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
-    noise_scheduler = RegimeDDPMScheduler(
+    noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule, prediction_type=args.prediction_type
     )
     regime = TrainingRegime.from_args(args, noise_scheduler, accelerator.process_index, accelerator.num_processes)
@@ -328,28 +328,29 @@ def validate(args, task, accelerator, model, ema_model, noise_scheduler, regime,
 def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step):
     """Saves the pipeline, a sample grid and the model card; then pushes when asked."""
     pipeline = build_pipeline(args, task, shipped_model(accelerator, model, ema_model), noise_scheduler, regime)
-    save_pipeline(pipeline, args.output_dir)
+    save_pipeline(pipeline, args.output_dir, training_regime=regime.describe())
     validation_image = None
     if not args.no_validation:
         save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)
         validation_image = "samples/final.png"
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings["trained_steps"] = global_step
     settings.update(task.card_settings())
     dataset = None if args.train_data_dir is not None else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
-    write_model_card(
-        args.output_dir, task.card_template, repo_id, regime.describe(), settings, type(pipeline).__name__,
-        dataset=dataset, validation_image=validation_image, use_ema=args.use_ema,
+    write_card = functools.partial(
+        write_model_card, args.output_dir, task.card_template, regime=regime.describe(), settings=settings,
+        pipeline_class=type(pipeline).__name__, pipeline_tag=task.pipeline_tag, dataset=dataset,
+        validation_image=validation_image, use_ema=args.use_ema, num_inference_steps=args.ddpm_num_inference_steps,
     )
     logger.info(f"Saved {type(pipeline).__name__} to {args.output_dir}")
+    try:
+        repo_id = publish(args.output_dir, write_card, args.push_to_hub, args.hub_model_id,
+                          getattr(args, "hub_token_resolved", None), args.hub_private_repo)
+    except HubPushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     if args.push_to_hub:
-        try:
-            pushed = push_folder(args.output_dir, repo_id, args.hub_token_resolved, private=args.hub_private_repo)
-        except HubPushError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        logger.info(f"Pushed to https://huggingface.co/{pushed}")
+        logger.info(f"Pushed to https://huggingface.co/{repo_id}")
     return pipeline
 
 
