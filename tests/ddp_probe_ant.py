@@ -6,18 +6,17 @@ import sys
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 
 from diffusers_curriculum.ant import ANTRegime, StratifiedSampler, cluster_boundaries
 from diffusers_curriculum.distributed import force_cpu_backend
 from diffusers_curriculum.models import tiny_unet_config
 from diffusers_curriculum.mtl import build_balancer
-from diffusers_curriculum.schedulers import RegimeDDPMScheduler
 
 
 def main(out_dir):
     accelerator = Accelerator(cpu=force_cpu_backend())
-    scheduler = RegimeDDPMScheduler(num_train_timesteps=100)
+    scheduler = DDPMScheduler(num_train_timesteps=100)
     for method in ("uw", "pcgrad", "nash"):
         torch.manual_seed(0)
         model = UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16)))

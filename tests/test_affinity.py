@@ -1,12 +1,11 @@
 import numpy as np
 import pytest
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusers_curriculum.affinity import gradient_affinity, group_timesteps, main
 from diffusers_curriculum.ant import cluster_boundaries, load_affinity
 from diffusers_curriculum.models import tiny_unet_config
-from diffusers_curriculum.schedulers import RegimeDDPMScheduler
 
 
 def test_group_timesteps_stay_in_their_group():
@@ -22,7 +21,7 @@ def tiny_pipeline(tmp_path_factory):
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("pipe")
     unet = UNet2DModel.from_config(tiny_unet_config(16, 1, (8, 16)))
-    DDPMPipeline(unet=unet, scheduler=RegimeDDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(path)
     return path
 
 
@@ -43,7 +42,7 @@ def test_cli_writes_matrix_and_heatmap_that_feed_ant(tiny_pipeline, tmp_path):
     assert (out / "affinity.png").stat().st_size > 1000
     A, group_size = load_affinity(str(out / "affinity.npz"))
     assert A.shape == (5, 5) and group_size == 20
-    boundaries = cluster_boundaries("affinity", 2, RegimeDDPMScheduler(num_train_timesteps=100), A, group_size)
+    boundaries = cluster_boundaries("affinity", 2, DDPMScheduler(num_train_timesteps=100), A, group_size)
     assert boundaries[0] == 0 and boundaries[-1] == 100 and len(boundaries) == 3
 
 

@@ -9,9 +9,9 @@ import torch
 from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from PIL import Image
 
-from diffusers_curriculum import ClassConditionalPipeline
+from diffusers_curriculum import ClassConditionalPipeline, read_training_regime
 from diffusers_curriculum.errors import UsageError
-from diffusers_curriculum.experts import TimestepRoutedExperts
+from diffusers_curriculum.experts import is_routed_experts
 from diffusers_curriculum.models import tiny_unet_config
 from diffusers_curriculum.tasks import ClassConditional
 
@@ -37,15 +37,16 @@ def run(script, tmp_path, tiny_flags, *extra, name="run"):
 @pytest.mark.parametrize("regime", sorted(REGIME_FLAGS))
 def test_each_regime_trains_and_saves_a_pipeline_that_generates_requested_classes(script, tmp_path, tiny_flags, regime):
     run(script, tmp_path, tiny_flags, "--max_train_steps", "4", "--guidance_scale", "2", *REGIME_FLAGS[regime])
-    pipeline = ClassConditionalPipeline.from_pretrained(tmp_path / "run")
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "run", trust_remote_code=True)
+    assert type(pipeline).__name__ == "ClassConditionalPipeline"
     assert pipeline.config.num_classes == 10 and pipeline.config.guidance_trained
     assert pipeline.unet.config.num_class_embeds == 11
-    assert isinstance(pipeline.unet, TimestepRoutedExperts) == (regime == "tdc")
-    assert pipeline.scheduler.config.training_regime["name"] == regime
+    assert is_routed_experts(pipeline.unet) == (regime == "tdc")
+    assert read_training_regime(tmp_path / "run")["name"] == regime
     images = pipeline(class_labels=[7, 9], num_inference_steps=2, guidance_scale=2.0, output_type="np").images
     assert images.shape == (2, 32, 32, 1)
     assert (tmp_path / "run" / "samples" / "final.png").exists()
-    assert "ClassConditionalPipeline.from_pretrained" in (tmp_path / "run" / "README.md").read_text()
+    assert 'DiffusionPipeline.from_pretrained("run", trust_remote_code=True)' in (tmp_path / "run" / "README.md").read_text()
 
 
 def recording_unet(num_classes):
@@ -104,9 +105,7 @@ def test_image_folder_with_class_subfolders_infers_the_classes(script, tmp_path,
             Image.fromarray(np.full((32, 32), value + i, np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
     run(script, tmp_path, tiny_flags, "--train_data_dir", str(tmp_path / "data"), "--image_mode", "L",
         "--max_train_steps", "2", "--no_validation")
-    assert ClassConditionalPipeline.from_pretrained(tmp_path / "run").config.num_classes == 2
-    # the generic entry point (what the Hub and most users call) finds the class too
-    assert isinstance(DiffusionPipeline.from_pretrained(tmp_path / "run"), ClassConditionalPipeline)
+    assert DiffusionPipeline.from_pretrained(tmp_path / "run", trust_remote_code=True).config.num_classes == 2
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -1,10 +1,9 @@
-import json
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler
+from diffusers import DDPMScheduler
 
-import diffusers_curriculum  # noqa: F401
+from diffusers_curriculum import read_training_regime
 from diffusers_curriculum.curriculum import (
     AdaptivePacing, CurriculumRegime, FixedPacing, check_clusters, equal_clusters, stage_interval,
 )
@@ -149,8 +148,7 @@ CURRICULUM = ["--regime", "curriculum", "--curriculum_clusters", "4", "--curricu
 def test_script_records_stage_history_in_scheduler_config_and_card(train_unconditional, tmp_path, tiny_flags):
     args = train_unconditional.parse_args(["--output_dir", str(tmp_path / "run"), *tiny_flags, *CURRICULUM, "--max_train_steps", "14"])
     train_unconditional.main(args)
-    pipe = DDPMPipeline.from_pretrained(tmp_path / "run")
-    record = pipe.scheduler.training_regime
+    record = read_training_regime(tmp_path / "run")
     assert record["name"] == "curriculum" and record["clusters"] == [[0, 25], [25, 50], [50, 75], [75, 100]]
     assert record["stage_history"] == [
         {"stage": 1, "start_step": 0, "t_min": 75}, {"stage": 2, "start_step": 3, "t_min": 50},
@@ -174,6 +172,5 @@ def test_resume_mid_stage_reproduces_stage_history_and_draws(train_unconditional
     assert len(straight["regime_state"]["stage_history"]) >= 3  # the run did move through stages
     assert resumed["losses"] == pytest.approx(straight["losses"][7:], rel=1e-5)
     assert torch.equal(resumed["regime_state"]["sampler"]["generator"], straight["regime_state"]["sampler"]["generator"])
-    a = json.loads((tmp_path / "a" / "scheduler" / "scheduler_config.json").read_text())["training_regime"]
-    b = json.loads((tmp_path / "b" / "scheduler" / "scheduler_config.json").read_text())["training_regime"]
+    a, b = read_training_regime(tmp_path / "a"), read_training_regime(tmp_path / "b")
     assert a == b

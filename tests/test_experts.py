@@ -1,12 +1,12 @@
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, UNet2DConditionModel, UNet2DModel
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 
 import diffusers_curriculum  # noqa: F401
-from diffusers_curriculum.experts import TimestepRoutedExperts, check_boundaries
+from diffusers_curriculum.checkpointing import save_pipeline
+from diffusers_curriculum.experts import TimestepRoutedExperts, check_boundaries, is_routed_experts
 from diffusers_curriculum.models import tiny_unet_config
-from diffusers_curriculum.schedulers import RegimeDDPMScheduler
 
 
 def experts(boundaries=(0, 30, 60, 100), seed=0):
@@ -58,15 +58,15 @@ def test_save_and_from_pretrained_give_identical_outputs_with_different_widths(t
 @torch.no_grad()
 def test_stock_ddpm_and_ddim_pipelines_generate_and_reload(tmp_path):
     model = experts()
-    pipe = DDPMPipeline(unet=model, scheduler=RegimeDDPMScheduler(num_train_timesteps=100))
+    pipe = DDPMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100))
     images = pipe(batch_size=2, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (2, 8, 8, 1)
-    pipe.save_pretrained(tmp_path / "pipe")
-    reloaded = DDPMPipeline.from_pretrained(tmp_path / "pipe")
-    assert isinstance(reloaded.unet, TimestepRoutedExperts)
+    save_pipeline(pipe, tmp_path / "pipe")
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "pipe", trust_remote_code=True)
+    assert is_routed_experts(reloaded.unet) and type(reloaded) is DDPMPipeline
     again = reloaded(batch_size=2, num_inference_steps=4, output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert abs(again - images).max() < 1e-5
-    ddim = DDIMPipeline(unet=model, scheduler=RegimeDDPMScheduler(num_train_timesteps=100))
+    ddim = DDIMPipeline(unet=model, scheduler=DDPMScheduler(num_train_timesteps=100))
     assert ddim(batch_size=1, num_inference_steps=3, output_type="np").images.shape == (1, 8, 8, 1)
 
 
@@ -96,9 +96,10 @@ def test_stock_stable_diffusion_pipeline_generates_with_experts_and_reloads(tmp_
     kwargs = dict(num_inference_steps=3, height=16, width=16, output_type="np")
     images = pipe("a photo of a sneaker", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert images.shape == (1, 16, 16, 3)
-    pipe.save_pretrained(tmp_path / "sd")
-    reloaded = StableDiffusionPipeline.from_pretrained(tmp_path / "sd")
-    assert isinstance(reloaded.unet, TimestepRoutedExperts) and len(reloaded.unet.experts) == 2
+    save_pipeline(pipe, tmp_path / "sd")
+    reloaded = DiffusionPipeline.from_pretrained(tmp_path / "sd", trust_remote_code=True)
+    assert type(reloaded) is StableDiffusionPipeline
+    assert is_routed_experts(reloaded.unet) and len(reloaded.unet.experts) == 2
     again = reloaded("a photo of a sneaker", generator=torch.Generator().manual_seed(0), **kwargs).images
     assert abs(again - images).max() < 1e-4
 

@@ -6,11 +6,11 @@ import sys
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DModel
 from torch import nn
 
 import diffusers_curriculum  # noqa: F401
-from diffusers_curriculum import pruning
+from diffusers_curriculum import pruning, read_training_regime
 from diffusers_curriculum.data import build_dataset
 from diffusers_curriculum.experts import TimestepRoutedExperts
 from diffusers_curriculum.models import tiny_unet_config
@@ -104,8 +104,8 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
         "--validation_size", "8", "--train_batch_size", "8", "--num_inference_steps", "10",
     ]))
     assert summary["flops_per_sample"] < summary["flops_per_sample_before"]
-    pipeline = DDPMPipeline.from_pretrained(out)
-    record = pipeline.scheduler.config.training_regime["pruning"]
+    pipeline = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+    record = read_training_regime(out)["pruning"]
     assert record["flops_per_sample"] == summary["flops_per_sample"] and len(record["experts"]) == 2
     assert pipeline(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 1)
     assert (out / "unet" / "expert_1" / "pruning.json").exists() and (out / "pruning_report.json").exists()

@@ -4,16 +4,15 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMScheduler, DiffusionPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
-import diffusers_curriculum  # noqa: F401
+from diffusers_curriculum import read_training_regime
 from diffusers_curriculum.errors import UsageError
-from diffusers_curriculum.experts import TimestepRoutedExperts
+from diffusers_curriculum.experts import TimestepRoutedExperts, is_routed_experts
 from diffusers_curriculum.models import tiny_unet_config
 from diffusers_curriculum.regimes import TrainingRegime
-from diffusers_curriculum.schedulers import RegimeDDPMScheduler
 from diffusers_curriculum.tdc import tdc_boundaries
 
 from conftest import regime_args
@@ -23,14 +22,14 @@ TDC_FLAGS = ["--regime", "tdc", "--tdc_groups", "3", "--tdc_base_steps", "4", "-
 
 @pytest.mark.parametrize("cost", ["equal", "timestep", "snr", "log_snr"])
 def test_groups_cover_all_timesteps_without_overlap(cost):
-    boundaries = tdc_boundaries(cost, 4, RegimeDDPMScheduler(num_train_timesteps=1000))
+    boundaries = tdc_boundaries(cost, 4, DDPMScheduler(num_train_timesteps=1000))
     assert boundaries[0] == 0 and boundaries[-1] == 1000 and len(boundaries) == 5
     assert all(b > a for a, b in zip(boundaries, boundaries[1:]))
 
 
 def make_regime(base_steps=2):
     args = regime_args("--regime", "tdc", "--tdc_groups", "3", "--tdc_group_cost", "equal", "--tdc_base_steps", str(base_steps))
-    return TrainingRegime.from_args(args, RegimeDDPMScheduler(num_train_timesteps=1000))
+    return TrainingRegime.from_args(args, DDPMScheduler(num_train_timesteps=1000))
 
 
 class FakeAccelerator:
@@ -93,7 +92,7 @@ def test_state_round_trip_and_mismatched_resumes_are_clear_errors():
     with pytest.raises(UsageError, match="stage 2 .* --tdc_base_steps is 50"):
         make_regime(base_steps=50).load_state_dict(state)
     with pytest.raises(UsageError, match="not written by --regime tdc"):
-        make_regime().load_state_dict(TrainingRegime.from_args(regime_args(), RegimeDDPMScheduler()).state_dict())
+        make_regime().load_state_dict(TrainingRegime.from_args(regime_args(), DDPMScheduler()).state_dict())
 
 
 def run(script, tmp_path, tiny_flags, *extra, name="run"):
@@ -103,9 +102,9 @@ def run(script, tmp_path, tiny_flags, *extra, name="run"):
 def test_tdc_run_saves_a_routed_pipeline_that_generates(train_unconditional, tmp_path, tiny_flags):
     summary = run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "8", "--use_ema")
     assert summary["global_step"] == 8 and summary["regime_state"]["stage"] == 2
-    pipeline = DDPMPipeline.from_pretrained(tmp_path / "run")
-    assert isinstance(pipeline.unet, TimestepRoutedExperts) and len(pipeline.unet.experts) == 3
-    record = pipeline.scheduler.config.training_regime
+    pipeline = DiffusionPipeline.from_pretrained(tmp_path / "run", trust_remote_code=True)
+    assert is_routed_experts(pipeline.unet) and len(pipeline.unet.experts) == 3
+    record = read_training_regime(tmp_path / "run")
     assert record["name"] == "tdc" and record["base_steps"] == 4 and len(record["groups"]) == 3
     assert all(e["flops_per_forward"] > 0 and e["params"] > 0 for e in record["experts"])
     images = pipeline(batch_size=2, num_inference_steps=3, output_type="np").images

@@ -11,7 +11,7 @@ import torch
 from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
-import diffusers_curriculum  # noqa: F401  (registers the regime schedulers for from_pretrained)
+from diffusers_curriculum import read_training_regime
 from diffusers_curriculum import data
 from diffusers_curriculum.errors import UsageError
 
@@ -32,7 +32,7 @@ def test_loss_decreases_and_saved_pipeline_reloads_and_generates(train_unconditi
 
     out = tmp_path / "run"
     pipe = DDPMPipeline.from_pretrained(out)
-    assert pipe.scheduler.training_regime["weighting"] == "min_snr"
+    assert read_training_regime(out)["weighting"] == "min_snr"
     images = pipe(batch_size=3, num_inference_steps=5, output_type="np").images
     assert images.shape == (3, 32, 32, 1) and np.isfinite(images).all()
     assert (out / "samples" / "final.png").is_file()
@@ -46,7 +46,8 @@ def test_no_validation_card_and_ddim_pipeline(train_unconditional, tmp_path, tin
     assert not (out / "samples").exists()
     assert "No validation samples" in (out / "README.md").read_text()
     config = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
-    assert config["_class_name"] == "RegimeDDIMScheduler" and config["training_regime"]["name"] == "uniform"
+    assert config["_class_name"] == "DDIMScheduler" and "training_regime" not in config
+    assert read_training_regime(out)["name"] == "uniform"
 
 
 def test_resume_reproduces_the_uninterrupted_run(train_unconditional, tmp_path, tiny_flags):
