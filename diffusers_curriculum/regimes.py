@@ -272,7 +272,7 @@ class TrainingRegime:
 
     # ---- records -------------------------------------------------------------------------------------
     def describe(self) -> Dict[str, Any]:
-        """JSON-able summary for the scheduler config and the model card."""
+        """JSON-able summary for ``training_regime.json`` and the model card."""
         info: Dict[str, Any] = {"name": self.name, "timestep_sampler": type(self.sampler).__name__}
         info["weighting"] = self.weighting
         if self.weighting == "min_snr":

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,14 @@ def test_resume_path_resolution(tmp_path):
         resolve_resume_path(tmp_path, str(tmp_path / "weights"))
 
 
+def index(tag):
+    return {"_class_name": "DDPMPipeline", "tag": tag, "unet": ["diffusers", "UNet2DModel"]}
+
+
+def read_index(folder):
+    return json.loads((folder / "model_index.json").read_text())
+
+
 class FakePipeline:
     """Writes a pipeline folder like diffusers does (model_index.json first); may die half-way."""
 
@@ -82,7 +91,7 @@ class FakePipeline:
     def save_pretrained(self, path):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "model_index.json").write_text(self.tag)
+        (path / "model_index.json").write_text(json.dumps(index(self.tag)))
         (path / "unet").mkdir()
         (path / "unet" / "config.json").write_text(self.tag)
         if self.crash:
@@ -98,7 +107,7 @@ def test_save_pipeline_replaces_a_previous_pipeline_completely(tmp_path):
     save_checkpoint(FakeAccelerator(), tmp_path, 1)
     save_pipeline(FakePipeline("first"), tmp_path)
     save_pipeline(FakePipeline("second"), tmp_path)
-    assert (tmp_path / "model_index.json").read_text() == "second"
+    assert read_index(tmp_path) == index("second")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "model_index.json", "scheduler", "unet"]
 
@@ -109,7 +118,7 @@ def test_save_pipeline_killed_mid_write_leaves_the_previous_pipeline(tmp_path):
     save_pipeline(FakePipeline("good"), tmp_path)
     with pytest.raises(KeyboardInterrupt):
         save_pipeline(FakePipeline("half", crash=True), tmp_path)
-    assert (tmp_path / "model_index.json").read_text() == "good"
+    assert read_index(tmp_path) == index("good")
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_text() == "good"
     save_pipeline(FakePipeline("again"), tmp_path)  # the leftover temp folder does not get in the way
-    assert (tmp_path / "model_index.json").read_text() == "again" and not (tmp_path / ".pipeline.tmp").exists()
+    assert read_index(tmp_path) == index("again") and not (tmp_path / ".pipeline.tmp").exists()

@@ -145,7 +145,7 @@ CURRICULUM = ["--regime", "curriculum", "--curriculum_clusters", "4", "--curricu
               "--curriculum_steps_per_stage", "3", "--no_validation"]
 
 
-def test_script_records_stage_history_in_scheduler_config_and_card(train_unconditional, tmp_path, tiny_flags):
+def test_script_records_stage_history_in_the_regime_file_and_card(train_unconditional, tmp_path, tiny_flags):
     args = train_unconditional.parse_args(["--output_dir", str(tmp_path / "run"), *tiny_flags, *CURRICULUM, "--max_train_steps", "14"])
     train_unconditional.main(args)
     record = read_training_regime(tmp_path / "run")

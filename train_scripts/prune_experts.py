@@ -7,7 +7,7 @@
 
 Every expert gets a FLOPs budget (easy high-noise groups the smallest), ``--search_rounds`` proposals scored
 by ``--proxy_steps`` of fine-tuning plus a validation loss, then ``--finetune_steps`` on its group. The
-scheduler config and the model card record each expert's size and FLOPs and the FLOPs per generated sample.
+``training_regime.json`` and the model card record each expert's size and FLOPs and the FLOPs per generated sample.
 """
 
 import functools
