@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional
@@ -167,4 +168,18 @@ def publish(output_dir: str, write_card: Callable[[str], Any], push_to_hub: bool
     write_card(repo_id)
     if push_to_hub:
         repo_id = push_folder(output_dir, repo_id, token, private=private, write_card=write_card)
+    return repo_id
+
+
+def publish_or_exit(args, write_card: Callable[[str], Any]) -> str:
+    """A script's last step: :func:`publish` with its ``--output_dir --push_to_hub --hub_model_id
+    --hub_private_repo`` (token resolved up front); a failed push prints one line and exits with status 1."""
+    try:
+        repo_id = publish(args.output_dir, write_card, args.push_to_hub, args.hub_model_id,
+                          getattr(args, "hub_token_resolved", None), getattr(args, "hub_private_repo", False))
+    except HubPushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    if args.push_to_hub:
+        print(f"Pushed to https://huggingface.co/{repo_id}")
     return repo_id

@@ -13,7 +13,6 @@ by ``--proxy_steps`` of fine-tuning plus a validation loss, then ``--finetune_st
 import functools
 import json
 import os
-import sys
 
 import torch
 from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline
@@ -24,7 +23,7 @@ from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exc
 from diffusers_curriculum.experts import TimestepRoutedExperts, is_routed_experts
 from diffusers_curriculum.export import read_training_regime, stock_scheduler
 from diffusers_curriculum.hub import (
-    HubPushError, base_model_id, base_model_license, publish, resolve_hub_token, write_model_card,
+    base_model_id, base_model_license, publish_or_exit, resolve_hub_token, write_model_card,
 )
 from diffusers_curriculum.pruning import flops_report, prune_experts
 
@@ -145,11 +144,7 @@ def main(args):
     )
     print(f"FLOPs per sample ({args.num_inference_steps} steps): {before['flops_per_sample']:.3e} -> "
           f"{after['flops_per_sample']:.3e} ({summary['flops_saved_fraction']:.1%} fewer); saved to {args.output_dir}")
-    try:
-        publish(args.output_dir, write_card, args.push_to_hub, args.hub_model_id, getattr(args, "hub_token_resolved", None))
-    except HubPushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    publish_or_exit(args, write_card)
     return summary
 
 

@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ from diffusers_curriculum.data import HUB_DATASET_IDS, build_caption_dataset
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler, write_training_regime
 from diffusers_curriculum.hub import (
-    HubPushError, base_model_id, base_model_license, publish, resolve_hub_token, write_model_card,
+    base_model_id, base_model_license, publish_or_exit, resolve_hub_token, write_model_card,
 )
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
@@ -385,14 +384,8 @@ def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, nois
         num_inference_steps=args.num_validation_inference_steps,
     )
     logger.info(f"Saved {'LoRA weights' if args.use_lora else 'StableDiffusionPipeline'} to {args.output_dir}")
-    try:
-        repo_id = publish(args.output_dir, write_card, args.push_to_hub, args.hub_model_id,
-                          getattr(args, "hub_token_resolved", None), args.hub_private_repo)
-    except HubPushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if args.push_to_hub:
-        logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+    publish_or_exit(args, write_card)
+
 
 @exits_on_usage_error
 def cli(argv=None):

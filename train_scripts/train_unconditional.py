@@ -13,7 +13,6 @@ import functools
 import json
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +31,7 @@ from diffusers_curriculum.checkpointing import (
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler
-from diffusers_curriculum.hub import HubPushError, publish, resolve_hub_token, write_model_card
+from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, write_model_card
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
@@ -343,14 +342,7 @@ def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, g
         validation_image=validation_image, use_ema=args.use_ema, num_inference_steps=args.ddpm_num_inference_steps,
     )
     logger.info(f"Saved {type(pipeline).__name__} to {args.output_dir}")
-    try:
-        repo_id = publish(args.output_dir, write_card, args.push_to_hub, args.hub_model_id,
-                          getattr(args, "hub_token_resolved", None), args.hub_private_repo)
-    except HubPushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    if args.push_to_hub:
-        logger.info(f"Pushed to https://huggingface.co/{repo_id}")
+    publish_or_exit(args, write_card)
     return pipeline
 
 
