@@ -192,3 +192,44 @@ def test_base_model_license_comes_from_the_base_card_or_is_absent(tmp_path):
     assert base_model_license(str(tmp_path), None) == "mit"
     # a Hub id whose card cannot be fetched (offline in tests, nothing cached): no license, no error
     assert base_model_license(str(tmp_path / "absent"), "nobody/none") is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["tdc_pruned", "class_conditional_tdc", "text_to_image_tdc"])
+def test_an_online_hub_download_fetches_everything_the_custom_code_needs(saved, tmp_path, monkeypatch, kind):
+    """diffusers' online path (repo listing -> allow patterns -> snapshot_download), served from the saved folder:
+    what its patterns select is copied to a fresh folder, which must load and sample like the original."""
+    from types import SimpleNamespace
+
+    from diffusers import DiffusionPipeline
+    from diffusers.pipelines import pipeline_utils
+    from diffusers.utils import dynamic_modules_utils
+    from huggingface_hub.utils import filter_repo_objects
+
+    folder, repo_id = saved["folders"][kind], f"testuser/{kind}"
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    info = SimpleNamespace(siblings=[SimpleNamespace(rfilename=f) for f in files], sha="0" * 40)
+    fetched = tmp_path / "fetched"
+
+    def hf_hub_download(repo, filename, subfolder=None, **kwargs):
+        assert repo == repo_id
+        path = f"{subfolder}/{filename}" if subfolder else filename
+        if path == "model_index.json":  # alone in the "cache", so that diffusers goes on to snapshot_download
+            (tmp_path / "index").mkdir(exist_ok=True)
+            return shutil.copyfile(folder / path, tmp_path / "index" / path)
+        return str(folder / path)
+
+    def snapshot_download(repo, allow_patterns=None, ignore_patterns=None, **kwargs):
+        for name in filter_repo_objects(files, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns):
+            (fetched / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, fetched / name)
+        return str(fetched)
+
+    for module in (pipeline_utils, dynamic_modules_utils):
+        monkeypatch.setattr(module, "model_info", lambda *args, **kwargs: info, raising=False)
+        monkeypatch.setattr(module, "hf_hub_download", hf_hub_download, raising=False)
+    monkeypatch.setattr(pipeline_utils, "snapshot_download", snapshot_download)
+
+    assert DiffusionPipeline.download(repo_id, trust_remote_code=True, local_files_only=False) == str(fetched)
+    loaded = load_stock(kind, str(fetched))
+    assert np.array_equal(sample(kind, loaded), sample(kind, load_stock(kind, str(folder))))
