@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import ArgumentParser, UsageError, exits_on_usage_error
+from .losses import denoising_loss
 
 
 def group_timesteps(num_train_timesteps: int, group_size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
@@ -43,7 +44,7 @@ def gradient_affinity(unet, scheduler, batches: Iterable[torch.Tensor], group_si
         timesteps = group_timesteps(T, group_size, clean.shape[0], generator)
         grads = []
         for t in tqdm(timesteps, desc=f"affinity batch {count + 1}", leave=False):
-            loss = F.mse_loss(unet(scheduler.add_noise(clean, noise, t), t).sample, noise)
+            loss = denoising_loss(unet(scheduler.add_noise(clean, noise, t), t).sample, scheduler, clean, noise, t).mean()
             grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
         g = F.normalize(torch.stack(grads).double(), dim=1)
         cosine = (g @ g.T).numpy()

@@ -23,10 +23,10 @@ from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import ArgumentParser, UsageError, exits_on_usage_error
+from .losses import denoising_loss
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output
 
@@ -82,9 +82,9 @@ def relative_entropy(
 @torch.no_grad()
 def bucket_losses(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                   buckets: torch.Tensor, num_buckets: int, scheduler) -> np.ndarray:
-    """Mean ε-MSE per timestep bucket on a fixed evaluation batch."""
+    """Mean denoising loss per timestep bucket on a fixed evaluation batch."""
     x_t = scheduler.add_noise(x0, noise, timesteps)
-    per_sample = F.mse_loss(denoiser(x_t, timesteps), noise, reduction="none").flatten(1).mean(1)
+    per_sample = denoising_loss(denoiser(x_t, timesteps), scheduler, x0, noise, timesteps)
     return torch.zeros(num_buckets).index_add_(0, buckets, per_sample).div_(torch.bincount(buckets, minlength=num_buckets)).numpy()
 
 
@@ -172,8 +172,8 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
         for batch in loader:
             clean = batch["pixel_values"]
             noise, t = regime.sample(clean)
-            loss = regime.compute_loss(F.mse_loss(model(scheduler.add_noise(clean, noise, t), t).sample, noise,
-                                                  reduction="none").flatten(1).mean(1), t)
+            prediction = model(scheduler.add_noise(clean, noise, t), t).sample
+            loss = regime.compute_loss(denoising_loss(prediction, scheduler, clean, noise, t), t)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()

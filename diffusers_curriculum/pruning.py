@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .experts import sync_sampler_widths
+from .losses import denoising_loss
 
 Config = Dict[str, float]
 
@@ -150,12 +150,10 @@ def infinite_batches(dataset, batch_size: int, seed: int) -> Iterator[torch.Tens
             yield batch["pixel_values"]
 
 
-def denoising_loss(model, noise_scheduler, clean, noise, timesteps) -> torch.Tensor:
-    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    from .training import prediction_target
-
-    prediction = model(noisy, timesteps).sample
-    return F.mse_loss(prediction.float(), prediction_target(noise_scheduler, clean, noise, timesteps).float())
+def proxy_loss(model, noise_scheduler, clean, noise, timesteps) -> torch.Tensor:
+    """The batch's mean :func:`~diffusers_curriculum.losses.denoising_loss` of ``model``."""
+    prediction = model(noise_scheduler.add_noise(clean, noise, timesteps), timesteps).sample
+    return denoising_loss(prediction, noise_scheduler, clean, noise, timesteps).mean()
 
 
 def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: Tuple[int, int], steps: int,
@@ -171,7 +169,7 @@ def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: T
         clean = next(batches).to(device)
         timesteps = torch.randint(*t_range, (clean.shape[0],), generator=generator).to(device)
         noise = torch.randn(clean.shape, generator=generator).to(device)
-        loss = denoising_loss(model, noise_scheduler, clean, noise, timesteps)
+        loss = proxy_loss(model, noise_scheduler, clean, noise, timesteps)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -194,7 +192,7 @@ class ValidationSet:
     def loss(self, model, noise_scheduler) -> float:
         device = next(model.parameters()).device
         model.eval()
-        return float(denoising_loss(model, noise_scheduler, self.images.to(device), self.noise.to(device),
+        return float(proxy_loss(model, noise_scheduler, self.images.to(device), self.noise.to(device),
                                     self.timesteps.to(device)))
 
 

@@ -93,18 +93,6 @@ def shipped_model(accelerator, model, ema_model: Optional[object] = None):
     return shipped
 
 
-def prediction_target(noise_scheduler, clean, noise, timesteps):
-    """What the model learns to predict under the scheduler's ``prediction_type``: ε, v or x₀."""
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(clean, noise, timesteps)
-    if kind == "sample":
-        return clean
-    raise ValueError(f"unknown prediction_type {kind!r}")
-
-
 def run_config(args) -> dict:
     """Flags for the trackers: plain values, nothing secret."""
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}

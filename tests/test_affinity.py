@@ -35,6 +35,35 @@ def test_affinity_is_a_cosine_matrix(tiny_pipeline):
     assert np.all(np.abs(A) <= 1 + 1e-9)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_affinity_matches_per_group_gradients_computed_directly(prediction_type):
+    """One batch, by hand: each group's timesteps, the loss against the scheduler's target, the gradient, the
+    cosine matrix. A v-prediction model is scored against v (an ε target gives another matrix)."""
+    torch.manual_seed(0)
+    unet = UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16)))
+    scheduler = DDPMScheduler(num_train_timesteps=100, prediction_type=prediction_type)
+    clean = torch.randn(3, 1, 8, 8)
+    A = gradient_affinity(unet, scheduler, [clean], group_size=25, seed=7)
+
+    generator = torch.Generator().manual_seed(7)  # the draws gradient_affinity makes, in its order
+    noise = torch.randn(clean.shape, generator=generator)
+    timesteps = group_timesteps(100, 25, 3, generator)
+    assert len({int(t) for t in timesteps[:, 0]}) > 1  # the groups really sit at different noise levels
+
+    def cosine_matrix(target_of):
+        grads = []
+        for t in timesteps:
+            loss = ((unet(scheduler.add_noise(clean, noise, t), t).sample - target_of(t)) ** 2).mean()
+            grads.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(unet.parameters()))]))
+        g = torch.nn.functional.normalize(torch.stack(grads).double(), dim=1)
+        return (g @ g.T).numpy()
+
+    expected = cosine_matrix(lambda t: scheduler.get_velocity(clean, noise, t) if prediction_type == "v_prediction" else noise)
+    np.testing.assert_allclose(A, expected, atol=1e-6)
+    if prediction_type == "v_prediction":
+        assert not np.allclose(A, cosine_matrix(lambda t: noise), atol=1e-3)
+
+
 def test_cli_writes_matrix_and_heatmap_that_feed_ant(tiny_pipeline, tmp_path):
     out = tmp_path / "affinity"
     main(["--pretrained_model_name_or_path", str(tiny_pipeline), "--output_dir", str(out), "--group_size", "20",

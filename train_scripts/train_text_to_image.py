@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -38,10 +37,11 @@ from diffusers_curriculum.export import stock_scheduler, write_training_regime
 from diffusers_curriculum.hub import (
     base_model_id, base_model_license, publish_or_exit, resolve_hub_token, write_model_card,
 )
+from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.training import (
-    after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, prediction_target, resume,
+    after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, resume,
     run_config, shipped_model,
 )
 
@@ -287,10 +287,9 @@ def main(args):
                     encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
                 noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = prediction_target(noise_scheduler, latents, noise, timesteps)
                 with accelerator.accumulate(unet), regime.forward_context(accelerator, unet):
                     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-                    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                    per_sample = denoising_loss(model_pred, noise_scheduler, latents, noise, timesteps)
                     loss = regime.backward(accelerator, per_sample, timesteps, unet)
                     optimizer_step(accelerator, trainable, optimizer, lr_scheduler, args.max_grad_norm)
 

@@ -15,7 +15,6 @@ import math
 import os
 
 import torch
-import torch.nn.functional as F
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DModel
@@ -31,12 +30,13 @@ from diffusers_curriculum.checkpointing import (
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler
+from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, write_model_card
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import TrainingRegime
 from diffusers_curriculum.training import (
-    after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, prediction_target, resume,
+    after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, resume,
     run_config, shipped_model,
 )
 from diffusers_curriculum.tasks import TASKS, Unconditional
@@ -276,9 +276,7 @@ def main(args, evaluate=None):
 
                 with accelerator.accumulate(model), regime.forward_context(accelerator, model):
                     model_output = model(noisy_images, timesteps, **task.model_kwargs(batch, accelerator.device)).sample
-                    target = prediction_target(noise_scheduler, clean_images, noise, timesteps)
-                    per_sample_loss = F.mse_loss(model_output.float(), target.float(), reduction="none")
-                    per_sample_loss = per_sample_loss.mean(dim=list(range(1, per_sample_loss.ndim)))
+                    per_sample_loss = denoising_loss(model_output, noise_scheduler, clean_images, noise, timesteps)
                     loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
                     optimizer_step(accelerator, model.parameters(), optimizer, lr_scheduler, args.max_grad_norm)
 
