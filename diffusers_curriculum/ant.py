@@ -86,15 +86,15 @@ class ANTRegime(TrainingRegime):
         group.add_argument("--nash_update_every", type=int, default=25, help="Steps between Nash bargaining solves.")
 
     @classmethod
-    def validate_regime_args(cls, args: argparse.Namespace) -> None:
-        T = getattr(args, "ddpm_num_steps", 1000)
-        if not 1 <= args.ant_clusters <= T:
-            raise UsageError(f"--ant_clusters must be in [1, {T}] (the number of timesteps), got {args.ant_clusters}")
+    def validate_regime_args(cls, args: argparse.Namespace, num_train_timesteps: Optional[int] = None) -> None:
+        T = num_train_timesteps
+        if args.ant_clusters < 1 or (T is not None and args.ant_clusters > T):
+            raise UsageError(f"--ant_clusters must be in [1, {T or 'T'}] (the scheduler's number of timesteps), got {args.ant_clusters}")
         if args.ant_cost == "affinity":
             if args.ant_affinity_path is None:
                 raise UsageError("--ant_cost affinity needs --ant_affinity_path (made by `python -m diffusers_curriculum.affinity`)")
             affinity, group_size = load_affinity(args.ant_affinity_path)
-            if affinity.shape[0] * group_size < T or (affinity.shape[0] - 1) * group_size >= T:
+            if T is not None and (affinity.shape[0] * group_size < T or (affinity.shape[0] - 1) * group_size >= T):
                 raise UsageError(f"--ant_affinity_path: {affinity.shape[0]} groups of {group_size} do not cover T={T} timesteps")
             if args.ant_clusters > affinity.shape[0]:
                 raise UsageError(f"--ant_clusters {args.ant_clusters} exceeds the {affinity.shape[0]} affinity groups")
@@ -142,7 +142,7 @@ class ANTRegime(TrainingRegime):
         return self.balancer.backward(accelerator, losses, present, model, self.optimizer_steps)
 
     def on_step_end(self, accelerator, global_step: int) -> Dict[str, Any]:
-        logs = self.balancer.on_step_end(accelerator)
+        logs = {**super().on_step_end(accelerator, global_step), **self.balancer.on_step_end(accelerator)}
         self.optimizer_steps += 1
         return logs
 

@@ -144,11 +144,11 @@ class CurriculumRegime(TrainingRegime):
         group.add_argument("--curriculum_steps_per_stage", type=int, default=None, help="Fixed pacing: steps per stage.")
 
     @classmethod
-    def validate_regime_args(cls, args: argparse.Namespace) -> None:
-        num_train_timesteps = getattr(args, "ddpm_num_steps", 1000)
-        if not 1 <= args.curriculum_clusters <= num_train_timesteps:
+    def validate_regime_args(cls, args: argparse.Namespace, num_train_timesteps: Optional[int] = None) -> None:
+        if args.curriculum_clusters < 1 or (num_train_timesteps is not None and args.curriculum_clusters > num_train_timesteps):
             raise UsageError(
-                f"--curriculum_clusters must be in [1, {num_train_timesteps}] (the number of timesteps), got {args.curriculum_clusters}"
+                f"--curriculum_clusters must be in [1, {num_train_timesteps or 'T'}] (the scheduler's number of timesteps), "
+                f"got {args.curriculum_clusters}"
             )
         if args.curriculum_pacing == "fixed":
             if args.curriculum_steps_per_stage is None or args.curriculum_steps_per_stage < 1:
@@ -199,7 +199,7 @@ class CurriculumRegime(TrainingRegime):
             self.stage += 1
             self.sampler.set_interval(*stage_interval(self.clusters, self.stage))
             self.stage_history.append({"stage": self.stage, "start_step": global_step, "t_min": self._low()})
-        return {"curriculum_stage": self.stage, "curriculum_t_min": self._low()}
+        return {**super().on_step_end(accelerator, global_step), "curriculum_stage": self.stage, "curriculum_t_min": self._low()}
 
     # records
     def describe(self) -> Dict[str, Any]:

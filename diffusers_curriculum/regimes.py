@@ -29,10 +29,11 @@ import contextlib
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from diffusers.training_utils import compute_snr
 
 from .errors import UsageError
 from .sampling import SAMPLERS, TimestepSampler, WeightedSampler, speed_weights, timestep_bias_weights
-from .weighting import WEIGHTINGS, loss_weights
+from .weighting import WEIGHTINGS, LearnedWeighting, loss_weights
 
 
 NOISE_SEED_SALT = 0x9E3779B9
@@ -44,7 +45,8 @@ class TrainingRegime:
     Args:
         noise_scheduler: the diffusers scheduler used for ``add_noise`` (gives T and ᾱ_t).
         sampler: draws the timesteps of the global batch.
-        weighting: ``"none"``, ``"min_snr"`` or ``"p2"`` (see :mod:`diffusers_curriculum.weighting`).
+        weighting: ``"none"``, ``"min_snr"``, ``"p2"`` or ``"learned"`` (see :mod:`diffusers_curriculum.weighting`).
+        learned_lr: learning rate of the learned weighting u(λ) (``weighting="learned"``).
         seed: seed of the noise generator (the sampler has its own).
         process_index, num_processes: this rank and the data-parallel world size.
     """
@@ -61,6 +63,7 @@ class TrainingRegime:
         snr_gamma: Optional[float] = None,
         p2_gamma: float = 1.0,
         p2_k: float = 1.0,
+        learned_lr: float = 1e-2,
         seed: int = 0,
         process_index: int = 0,
         num_processes: int = 1,
@@ -69,6 +72,7 @@ class TrainingRegime:
         self.sampler = sampler
         self.weighting = weighting
         self.snr_gamma, self.p2_gamma, self.p2_k = snr_gamma, p2_gamma, p2_k
+        self.learned = LearnedWeighting(lr=learned_lr, seed=seed) if weighting == "learned" else None
         # Salted: the sampler is seeded with the same --seed, and two generators in the same state would
         # draw timesteps and noise from the same random stream.
         self.noise_generator = torch.Generator().manual_seed(seed + NOISE_SEED_SALT)
@@ -106,13 +110,16 @@ class TrainingRegime:
         )
         group.add_argument("--p2_gamma", type=float, default=1.0, help="γ of P2 weighting 1/(k+SNR)^γ.")
         group.add_argument("--p2_k", type=float, default=1.0, help="k of P2 weighting 1/(k+SNR)^γ.")
+        group.add_argument("--learned_weighting_lr", type=float, default=1e-2,
+                           help="--weighting learned: learning rate of the loss log-variance u(λ) (EDM2).")
         for regime_cls in REGIMES.values():
             if "add_regime_args" in vars(regime_cls):
                 regime_cls.add_regime_args(parser)
 
     @staticmethod
-    def validate_args(args: argparse.Namespace) -> None:
-        """Checks the shared flags; raises :class:`UsageError` naming the flag."""
+    def validate_args(args: argparse.Namespace, num_train_timesteps: Optional[int] = None) -> None:
+        """Checks the shared flags; raises :class:`UsageError` naming the flag. Checks against T (cluster
+        counts) run when ``num_train_timesteps`` is given; :meth:`from_args` gives the scheduler's."""
         if args.regime not in REGIMES:
             raise UsageError(f"--regime {args.regime!r} is unknown; choose one of {', '.join(sorted(REGIMES))}")
         if args.weighting is None:
@@ -133,19 +140,22 @@ class TrainingRegime:
             raise UsageError(f"--timestep_bias_portion must be in (0, 1], got {args.timestep_bias_portion}")
         if not args.p2_k > 0:
             raise UsageError(f"--p2_k must be > 0, got {args.p2_k}")
-        REGIMES[args.regime].validate_regime_args(args)
+        if not args.learned_weighting_lr > 0:
+            raise UsageError(f"--learned_weighting_lr must be > 0, got {args.learned_weighting_lr}")
+        REGIMES[args.regime].validate_regime_args(args, num_train_timesteps)
 
     @classmethod
     def add_regime_args(cls, parser: argparse.ArgumentParser) -> None:
         """Adds the flags of this regime only (subclasses override)."""
 
     @classmethod
-    def validate_regime_args(cls, args: argparse.Namespace) -> None:
-        """Checks the flags of this regime only (subclasses override)."""
+    def validate_regime_args(cls, args: argparse.Namespace, num_train_timesteps: Optional[int] = None) -> None:
+        """Checks the flags of this regime only (subclasses override); T-dependent checks need ``num_train_timesteps``."""
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, noise_scheduler, process_index: int = 0, num_processes: int = 1):
-        """Builds the regime named by ``--regime`` (call :meth:`validate_args` first)."""
+        """Builds the regime named by ``--regime``, after checking the flags against the scheduler's T."""
+        cls.validate_args(args, noise_scheduler.config.num_train_timesteps)
         regime_cls = REGIMES[args.regime]
         return regime_cls(
             noise_scheduler,
@@ -154,6 +164,7 @@ class TrainingRegime:
             snr_gamma=args.snr_gamma,
             p2_gamma=args.p2_gamma,
             p2_k=args.p2_k,
+            learned_lr=args.learned_weighting_lr,
             seed=0 if args.seed is None else args.seed,
             process_index=process_index,
             num_processes=num_processes,
@@ -247,7 +258,10 @@ class TrainingRegime:
         importance = self.active_sampler.importance_weights(timesteps)
         if importance is not None:
             weights = importance if weights is None else weights * importance
-        return per_sample_loss if weights is None else per_sample_loss * weights.to(per_sample_loss.dtype)
+        losses = per_sample_loss if weights is None else per_sample_loss * weights.to(per_sample_loss.dtype)
+        if self.learned is not None:
+            losses = self.learned.loss(losses, compute_snr(self.noise_scheduler, timesteps).log())
+        return losses
 
     def compute_loss(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Weighted mean of the per-sample losses (shape ``(B,)``) → the scalar to back-propagate."""
@@ -267,8 +281,9 @@ class TrainingRegime:
         return loss.detach()
 
     def on_step_end(self, accelerator, global_step: int) -> Dict[str, Any]:
-        """Called once per optimizer step (after gradient sync); returns values to log."""
-        return {}
+        """Called once per optimizer step (after gradient sync); returns values to log. Subclasses merge
+        theirs with this one (it steps the learned weighting)."""
+        return self.learned.step(accelerator) if self.learned is not None else {}
 
     # ---- records -------------------------------------------------------------------------------------
     def describe(self) -> Dict[str, Any]:
@@ -279,14 +294,26 @@ class TrainingRegime:
             info["snr_gamma"] = self.snr_gamma
         elif self.weighting == "p2":
             info.update(p2_gamma=self.p2_gamma, p2_k=self.p2_k)
+        elif self.learned is not None:
+            info.update(self.learned.describe())
         return info
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "noise_generator": self.noise_generator.get_state()}
+        state = {"sampler": self.sampler.state_dict(), "noise_generator": self.noise_generator.get_state()}
+        if self.learned is not None:
+            state["learned_weighting"] = self.learned.training_state()
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if ("learned_weighting" in state) != (self.learned is not None):
+            raise UsageError(
+                f"--resume_from_checkpoint: the checkpoint was written {'with' if 'learned_weighting' in state else 'without'} "
+                f"--weighting learned, this run has --weighting {self.weighting}"
+            )
         self.sampler.load_state_dict(state["sampler"])
         self.noise_generator.set_state(state["noise_generator"])
+        if self.learned is not None:
+            self.learned.load_training_state(state["learned_weighting"])
 
 
 REGIMES: Dict[str, type] = {"uniform": TrainingRegime}

@@ -76,14 +76,13 @@ class TDCRegime(TrainingRegime):
                            help="Optimizer steps of stage 1 (one base model on all timesteps) before branching.")
 
     @classmethod
-    def validate_regime_args(cls, args: argparse.Namespace) -> None:
+    def validate_regime_args(cls, args: argparse.Namespace, num_train_timesteps: Optional[int] = None) -> None:
         if args.regime != "tdc":
             return
         if args.tdc_base_steps is None or args.tdc_base_steps < 1:
             raise UsageError(f"--regime tdc needs --tdc_base_steps >= 1, got {args.tdc_base_steps}")
-        num_train_timesteps = getattr(args, "ddpm_num_steps", 1000)
-        if not 2 <= args.tdc_groups <= num_train_timesteps:
-            raise UsageError(f"--tdc_groups must be in [2, {num_train_timesteps}], got {args.tdc_groups}")
+        if args.tdc_groups < 2 or (num_train_timesteps is not None and args.tdc_groups > num_train_timesteps):
+            raise UsageError(f"--tdc_groups must be in [2, {num_train_timesteps or 'T'}] (the scheduler's number of timesteps), got {args.tdc_groups}")
         if getattr(args, "max_train_steps", None) is not None:
             cls.check_regime_schedule(args, args.max_train_steps)
 
@@ -148,7 +147,7 @@ class TDCRegime(TrainingRegime):
         return loss
 
     def on_step_end(self, accelerator, global_step: int) -> Dict[str, Any]:
-        logs: Dict[str, Any] = {"tdc_stage": self.stage}
+        logs: Dict[str, Any] = {**super().on_step_end(accelerator, global_step), "tdc_stage": self.stage}
         if self.stage == 2 and self._group_count.sum() > 0:
             for i, (total, count) in enumerate(zip(self._group_loss.tolist(), self._group_count.tolist())):
                 if count:

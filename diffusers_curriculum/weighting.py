@@ -6,12 +6,14 @@ MSE of the model's prediction. SNR(t) = ᾱ_t / (1 − ᾱ_t), computed by diffu
 
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import Any, Dict, Optional
 
 import torch
 from diffusers.training_utils import compute_snr
+from torch import nn
 
-WEIGHTINGS = ("none", "min_snr", "p2")
+WEIGHTINGS = ("none", "min_snr", "p2", "learned")
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
@@ -46,8 +48,9 @@ def loss_weights(
     p2_gamma: float = 1.0,
     p2_k: float = 1.0,
 ) -> Optional[torch.Tensor]:
-    """Weights of shape ``(batch,)`` for ``timesteps`` under ``weighting``; ``None`` means all ones."""
-    if weighting == "none":
+    """Weights of shape ``(batch,)`` for ``timesteps`` under ``weighting``; ``None`` means all ones (also for
+    ``"learned"``, which is not a factor: see :class:`LearnedWeighting`)."""
+    if weighting in ("none", "learned"):
         return None
     snr = compute_snr(noise_scheduler, timesteps)
     if weighting == "min_snr":
@@ -55,3 +58,74 @@ def loss_weights(
     if weighting == "p2":
         return p2_weights(snr, p2_gamma, p2_k)
     raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
+
+
+# ---- learned weighting (EDM2) ------------------------------------------------------------------------------
+def learned_weighting_loss(per_sample_loss: torch.Tensor, log_variance: torch.Tensor) -> torch.Tensor:
+    """EDM2's uncertainty-weighted loss per sample: L / exp(u) + u (Karras et al., CVPR 2024, eq. 19).
+
+    For a fixed noise level its minimum over u is at u = log E[L]: the weight exp(-u) learns to divide each
+    noise level's loss by its own scale, the continuous form of Kendall et al.'s uncertainty weighting that
+    ANT applies to clusters.
+    """
+    return per_sample_loss * torch.exp(-log_variance) + log_variance
+
+
+class LearnedWeighting(nn.Module):
+    """u(λ): the log-variance of the loss as a function of the log-SNR λ, learned with the model.
+
+    As in EDM2, random Fourier features of the noise level (fixed frequencies and phases, seeded) feed one
+    linear layer; it starts at zero, so training starts from unweighted losses. Its own Adam steps once per
+    optimizer step with gradients averaged over ranks, so u is the same on every rank and it is checkpointed
+    with the regime.
+
+    Args:
+        num_features: Fourier features (EDM2: 128).
+        lr: learning rate of u's Adam.
+        seed: seed of the Fourier frequencies and phases.
+    """
+
+    def __init__(self, num_features: int = 128, lr: float = 1e-2, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.register_buffer("frequencies", 2 * math.pi * torch.randn(num_features, generator=generator))
+        self.register_buffer("phases", 2 * math.pi * torch.rand(num_features, generator=generator))
+        self.linear = nn.Linear(num_features, 1)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+        self.lr = lr
+        self.optimizer = torch.optim.Adam(self.parameters(), lr=lr)
+
+    def forward(self, log_snr: torch.Tensor) -> torch.Tensor:
+        """u(λ), shape ``(B,)``. λ is scaled by 1/8 (EDM2 feeds ln σ / 4 = −λ / 8)."""
+        x = log_snr.float()[:, None] / 8
+        features = math.sqrt(2) * torch.cos(x * self.frequencies + self.phases)
+        return self.linear(features).squeeze(1)
+
+    def loss(self, per_sample_loss: torch.Tensor, log_snr: torch.Tensor) -> torch.Tensor:
+        """:func:`learned_weighting_loss` of each sample at its noise level."""
+        self.to(per_sample_loss.device)
+        return learned_weighting_loss(per_sample_loss.float(), self(log_snr.to(per_sample_loss.device)))
+
+    def step(self, accelerator=None) -> Dict[str, float]:
+        """One Adam step on u (gradients averaged over ranks first); returns u at a few noise levels to log."""
+        if self.linear.weight.grad is not None:
+            if accelerator is not None and accelerator.num_processes > 1:  # u is not part of the DDP model
+                for p in self.parameters():
+                    p.grad = accelerator.reduce(p.grad, reduction="mean")
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        with torch.no_grad():
+            levels = torch.tensor([-8.0, 0.0, 8.0], device=self.linear.weight.device)
+            return {f"learned_u/lambda{int(l):+d}": float(u) for l, u in zip(levels.tolist(), self(levels))}
+
+    def describe(self) -> Dict[str, Any]:
+        return {"learned_weighting_lr": self.lr, "learned_weighting_features": int(self.frequencies.numel())}
+
+    def training_state(self) -> Dict[str, Any]:
+        return {"module": {k: v.detach().cpu().clone() for k, v in self.state_dict().items()},
+                "optimizer": self.optimizer.state_dict()}
+
+    def load_training_state(self, state: Dict[str, Any]) -> None:
+        self.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])

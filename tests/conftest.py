@@ -45,7 +45,7 @@ def regime_args(*argv):
     parser.add_argument("--mixed_precision", type=str, default="no")
     TrainingRegime.add_args(parser)
     args = parser.parse_args(list(argv))
-    TrainingRegime.validate_args(args)
+    TrainingRegime.validate_args(args, num_train_timesteps=args.ddpm_num_steps)
     return args
 
 

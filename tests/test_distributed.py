@@ -49,6 +49,8 @@ REGIME_FLAGS = {
     "ant-nash": ["--regime", "ant", "--ant_method", "nash", "--ant_clusters", "4", "--nash_update_every", "2"],
     # branches at step 2, resumes at 3 in stage 2; experts without samples in a step need find_unused_parameters
     "tdc": ["--regime", "tdc", "--tdc_groups", "3", "--tdc_base_steps", "2"],
+    # u(λ) lives outside the DDP model: its gradient is averaged by hand, so every rank holds the same u
+    "learned-ant-uw": ["--weighting", "learned", "--regime", "ant", "--ant_clusters", "4"],
 }
 
 

@@ -94,3 +94,54 @@ def test_loss_aware_sampling_weights_each_loss_by_its_importance_and_tdc_stage_t
     assert tdc.compute_loss(losses, t).item() == pytest.approx(expected.mean().item())  # stage 1: the loss-aware sampler
     tdc.stage = 2  # stage 2 draws stratified over the groups: no importance weights
     assert tdc.active_sampler is tdc.group_sampler and tdc.compute_loss(losses, t).item() == pytest.approx(2.0)
+
+
+def test_learned_weighting_applies_u_of_each_samples_log_snr():
+    from diffusers.training_utils import compute_snr
+
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    regime = TrainingRegime.from_args(regime_args("--weighting", "learned", "--learned_weighting_lr", "0.1"), scheduler)
+    assert regime.describe()["weighting"] == "learned" and regime.describe()["learned_weighting_lr"] == 0.1
+    with torch.no_grad():
+        regime.learned.linear.bias.fill_(0.5)
+    losses, t = torch.tensor([1.0, 2.0]), torch.tensor([3, 80])
+    u = regime.learned(compute_snr(scheduler, t).log())
+    torch.testing.assert_close(regime.compute_loss(losses, t), (losses * torch.exp(-u) + u).mean())
+
+
+LEARNED_FLAGS = {
+    "uniform": [],
+    "ant-uw": ["--regime", "ant", "--ant_clusters", "2"],
+    "curriculum": ["--regime", "curriculum", "--curriculum_clusters", "2", "--curriculum_pacing", "fixed",
+                   "--curriculum_steps_per_stage", "2"],
+    "tdc": ["--regime", "tdc", "--tdc_groups", "2", "--tdc_base_steps", "2"],
+}
+
+
+@pytest.mark.parametrize("regime", sorted(LEARNED_FLAGS))
+def test_learned_weighting_trains_with_every_regime_and_resumes_exactly(train_unconditional, tmp_path, tiny_flags, regime):
+    import shutil
+
+    from diffusers_curriculum import read_training_regime
+
+    flags = [*tiny_flags, "--max_train_steps", "6", "--checkpointing_steps", "3", "--max_train_samples", "64",
+             "--no_validation", "--weighting", "learned", *LEARNED_FLAGS[regime]]
+    straight = train_unconditional.main(train_unconditional.parse_args(["--output_dir", str(tmp_path / "a"), *flags]))
+    state = straight["regime_state"]["learned_weighting"]
+    assert state["module"]["linear.weight"].abs().sum() > 0  # u moved off its zero start
+    assert read_training_regime(tmp_path / "a")["weighting"] == "learned"
+    (tmp_path / "b").mkdir()
+    shutil.copytree(tmp_path / "a" / "checkpoint-3", tmp_path / "b" / "checkpoint-3")
+    resumed = train_unconditional.main(train_unconditional.parse_args(
+        ["--output_dir", str(tmp_path / "b"), *flags, "--resume_from_checkpoint", "latest"]))
+    assert resumed["losses"] == pytest.approx(straight["losses"][3:], rel=1e-5)
+    torch.testing.assert_close(resumed["regime_state"]["learned_weighting"]["module"], state["module"])
+
+
+def test_resuming_across_a_change_of_learned_weighting_is_an_error(train_unconditional, tmp_path, tiny_flags):
+    flags = [*tiny_flags, "--max_train_steps", "4", "--checkpointing_steps", "2", "--max_train_samples", "64", "--no_validation"]
+    train_unconditional.main(train_unconditional.parse_args(["--output_dir", str(tmp_path / "a"), *flags, "--max_train_steps", "2"]))
+    args = train_unconditional.parse_args(["--output_dir", str(tmp_path / "a"), *flags, "--weighting", "learned",
+                                           "--resume_from_checkpoint", "latest"])
+    with pytest.raises(UsageError, match="written without --weighting learned"):
+        train_unconditional.main(args)

@@ -190,3 +190,19 @@ def test_tiny_sd_cli_writes_a_loadable_pipeline(tmp_path):
     assert pipeline.unet.config.sample_size == 8 and not (tmp_path / "tiny" / ".build").exists()
     image = pipeline("a photo of a bag", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 16, 16, 3)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--regime", "ant", "--ant_clusters", "500"], r"--ant_clusters must be in \[1, 100\]"),
+    (["--regime", "curriculum", "--curriculum_clusters", "101"], r"--curriculum_clusters must be in \[1, 100\]"),
+    (["--regime", "tdc", "--tdc_groups", "200", "--tdc_base_steps", "1"], r"--tdc_groups must be in \[2, 100\]"),
+])
+def test_cluster_counts_are_checked_against_the_schedulers_timesteps(script, tiny_sd, tmp_path, extra, message):
+    """The script has no --ddpm_num_steps: T is the pretrained scheduler's (here 100, not the default 1000)."""
+    base = tmp_path / "sd-100"
+    shutil.copytree(tiny_sd, base)
+    config_path = base / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "num_train_timesteps": 100}))
+    with pytest.raises(UsageError, match=message):
+        run(script, base, tmp_path / "run", "--max_train_steps", "2", *extra)
+    assert not (tmp_path / "run" / "model_index.json").exists()

@@ -1,8 +1,12 @@
+import math
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from diffusers_curriculum.weighting import loss_weights, min_snr_weights, p2_weights
+from diffusers_curriculum.weighting import (
+    LearnedWeighting, learned_weighting_loss, loss_weights, min_snr_weights, p2_weights,
+)
 
 
 def snr_of(scheduler, t):
@@ -46,3 +50,42 @@ def test_min_snr_down_weights_low_noise_timesteps_only():
     w = loss_weights(scheduler, torch.arange(1000), "min_snr", snr_gamma=5.0)
     assert w[0] < 0.01 and torch.all(w[-500:] == 1.0)
     assert torch.all(w[1:] >= w[:-1])
+
+
+def test_learned_weighting_loss_is_minimal_at_the_log_of_the_mean_loss():
+    losses = torch.tensor([0.5, 2.0, 3.5])  # mean 2
+    u = torch.linspace(-1, 3, 4001)
+    objective = torch.stack([learned_weighting_loss(losses, torch.full_like(losses, v)).mean() for v in u])
+    assert abs(float(u[objective.argmin()]) - math.log(2.0)) < 1e-3
+
+
+def test_learned_u_converges_to_the_log_scale_of_each_noise_level():
+    """Synthetic losses whose mean at log-SNR λ is scale(λ) = exp(sin(λ/3) + λ/10), half of them 0.5 and half
+    1.5 times it: u(λ) learns log scale(λ), the log of the *mean* loss (the mean of log L would sit 0.144 lower)."""
+    weighting = LearnedWeighting(lr=0.02, seed=0)
+    scale = lambda lam: torch.exp(torch.sin(lam / 3) + lam / 10)  # noqa: E731
+    spread = torch.tensor([0.5, 1.5]).repeat(256)
+    generator = torch.Generator().manual_seed(1)
+    for step in range(2000):
+        if step == 1000:  # a step decay, as any training schedule would, to settle the noise of the estimate
+            weighting.optimizer.param_groups[0]["lr"] = 0.002
+        lam = torch.rand(512, generator=generator) * 20 - 10
+        weighting.loss(scale(lam) * spread, lam).mean().backward()
+        weighting.step()
+    grid = torch.linspace(-9, 9, 37)
+    with torch.no_grad():
+        error = weighting(grid) - scale(grid).log()
+    assert float((error - error.mean()).abs().max()) < 0.12  # the shape of log scale(λ)
+    assert float(error.mean().abs()) < 0.06  # and its level: log E[L], not E[log L] = log scale - 0.144
+
+
+def test_learned_weighting_starts_unweighted_and_resumes_its_state():
+    weighting = LearnedWeighting(seed=3)
+    lam, losses = torch.tensor([-5.0, 0.0, 5.0]), torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(weighting.loss(losses, lam), losses)  # u = 0 at the start
+    weighting.loss(losses, lam).sum().backward()
+    weighting.step()
+    copy = LearnedWeighting(seed=3)
+    copy.load_training_state(weighting.training_state())
+    torch.testing.assert_close(copy(lam), weighting(lam))
+    assert copy.optimizer.state_dict()["state"].keys() == weighting.optimizer.state_dict()["state"].keys()

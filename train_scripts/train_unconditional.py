@@ -153,7 +153,7 @@ def validate_args(args):
         args.hub_token_resolved = resolve_hub_token(args.hub_token)
     if args.train_data_dir is None and args.dataset_name is None:
         raise UsageError("give --dataset_name or --train_data_dir")
-    TrainingRegime.validate_args(args)
+    TrainingRegime.validate_args(args, num_train_timesteps=args.ddpm_num_steps)
     TASKS[args.task](args).validate_args()
     # Never train on top of someone's finished run by accident; --resume_from_checkpoint continues one.
     if (os.path.exists(os.path.join(args.output_dir, "model_index.json")) and not args.overwrite_output_dir
