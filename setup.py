@@ -15,7 +15,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["diffusers_curriculum", "diffusers_curriculum.portable", "diffusers_curriculum.model_cards"],
+    packages=["diffusers_curriculum", "diffusers_curriculum.portable", "diffusers_curriculum.regimes", "diffusers_curriculum.model_cards"],
     # The card templates live in the top-level model_cards/ folder and ship inside the package.
     package_dir={"diffusers_curriculum": "diffusers_curriculum", "diffusers_curriculum.model_cards": "model_cards"},
     package_data={"diffusers_curriculum.model_cards": ["*.md"]},

@@ -31,13 +31,10 @@ from diffusers.training_utils import compute_snr
 
 from compare_regimes import arms, load_script
 from compare_regimes import parse_args as compare_args
-from diffusers_curriculum.ant import ANTRegime, StratifiedSampler, cluster_boundaries
-from diffusers_curriculum.curriculum import AdaptivePacing, CurriculumRegime, equal_clusters
 from diffusers_curriculum.data import build_dataset
+from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import tiny_unet_config
-from diffusers_curriculum.mtl import build_balancer
-from diffusers_curriculum.regimes import TrainingRegime
-from diffusers_curriculum.sampling import IntervalSampler, UniformSampler
+from diffusers_curriculum.regimes import build_regime
 
 
 def plain_step(accelerator, model, optimizer, scheduler, clean, snr_gamma=None):
@@ -64,34 +61,54 @@ def regime_step(accelerator, model, optimizer, scheduler, clean, regime, steps):
     noisy = scheduler.add_noise(clean, noise, timesteps)
     with regime.forward_context(accelerator, model):
         pred = model(noisy, timesteps).sample
-    per_sample = F.mse_loss(pred.float(), noise.float(), reduction="none")
-    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
-    regime.backward(accelerator, per_sample, timesteps, model)
+    regime.backward(accelerator, denoising_loss(pred, scheduler, clean, noise, timesteps), timesteps, model)
     optimizer.step()
     optimizer.zero_grad()
     regime.on_step_end(accelerator, next(steps))
 
 
+# One variant per axis value, each built from the training script's own flags (the axis alone, all else default).
+AXIS_VARIANTS = {
+    "--regime uniform": [],
+    "--snr_gamma 5": ["--snr_gamma", "5"],
+    "--weighting p2": ["--weighting", "p2"],
+    "--weighting learned": ["--weighting", "learned"],
+    "--timestep_sampling logit_normal": ["--timestep_sampling", "logit_normal"],
+    "--timestep_sampling speed": ["--timestep_sampling", "speed"],
+    "--timestep_sampling timestep_bias": ["--timestep_sampling", "timestep_bias"],
+    "--timestep_sampling loss_aware": ["--timestep_sampling", "loss_aware"],
+    "--timestep_sampling stratified": ["--timestep_sampling", "stratified", "--clusters", "5"],
+    "--regime curriculum (adaptive)": ["--regime", "curriculum", "--curriculum_patience", "2", "--curriculum_check_every", "5"],
+    "--balancer uw (--regime ant)": ["--regime", "ant"],
+    "--balancer nash": ["--regime", "ant", "--balancer", "nash"],
+    "--balancer pcgrad": ["--regime", "ant", "--balancer", "pcgrad"],
+    "--experts 4 (stage 2)": ["--experts", "4", "--experts_base_steps", "1"],  # branches during warm-up
+}
+
+
+def regime_variant(train, accelerator, scheduler, clean, resolution, widths, flags, steps):
+    """A step through the regime the training script's parser and ``build_regime`` make of ``flags``, with its
+    own fresh UNet (``widths``: comma-separated block widths)."""
+    run_args = train.parse_args(["--output_dir", "unused", "--resolution", str(resolution), "--block_out_channels", widths,
+                                 "--max_train_steps", str(steps), "--seed", "0", *flags])
+    regime = build_regime(run_args, scheduler)
+    torch.manual_seed(0)
+    model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(resolution, 1, block_out_channels=run_args.block_out_channels)))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    regime.attach(optimizer=optimizer)
+    return partial(regime_step, accelerator, model, optimizer, scheduler, clean, regime, count(1))
+
+
 def arm_variants(args, accelerator, scheduler, clean):
-    """``{arm: (label, step)}``: each compare_regimes.py arm's regime, built by the training script's own
-    argument parser and ``TrainingRegime.from_args``, wrapping its own fresh UNet."""
+    """``{arm: (label, step)}``: each compare_regimes.py arm's regime, built from its flags."""
     train = load_script("train_unconditional")
     widths = args.block_out_channels or compare_args([]).block_out_channels
     steps = 10 ** 6  # long enough that no curriculum stage or TDC base stage ends while timed
     flags = {arm: f for arm, f in arms(steps).items() if f is not None}
     flags["tdc_stage2"] = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "1"]  # branches in warm-up
-    out = {}
-    for arm, arm_flags in flags.items():
-        run_args = train.parse_args(["--output_dir", "unused", "--resolution", str(args.resolution), "--block_out_channels",
-                                     widths, "--max_train_steps", str(steps), "--seed", "0", *arm_flags])
-        regime = TrainingRegime.from_args(run_args, scheduler)
-        torch.manual_seed(0)
-        model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(args.resolution, 1, block_out_channels=run_args.block_out_channels)))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        regime.attach(optimizer=optimizer)
-        out[arm] = (f"arm {arm}", partial(regime_step, accelerator, model, optimizer, scheduler, clean, regime, count(1)))
-    return out
+    return {arm: (f"arm {arm}", regime_variant(train, accelerator, scheduler, clean, args.resolution, widths, arm_flags, steps))
+            for arm, arm_flags in flags.items()}
 
 
 def machine(accelerator):
@@ -118,7 +135,6 @@ def main(argv=None):
     clean = build_dataset("fashion_mnist", resolution=args.resolution, max_train_samples=args.batch_size)
     clean = torch.stack([clean[i]["pixel_values"] for i in range(args.batch_size)]).to(accelerator.device)
     base = UNet2DModel.from_config(tiny_unet_config(args.resolution, 1))
-    ant_boundaries = cluster_boundaries("log_snr", 5, scheduler)
 
     def make(step_fn, **kwargs):
         model = copy.deepcopy(base)
@@ -126,29 +142,11 @@ def main(argv=None):
         model, optimizer = accelerator.prepare(model, optimizer)
         return lambda: step_fn(accelerator, model, optimizer, scheduler, clean, **kwargs)
 
-    variants = {
-        "plain diffusers step": make(plain_step),
-        "plain diffusers step + Min-SNR": make(plain_step, snr_gamma=5.0),
-        "--regime uniform": make(regime_step, regime=TrainingRegime(scheduler, UniformSampler(1000)), steps=count(1)),
-        "--regime uniform --snr_gamma 5": make(
-            regime_step, regime=TrainingRegime(scheduler, UniformSampler(1000), weighting="min_snr", snr_gamma=5.0),
-            steps=count(1),
-        ),
-        "--regime curriculum (adaptive)": make(
-            regime_step,
-            regime=CurriculumRegime(scheduler, IntervalSampler(1000), equal_clusters(1000, 20),
-                                    AdaptivePacing(patience=2, check_every=5)),
-            steps=count(1),
-        ),
-        **{
-            f"--regime ant --ant_method {method}": make(
-                regime_step,
-                regime=ANTRegime(scheduler, StratifiedSampler(1000, ant_boundaries), build_balancer(method, 5)),
-                steps=count(1),
-            )
-            for method in ("uw", "nash", "pcgrad")
-        },
-    }
+    train = load_script("train_unconditional")
+    widths = ",".join(str(w) for w in base.config.block_out_channels)
+    variants = {"plain diffusers step": make(plain_step), "plain diffusers step + Min-SNR": make(plain_step, snr_gamma=5.0)}
+    for name, flags in AXIS_VARIANTS.items():
+        variants[name] = regime_variant(train, accelerator, scheduler, clean, args.resolution, widths, flags, 10 ** 6)
     arm_of = {}
     if args.arms:
         for arm, (name, step) in arm_variants(args, accelerator, scheduler, clean).items():

@@ -2,48 +2,48 @@
 
 __version__ = "0.1.0.dev0"
 
-from .ant import ANTRegime, StratifiedSampler
-from .clustering import cluster_intervals, interval_costs
-from .curriculum import AdaptivePacing, CurriculumRegime, FixedPacing, equal_clusters, stage_interval
-from .regimes import REGIMES, TrainingRegime
-from .sampling import IntervalSampler, LogitNormalSampler, TimestepSampler, UniformSampler
 from . import schedulers  # noqa: F401  (folders saved in the old layout name this module)
+from .clustering import cluster_intervals, equal_boundaries, interval_costs, partition
 from .experts import TimestepRoutedExperts
-from .tdc import TDCRegime
-from .pipelines import ClassConditionalPipeline
 from .export import read_training_regime
+from .losses import denoising_loss
 from .metrics import FashionFeatures, fashion_feature_extractor, feature_fid
-from .mtl import NashMTL, PCGrad, UncertaintyWeighting
-from .weighting import loss_weights, min_snr_weights, p2_weights
-
+from .pipelines import ClassConditionalPipeline
+from .regimes import PRESETS, Regime, build_regime
+from .regimes.balancers import NashMTL, PCGrad, UncertaintyWeighting
+from .regimes.timesteps import AdaptivePacing, CurriculumSampler, FixedPacing, stage_interval
+from .sampling import IntervalSampler, LogitNormalSampler, StratifiedSampler, TimestepSampler, UniformSampler
+from .weighting import LearnedWeighting, loss_weights, min_snr_weights, p2_weights
 
 __all__ = [
-    "ANTRegime",
     "AdaptivePacing",
     "ClassConditionalPipeline",
-    "CurriculumRegime",
+    "CurriculumSampler",
     "FashionFeatures",
     "FixedPacing",
     "IntervalSampler",
+    "LearnedWeighting",
     "LogitNormalSampler",
     "NashMTL",
     "PCGrad",
-    "REGIMES",
+    "PRESETS",
+    "Regime",
     "StratifiedSampler",
-    "TDCRegime",
     "TimestepRoutedExperts",
     "TimestepSampler",
-    "TrainingRegime",
     "UncertaintyWeighting",
     "UniformSampler",
+    "build_regime",
     "cluster_intervals",
-    "equal_clusters",
+    "denoising_loss",
+    "equal_boundaries",
     "fashion_feature_extractor",
     "feature_fid",
     "interval_costs",
     "loss_weights",
     "min_snr_weights",
     "p2_weights",
+    "partition",
     "read_training_regime",
     "stage_interval",
 ]

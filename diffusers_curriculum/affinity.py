@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Iterable
+from typing import Iterable, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import ArgumentParser, UsageError, exits_on_usage_error
+from .errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from .losses import denoising_loss
 
 
@@ -53,6 +53,16 @@ def gradient_affinity(unet, scheduler, batches: Iterable[torch.Tensor], group_si
     if count == 0:
         raise ValueError("no batches given")
     return total / count
+
+
+def load_affinity(path: str, flag_name: str = "--affinity_path") -> Tuple[np.ndarray, int]:
+    """(affinity matrix, group size) from an ``affinity.npz`` written by :func:`main`; a one-line error naming
+    ``flag_name`` when it cannot be read."""
+    try:
+        with np.load(path) as f:
+            return f["affinity"], int(f["group_size"])
+    except Exception as e:
+        raise UsageError(f"{flag_name} {path}: cannot read an affinity matrix ({describe_exception(e)})") from None
 
 
 def plot_affinity(affinity: np.ndarray, group_size: int, path: str) -> None:

@@ -16,12 +16,16 @@ runs vectorised in O(k·T²). Costs (each with the interval centre c that minimi
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+# Checking and bucketing boundaries live in the experts' self-contained module (saved pipelines carry it).
+from .portable.timestep_routed_experts import bucketize, check_boundaries  # noqa: F401
+
 COSTS = ("timestep", "snr", "log_snr", "affinity")
+PARTITIONS = ("equal",) + COSTS
 
 
 def absolute_deviation_costs(values: np.ndarray) -> np.ndarray:
@@ -139,5 +143,26 @@ def cluster_intervals_naive(cost_fn, T: int, k: int) -> Tuple[List[int], float]:
     return boundaries[::-1], D[k][T]
 
 
-def boundaries_to_clusters(boundaries: List[int]) -> List[Tuple[int, int]]:
-    return [(boundaries[i], boundaries[i + 1]) for i in range(len(boundaries) - 1)]
+def boundaries_to_clusters(boundaries: Sequence[int]) -> List[Tuple[int, int]]:
+    """``[0, b_1, …, T]`` → ``[(0, b_1), (b_1, b_2), …]``."""
+    return [(int(boundaries[i]), int(boundaries[i + 1])) for i in range(len(boundaries) - 1)]
+
+
+def equal_boundaries(num_train_timesteps: int, k: int) -> List[int]:
+    """[0, T) cut into ``k`` contiguous intervals whose sizes differ by at most one."""
+    if not 1 <= k <= num_train_timesteps:
+        raise ValueError(f"k must be in [1, {num_train_timesteps}], got {k}")
+    return [round(i * num_train_timesteps / k) for i in range(k + 1)]
+
+
+def partition(cost: str, k: int, num_train_timesteps: int, alphas_cumprod=None, affinity: Optional[np.ndarray] = None,
+              group_size: int = 1) -> List[int]:
+    """The boundaries ``[0, b_1, …, T]`` of ``k`` clusters: equal intervals (``cost="equal"``) or the exact DP
+    under ``cost``. An affinity matrix is over groups of ``group_size`` timesteps: the DP runs on the groups
+    and the boundaries are scaled back to timesteps."""
+    if cost == "equal":
+        return equal_boundaries(num_train_timesteps, k)
+    if cost == "affinity":
+        boundaries, _ = cluster_intervals(interval_costs("affinity", affinity.shape[0], affinity=affinity), k)
+        return [min(num_train_timesteps, b * group_size) for b in boundaries[:-1]] + [num_train_timesteps]
+    return cluster_intervals(interval_costs(cost, num_train_timesteps, alphas_cumprod=alphas_cumprod), k)[0]

@@ -137,7 +137,7 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
 
     from .data import build_dataset, load_fashion_mnist, TensorImageDataset
     from .models import unet_config_from_args
-    from .regimes import TrainingRegime
+    from .regimes import Regime
     from .sampling import UniformSampler
 
     torch.manual_seed(args.seed)
@@ -145,7 +145,7 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
     config = unet_config_from_args(None, args.resolution, 1, args.block_out_channels, 1)
     model = UNet2DModel.from_config(config)
     scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps)
-    regime = TrainingRegime(scheduler, UniformSampler(args.ddpm_num_steps, seed=args.seed), seed=args.seed)
+    regime = Regime(scheduler, UniformSampler(args.ddpm_num_steps, seed=args.seed), seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed))

@@ -25,42 +25,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .experts import sync_sampler_widths
+from .experts import count_flops, count_params, example_inputs, sync_sampler_widths  # noqa: F401
 from .losses import denoising_loss
 
 Config = Dict[str, float]
-
-
-# ---- counting ------------------------------------------------------------------------------------------
-def example_inputs(model: nn.Module, batch_size: int = 1) -> Dict[str, torch.Tensor]:
-    """Inputs for one forward pass of a UNet2DModel-like ``model`` (sample + timestep [+ class label])."""
-    config = model.config
-    size = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
-    size = (size, size) if isinstance(size, int) else size
-    device = next(model.parameters()).device
-    inputs = {"sample": torch.zeros(batch_size, config.in_channels, *size, device=device),
-              "timestep": torch.zeros(batch_size, dtype=torch.long, device=device)}
-    if getattr(config, "num_class_embeds", None):
-        inputs["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
-    if getattr(config, "cross_attention_dim", None):  # UNet2DConditionModel: a 77-token text condition
-        dim = config.cross_attention_dim
-        dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-        inputs["encoder_hidden_states"] = torch.zeros(batch_size, 77, dim, device=device)
-    return inputs
-
-
-def count_flops(model: nn.Module, inputs: Optional[Dict[str, torch.Tensor]] = None) -> int:
-    """FLOPs of one forward pass for one sample, counted by ``torch.utils.flop_counter``."""
-    inputs = example_inputs(model) if inputs is None else inputs
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs)
-    return int(counter.get_total_flops())
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def group_budgets(num_groups: int, prune_ratio: float) -> List[float]:

@@ -7,9 +7,11 @@ its draws are reproducible and survive checkpoint/resume through :meth:`state_di
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 import torch
+
+from .clustering import bucketize, check_boundaries
 
 
 class TimestepSampler:
@@ -188,6 +190,35 @@ class LossAwareSampler(TimestepSampler):
         super().load_state_dict(state)
         self.losses.copy_(state["losses"])
         self.counts.copy_(state["counts"])
+
+
+class StratifiedSampler(TimestepSampler):
+    """Each draw of B timesteps holds ⌊B/k⌋ from every cluster (uniform inside it) and one more from
+    ``B mod k`` clusters picked at random; draws are grouped by cluster (ANT, Go et al. 2023)."""
+
+    def __init__(self, num_train_timesteps: int, boundaries: Sequence[int], seed: int = 0):
+        super().__init__(num_train_timesteps, seed)
+        self.boundaries = torch.tensor(check_boundaries(boundaries), dtype=torch.long)
+        if int(self.boundaries[-1]) != num_train_timesteps:
+            raise ValueError(f"boundaries {list(boundaries)} must end at T={num_train_timesteps}")
+
+    @property
+    def k(self) -> int:
+        return len(self.boundaries) - 1
+
+    def counts(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        counts = torch.full((self.k,), batch_size // self.k, dtype=torch.long)
+        counts[torch.randperm(self.k, generator=generator)[: batch_size % self.k]] += 1
+        return counts
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        cluster = torch.repeat_interleave(torch.arange(self.k), self.counts(batch_size, generator))
+        low, high = self.boundaries[cluster], self.boundaries[cluster + 1]
+        return low + (torch.rand(batch_size, generator=generator) * (high - low)).long().clamp_max(high - low - 1)
+
+    def cluster_of(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Cluster index of each timestep."""
+        return bucketize(timesteps, self.boundaries.tolist())
 
 
 SAMPLERS = {

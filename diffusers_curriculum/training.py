@@ -14,7 +14,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from .checkpointing import load_checkpoint, save_checkpoint
 from .distributed import force_cpu_backend
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
-from .regimes import TrainingRegime
+from .regimes import needs_unused_parameters
 
 
 def make_accelerator(args) -> Accelerator:
@@ -27,7 +27,7 @@ def make_accelerator(args) -> Accelerator:
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         cpu=force_cpu_backend(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=TrainingRegime.uses_unused_parameters(args))],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameters(args))],
     )
 
 

@@ -37,15 +37,15 @@ def regime_args(*argv):
     """The regime flags as a training script parses and validates them (seed 0, T = 1000, fp32)."""
     import argparse
 
-    from diffusers_curriculum.regimes import TrainingRegime
+    from diffusers_curriculum.regimes import add_regime_args, validate_regime_args
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ddpm_num_steps", type=int, default=1000)
     parser.add_argument("--mixed_precision", type=str, default="no")
-    TrainingRegime.add_args(parser)
+    add_regime_args(parser)
     args = parser.parse_args(list(argv))
-    TrainingRegime.validate_args(args, num_train_timesteps=args.ddpm_num_steps)
+    validate_regime_args(args, num_train_timesteps=args.ddpm_num_steps)
     return args
 
 

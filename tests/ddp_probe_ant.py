@@ -4,14 +4,16 @@ balancer on both ranks; each rank writes its balancer state and a weight checksu
 import sys
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, UNet2DModel
 
-from diffusers_curriculum.ant import ANTRegime, StratifiedSampler, cluster_boundaries
+from diffusers_curriculum.clustering import partition
 from diffusers_curriculum.distributed import force_cpu_backend
 from diffusers_curriculum.models import tiny_unet_config
-from diffusers_curriculum.mtl import build_balancer
+from diffusers_curriculum.losses import denoising_loss
+from diffusers_curriculum.regimes import Regime
+from diffusers_curriculum.regimes.balancers import build_balancer
+from diffusers_curriculum.sampling import StratifiedSampler
 
 
 def main(out_dir):
@@ -22,10 +24,10 @@ def main(out_dir):
         model = UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16)))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         model, optimizer = accelerator.prepare(model, optimizer)
-        regime = ANTRegime(
-            scheduler, StratifiedSampler(100, cluster_boundaries("log_snr", 3, scheduler)),
-            build_balancer(method, 3, nash_update_every=2), seed=1,
-            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+        boundaries = partition("log_snr", 3, 100, scheduler.alphas_cumprod)
+        regime = Regime(
+            scheduler, StratifiedSampler(100, boundaries), balancer=build_balancer(method, 3, nash_update_every=2),
+            boundaries=boundaries, seed=1, process_index=accelerator.process_index, num_processes=accelerator.num_processes,
         )
         # Different data on each rank, so per-rank balancer decisions would differ without syncing.
         data = torch.randn(6, 4, 1, 8, 8, generator=torch.Generator().manual_seed(10 + accelerator.process_index))
@@ -34,7 +36,7 @@ def main(out_dir):
             noise, t = regime.sample(clean)
             with accelerator.accumulate(model), regime.forward_context(accelerator, model):
                 pred = model(scheduler.add_noise(clean, noise, t), t).sample
-                per_sample = F.mse_loss(pred, noise, reduction="none").flatten(1).mean(1)
+                per_sample = denoising_loss(pred, scheduler, clean, noise, t)
                 regime.backward(accelerator, per_sample, t, model)
                 optimizer.step()
                 optimizer.zero_grad()

@@ -8,9 +8,10 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDPMScheduler
 
-from diffusers_curriculum.curriculum import AdaptivePacing, CurriculumRegime, equal_clusters
+from diffusers_curriculum.clustering import equal_boundaries
 from diffusers_curriculum.distributed import force_cpu_backend
-from diffusers_curriculum.sampling import IntervalSampler
+from diffusers_curriculum.regimes import Regime
+from diffusers_curriculum.regimes.timesteps import AdaptivePacing, CurriculumSampler
 
 
 def rank_loss(rank: int, step: int) -> float:
@@ -20,9 +21,9 @@ def rank_loss(rank: int, step: int) -> float:
 
 def main(out_dir):
     accelerator = Accelerator(cpu=force_cpu_backend())
-    regime = CurriculumRegime(
-        DDPMScheduler(num_train_timesteps=100), IntervalSampler(100), equal_clusters(100, 5),
-        AdaptivePacing(patience=2, check_every=2, smoothing=0.0),
+    pacing = AdaptivePacing(patience=2, check_every=2, smoothing=0.0)
+    regime = Regime(
+        DDPMScheduler(num_train_timesteps=100), CurriculumSampler(100, equal_boundaries(100, 5), pacing),
         process_index=accelerator.process_index, num_processes=accelerator.num_processes,
     )
     stages, draws = [], []
@@ -33,7 +34,7 @@ def main(out_dir):
         stages.append(regime.on_step_end(accelerator, step)["curriculum_stage"])
     with open(f"{out_dir}/rank{accelerator.process_index}.json", "w") as f:
         json.dump({"num_processes": accelerator.num_processes, "stages": stages, "draws": draws,
-                   "history": regime.stage_history}, f)
+                   "history": regime.sampler.stage_history}, f)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffusers_curriculum.affinity import gradient_affinity, group_timesteps, main
-from diffusers_curriculum.ant import cluster_boundaries, load_affinity
+from diffusers_curriculum.affinity import load_affinity
+from diffusers_curriculum.clustering import partition
 from diffusers_curriculum.models import tiny_unet_config
 
 
@@ -71,7 +72,7 @@ def test_cli_writes_matrix_and_heatmap_that_feed_ant(tiny_pipeline, tmp_path):
     assert (out / "affinity.png").stat().st_size > 1000
     A, group_size = load_affinity(str(out / "affinity.npz"))
     assert A.shape == (5, 5) and group_size == 20
-    boundaries = cluster_boundaries("affinity", 2, DDPMScheduler(num_train_timesteps=100), A, group_size)
+    boundaries = partition("affinity", 2, 100, affinity=A, group_size=group_size)
     assert boundaries[0] == 0 and boundaries[-1] == 100 and len(boundaries) == 3
 
 

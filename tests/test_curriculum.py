@@ -4,14 +4,12 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffusers_curriculum import read_training_regime
-from diffusers_curriculum.curriculum import (
-    AdaptivePacing, CurriculumRegime, FixedPacing, check_clusters, equal_clusters, stage_interval,
-)
+from diffusers_curriculum.clustering import boundaries_to_clusters, check_boundaries, equal_boundaries, partition
 from diffusers_curriculum.errors import UsageError
-from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.regimes import Regime, build_regime
+from diffusers_curriculum.regimes.timesteps import AdaptivePacing, CurriculumSampler, FixedPacing, stage_interval
 
 from conftest import regime_args as conftest_regime_args
-from diffusers_curriculum.sampling import IntervalSampler
 
 
 class SingleProcess:
@@ -28,18 +26,18 @@ class SingleProcess:
 
 def test_equal_clusters_cover_range_exactly():
     for T, n in [(1000, 20), (1000, 7), (10, 10), (10, 1), (13, 4)]:
-        clusters = equal_clusters(T, n)
-        check_clusters(clusters, T)
-        sizes = [end - start for start, end in clusters]
-        assert len(clusters) == n and max(sizes) - min(sizes) <= 1
+        boundaries = equal_boundaries(T, n)
+        check_boundaries(boundaries, n)
+        sizes = [end - start for start, end in boundaries_to_clusters(boundaries)]
+        assert boundaries[-1] == T and len(sizes) == n and max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError):
-        equal_clusters(10, 11)
+        equal_boundaries(10, 11)
     with pytest.raises(ValueError):
-        check_clusters([(0, 5), (6, 10)], 10)
+        check_boundaries([0, 5, 5, 10])
 
 
 def test_stages_grow_from_the_highest_timesteps():
-    clusters = equal_clusters(100, 4)
+    clusters = boundaries_to_clusters(equal_boundaries(100, 4))
     assert [stage_interval(clusters, n) for n in (1, 2, 3, 4)] == [(75, 100), (50, 100), (25, 100), (0, 100)]
     with pytest.raises(ValueError):
         stage_interval(clusters, 5)
@@ -73,7 +71,8 @@ def test_non_improvement_must_be_consecutive():
 
 def make_regime(pacing, T=100, clusters=4, seed=0):
     scheduler = DDPMScheduler(num_train_timesteps=T)
-    return CurriculumRegime(scheduler, IntervalSampler(T, seed=seed), equal_clusters(T, clusters), pacing)
+    boundaries = equal_boundaries(T, clusters)
+    return Regime(scheduler, CurriculumSampler(T, boundaries, pacing, seed=seed), boundaries=boundaries, timestep_sampling="curriculum")
 
 
 def test_sampler_never_draws_outside_the_stage_and_never_skips_a_stage():
@@ -82,13 +81,13 @@ def test_sampler_never_draws_outside_the_stage_and_never_skips_a_stage():
     stages = []
     for step in range(1, 41):
         _, t = regime.sample(clean)
-        low, high = stage_interval(regime.clusters, regime.stage)
+        low, high = stage_interval(regime.sampler.clusters, regime.sampler.stage)
         assert int(t.min()) >= low and int(t.max()) < high
         regime.backward(accelerator, torch.rand(16), t)
         stages.append(regime.on_step_end(accelerator, step)["curriculum_stage"])
     assert all(b - a in (0, 1) for a, b in zip(stages, stages[1:]))
     assert stages[-1] == 4  # stays on the full range after the last stage
-    assert [h["start_step"] for h in regime.stage_history] == [0, 5, 10, 15]
+    assert [h["start_step"] for h in regime.sampler.stage_history] == [0, 5, 10, 15]
 
 
 def test_state_dict_restores_stage_pacing_and_draws():
@@ -106,7 +105,7 @@ def test_state_dict_restores_stage_pacing_and_draws():
             regime.backward(accelerator, torch.full((4,), loss), regime.sample(torch.zeros(4, 1, 2, 2))[1])
             regime.on_step_end(accelerator, step)
         assert torch.equal(a.sample(torch.zeros(4, 1, 2, 2))[1], b.sample(torch.zeros(4, 1, 2, 2))[1])
-    assert a.stage_history == b.stage_history and a.stage == b.stage > 1
+    assert a.sampler.stage_history == b.sampler.stage_history and a.sampler.stage == b.sampler.stage > 1
 
 
 def regime_args(*argv):
@@ -124,7 +123,7 @@ def regime_args(*argv):
         (["--curriculum_pacing", "fixed"], "--curriculum_pacing fixed needs --curriculum_steps_per_stage"),
         (["--curriculum_pacing", "fixed", "--curriculum_steps_per_stage", "5", "--curriculum_max_stage_steps", "9"],
          "--curriculum_max_stage_steps applies to adaptive"),
-        (["--timestep_sampling", "logit_normal"], "--timestep_sampling logit_normal does not apply"),
+        (["--clusters", "0"], "--clusters must be in \\[1, 1000\\]"),  # the shared flag wins over the alias
     ],
 )
 def test_bad_curriculum_flags_are_one_line_errors(argv, message):
@@ -132,11 +131,11 @@ def test_bad_curriculum_flags_are_one_line_errors(argv, message):
         regime_args(*argv)
 
 
-def test_from_args_builds_the_curriculum():
+def test_build_regime_gives_the_curriculum():
     args = regime_args("--curriculum_clusters", "10", "--snr_gamma", "5")
-    regime = TrainingRegime.from_args(args, DDPMScheduler(num_train_timesteps=1000))
-    assert isinstance(regime, CurriculumRegime) and regime.num_stages == 10
-    assert stage_interval(regime.clusters, 1) == (900, 1000) and regime.weighting == "min_snr"
+    regime = build_regime(args, DDPMScheduler(num_train_timesteps=1000))
+    assert isinstance(regime.sampler, CurriculumSampler) and regime.sampler.num_stages == 10
+    assert stage_interval(regime.sampler.clusters, 1) == (900, 1000) and regime.weighting.name == "min_snr"
     info = regime.describe()
     assert info["name"] == "curriculum" and info["pacing"]["policy"] == "AdaptivePacing" and info["pacing"]["patience"] == 5
 
@@ -168,9 +167,19 @@ def test_resume_mid_stage_reproduces_stage_history_and_draws(train_unconditional
     shutil.copytree(tmp_path / "a" / "checkpoint-7", tmp_path / "b" / "checkpoint-7")
     resumed = train_unconditional.main(train_unconditional.parse_args(
         ["--output_dir", str(tmp_path / "b"), *flags, "--resume_from_checkpoint", "latest"]))
-    assert resumed["regime_state"]["stage_history"] == straight["regime_state"]["stage_history"]
-    assert len(straight["regime_state"]["stage_history"]) >= 3  # the run did move through stages
+    assert resumed["regime_state"]["sampler"]["stage_history"] == straight["regime_state"]["sampler"]["stage_history"]
+    assert len(straight["regime_state"]["sampler"]["stage_history"]) >= 3  # the run did move through stages
     assert resumed["losses"] == pytest.approx(straight["losses"][7:], rel=1e-5)
     assert torch.equal(resumed["regime_state"]["sampler"]["generator"], straight["regime_state"]["sampler"]["generator"])
     a, b = read_training_regime(tmp_path / "a"), read_training_regime(tmp_path / "b")
     assert a == b
+
+
+def test_curriculum_cluster_cost_is_wired_to_the_stages():
+    """--curriculum_cluster_cost log_snr: the stages are the DP's clusters, not equal intervals."""
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    regime = build_regime(regime_args("--curriculum_clusters", "4", "--curriculum_cluster_cost", "log_snr"), scheduler)
+    expected = partition("log_snr", 4, 1000, scheduler.alphas_cumprod)
+    assert expected != equal_boundaries(1000, 4)
+    assert regime.sampler.clusters == boundaries_to_clusters(expected) and regime.boundaries == expected
+    assert regime.sampler.t_min == expected[3]  # stage 1: the highest-t cluster of the DP

@@ -75,7 +75,7 @@ def test_curriculum_stage_decisions_identical_on_both_ranks(tmp_path):
 
     from ddp_probe_curriculum import rank_loss
 
-    from diffusers_curriculum.curriculum import AdaptivePacing
+    from diffusers_curriculum.regimes.timesteps import AdaptivePacing
 
     proc = subprocess.run([*LAUNCH, str(ROOT / "tests" / "ddp_probe_curriculum.py"), str(tmp_path)],
                           capture_output=True, text=True, timeout=300)

@@ -12,8 +12,8 @@ from diffusers_curriculum import read_training_regime
 from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.experts import TimestepRoutedExperts, is_routed_experts
 from diffusers_curriculum.models import tiny_unet_config
-from diffusers_curriculum.regimes import TrainingRegime
-from diffusers_curriculum.tdc import tdc_boundaries
+from diffusers_curriculum.clustering import equal_boundaries, partition
+from diffusers_curriculum.regimes import build_regime
 
 from conftest import regime_args
 
@@ -21,15 +21,20 @@ TDC_FLAGS = ["--regime", "tdc", "--tdc_groups", "3", "--tdc_base_steps", "4", "-
 
 
 @pytest.mark.parametrize("cost", ["equal", "timestep", "snr", "log_snr"])
-def test_groups_cover_all_timesteps_without_overlap(cost):
-    boundaries = tdc_boundaries(cost, 4, DDPMScheduler(num_train_timesteps=1000))
-    assert boundaries[0] == 0 and boundaries[-1] == 1000 and len(boundaries) == 5
-    assert all(b > a for a, b in zip(boundaries, boundaries[1:]))
+def test_the_experts_serve_the_clusters_of_their_cost(cost):
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    args = regime_args("--regime", "tdc", "--tdc_groups", "4", "--tdc_group_cost", cost, "--tdc_base_steps", "2")
+    regime = build_regime(args, scheduler)
+    expected = partition(cost, 4, 1000, scheduler.alphas_cumprod)
+    assert regime.experts.boundaries == regime.boundaries == expected == regime.experts.group_sampler.boundaries.tolist()
+    assert expected[0] == 0 and expected[-1] == 1000 and all(b > a for a, b in zip(expected, expected[1:]))
+    if cost in ("snr", "log_snr"):  # DP clusters, not equal intervals under another name
+        assert expected != equal_boundaries(1000, 4)
 
 
 def make_regime(base_steps=2):
     args = regime_args("--regime", "tdc", "--tdc_groups", "3", "--tdc_group_cost", "equal", "--tdc_base_steps", str(base_steps))
-    return TrainingRegime.from_args(args, DDPMScheduler(num_train_timesteps=1000))
+    return build_regime(args, DDPMScheduler(num_train_timesteps=1000))
 
 
 class FakeAccelerator:
@@ -54,7 +59,7 @@ def test_stage_one_trains_the_base_then_branching_copies_weights_optimizer_and_e
     torch.manual_seed(0)
     regime = make_regime(base_steps=2)
     model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16))))
-    assert isinstance(model, TimestepRoutedExperts) and regime.experts is model
+    assert isinstance(model, TimestepRoutedExperts) and regime.experts.experts is model
     untouched = {k: v.clone() for k, v in model.experts[2].state_dict().items()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ema = EMAModel(model.parameters(), decay=0.9)
@@ -65,7 +70,7 @@ def test_stage_one_trains_the_base_then_branching_copies_weights_optimizer_and_e
     for k, v in model.experts[2].state_dict().items():  # the other experts do not move before branching
         assert torch.equal(v, untouched[k])
     _, logs = train_step(regime, model, optimizer, ema, 2)
-    assert logs["tdc_stage"] == 2 and regime.stage == 2 and model.route_all_to is None
+    assert logs["tdc_stage"] == 2 and regime.experts.stage == 2 and model.route_all_to is None
     base = list(model.experts[0].parameters())
     per_expert = len(base)
     for i in (1, 2):
@@ -75,7 +80,7 @@ def test_stage_one_trains_the_base_then_branching_copies_weights_optimizer_and_e
             assert torch.equal(ema.shadow_params[j], ema.shadow_params[i * per_expert + j])
 
     t, logs = train_step(regime, model, optimizer, ema, 3)  # stage 2: stratified, each expert its own group
-    assert sorted(regime.group_sampler.cluster_of(t).tolist()) == [0, 0, 1, 1, 2, 2]
+    assert sorted(regime.experts.group_sampler.cluster_of(t).tolist()) == [0, 0, 1, 1, 2, 2]
     assert {"loss/group_0", "loss/group_1", "loss/group_2"} <= set(logs)
     assert not torch.equal(model.experts[0].conv_in.weight, model.experts[1].conv_in.weight)
 
@@ -83,16 +88,16 @@ def test_stage_one_trains_the_base_then_branching_copies_weights_optimizer_and_e
 def test_state_round_trip_and_mismatched_resumes_are_clear_errors():
     regime = make_regime(base_steps=2)
     regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16))))
-    regime.stage = 2
+    regime.experts.stage = 2
     state = regime.state_dict()
     fresh = make_regime(base_steps=2)
     fresh.wrap_model(UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16))))
     fresh.load_state_dict(state)
-    assert fresh.stage == 2 and fresh.experts.route_all_to is None
-    with pytest.raises(UsageError, match="stage 2 .* --tdc_base_steps is 50"):
+    assert fresh.experts.stage == 2 and fresh.experts.experts.route_all_to is None
+    with pytest.raises(UsageError, match="checkpoint's experts is .*'base_steps': 2.* this run's is .*'base_steps': 50"):
         make_regime(base_steps=50).load_state_dict(state)
-    with pytest.raises(UsageError, match="not written by --regime tdc"):
-        make_regime().load_state_dict(TrainingRegime.from_args(regime_args(), DDPMScheduler()).state_dict())
+    with pytest.raises(UsageError, match="checkpoint's experts is None"):
+        make_regime().load_state_dict(build_regime(regime_args(), DDPMScheduler()).state_dict())
 
 
 def run(script, tmp_path, tiny_flags, *extra, name="run"):
@@ -101,7 +106,7 @@ def run(script, tmp_path, tiny_flags, *extra, name="run"):
 
 def test_tdc_run_saves_a_routed_pipeline_that_generates(train_unconditional, tmp_path, tiny_flags):
     summary = run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "8", "--use_ema")
-    assert summary["global_step"] == 8 and summary["regime_state"]["stage"] == 2
+    assert summary["global_step"] == 8 and summary["regime_state"]["experts"]["stage"] == 2
     pipeline = DiffusionPipeline.from_pretrained(tmp_path / "run", trust_remote_code=True)
     assert is_routed_experts(pipeline.unet) and len(pipeline.unet.experts) == 3
     record = read_training_regime(tmp_path / "run")
@@ -126,10 +131,10 @@ def test_resume_in_either_stage_reproduces_the_uninterrupted_run(train_unconditi
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
-def test_stage_two_checkpoint_into_a_stage_one_config_is_refused(train_unconditional, tmp_path, tiny_flags):
+def test_resuming_with_other_base_steps_is_refused(train_unconditional, tmp_path, tiny_flags):
     run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "6", "--checkpointing_steps", "6")
     flags = [f if f != "4" else "7" for f in TDC_FLAGS]  # --tdc_base_steps 7: step 6 would still be stage 1
     args = train_unconditional.parse_args(["--output_dir", str(tmp_path / "run"), *tiny_flags, *flags,
                                            "--max_train_steps", "10", "--resume_from_checkpoint", "latest"])
-    with pytest.raises(UsageError, match="stage 2 .*--tdc_base_steps is 7"):
+    with pytest.raises(UsageError, match="checkpoint's experts .*'base_steps': 4.* this run's .*'base_steps': 7.*--experts_base_steps"):
         train_unconditional.main(args)

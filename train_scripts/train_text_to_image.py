@@ -39,7 +39,9 @@ from diffusers_curriculum.hub import (
 )
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.preemption import Preemption
-from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.regimes import (
+    add_regime_args, build_regime, check_schedule, needs_unused_parameters, validate_regime_args,
+)
 from diffusers_curriculum.training import (
     after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, resume,
     run_config, shipped_model,
@@ -111,7 +113,7 @@ def parse_args(argv=None):
     parser.add_argument("--hub_token", type=str, default=None)
     parser.add_argument("--hub_model_id", type=str, default=None)
     parser.add_argument("--hub_private_repo", action="store_true")
-    TrainingRegime.add_args(parser)
+    add_regime_args(parser)
     args = parser.parse_args(argv)
     validate_args(args)
     return args
@@ -131,15 +133,15 @@ def validate_args(args):
         raise UsageError(f"--noise_offset must be >= 0, got {args.noise_offset}")
     if args.use_lora and args.use_ema:
         raise UsageError("--use_ema keeps an EMA of the full UNet and does not apply to --use_lora (LoRA trains adapters only)")
-    if args.use_lora and args.regime == "tdc":
-        raise UsageError("--regime tdc trains full expert copies; it does not combine with --use_lora")
+    if args.use_lora and needs_unused_parameters(args):
+        raise UsageError(f"{'--regime tdc' if args.regime == 'tdc' else '--experts'} trains full expert copies; it does not combine with --use_lora")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise UsageError("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install 'diffusers-curriculum[xformers]')")
     if args.push_to_hub:
         args.hub_token_resolved = resolve_hub_token(args.hub_token)
     if args.train_data_dir is None and args.dataset_name is None:
         raise UsageError("give --dataset_name or --train_data_dir")
-    TrainingRegime.validate_args(args)
+    validate_regime_args(args)
     done = "model_index.json" if not args.use_lora else LORA_WEIGHTS
     if (os.path.exists(os.path.join(args.output_dir, done)) and not args.overwrite_output_dir
             and args.resume_from_checkpoint is None):
@@ -215,7 +217,7 @@ def main(args):
         cache_dir=args.cache_dir, max_train_samples=args.max_train_samples,
     )
     resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-    regime = TrainingRegime.from_args(args, noise_scheduler, accelerator.process_index, accelerator.num_processes)
+    regime = build_regime(args, noise_scheduler, accelerator)
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -251,7 +253,7 @@ def main(args):
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    TrainingRegime.check_schedule(args, args.max_train_steps)
+    check_schedule(args, args.max_train_steps)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)

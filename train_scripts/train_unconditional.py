@@ -34,7 +34,7 @@ from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, write_model_card
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
-from diffusers_curriculum.regimes import TrainingRegime
+from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
 from diffusers_curriculum.training import (
     after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, resume,
     run_config, shipped_model,
@@ -113,7 +113,7 @@ def parse_args(argv=None, task_cls=Unconditional):
     parser.add_argument("--hub_token", type=str, default=None)
     parser.add_argument("--hub_model_id", type=str, default=None)
     parser.add_argument("--hub_private_repo", action="store_true")
-    TrainingRegime.add_args(parser)
+    add_regime_args(parser)
     task_cls.add_args(parser)
 
     args = parser.parse_args(argv)
@@ -153,7 +153,7 @@ def validate_args(args):
         args.hub_token_resolved = resolve_hub_token(args.hub_token)
     if args.train_data_dir is None and args.dataset_name is None:
         raise UsageError("give --dataset_name or --train_data_dir")
-    TrainingRegime.validate_args(args, num_train_timesteps=args.ddpm_num_steps)
+    validate_regime_args(args, num_train_timesteps=args.ddpm_num_steps)
     TASKS[args.task](args).validate_args()
     # Never train on top of someone's finished run by accident; --resume_from_checkpoint continues one.
     if (os.path.exists(os.path.join(args.output_dir, "model_index.json")) and not args.overwrite_output_dir
@@ -207,7 +207,7 @@ def main(args, evaluate=None):
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule, prediction_type=args.prediction_type
     )
-    regime = TrainingRegime.from_args(args, noise_scheduler, accelerator.process_index, accelerator.num_processes)
+    regime = build_regime(args, noise_scheduler, accelerator)
 
     model = UNet2DModel.from_config(unet_config)
     if args.enable_xformers_memory_efficient_attention:
@@ -232,7 +232,7 @@ def main(args, evaluate=None):
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
-    TrainingRegime.check_schedule(args, args.max_train_steps)
+    check_schedule(args, args.max_train_steps)
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,

@@ -53,6 +53,12 @@ def check_boundaries(boundaries: Sequence[int], num_experts: Optional[int] = Non
     return boundaries
 
 
+def bucketize(timesteps: torch.Tensor, boundaries) -> torch.Tensor:
+    """Group index of each timestep for boundaries ``[0, b_1, …, T]``: t ∈ [b_i, b_{i+1}) → i."""
+    inner = torch.as_tensor(list(boundaries)[1:-1], dtype=torch.long, device=timesteps.device)
+    return torch.bucketize(timesteps, inner, right=True)
+
+
 def _select(value: Any, index: torch.Tensor, batch_size: int) -> Any:
     """The rows ``index`` of a per-sample tensor (or of the tensors in a dict); anything else unchanged."""
     if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch_size:
@@ -83,7 +89,6 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         self.experts = nn.ModuleList(experts)
         # When set, every sample goes to this expert (TDC stage 1 trains the base model only).
         self.route_all_to: Optional[int] = None
-        self.register_buffer("_inner_boundaries", torch.tensor(boundaries[1:-1], dtype=torch.long), persistent=False)
         # Pipelines read e.g. unet.config.sample_size / in_channels: mirror the first expert's config.
         mirrored = {k: v for k, v in experts[0].config.items() if not k.startswith("_") and k not in ROUTING_KEYS}
         self.register_to_config(**mirrored)
@@ -103,7 +108,7 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
 
     def group_of(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Expert index of each timestep."""
-        return torch.bucketize(timesteps, self._inner_boundaries.to(timesteps.device), right=True)
+        return bucketize(timesteps, self.boundaries)
 
     def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
         if self.route_all_to is not None:

@@ -1,4 +1,4 @@
-"""Multi-task balancers for k cluster losses (ANT, Go et al., NeurIPS 2023).
+"""The balancer axis (``--balancer``): multi-task balancers over the k cluster losses (ANT, Go et al., NeurIPS 2023).
 
 A balancer turns the vector of cluster losses ``L`` (shape ``(k,)``) into gradients on the model:
 
@@ -21,7 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-BALANCERS = ("uw", "pcgrad", "nash")
+BALANCERS = ("none", "uw", "pcgrad", "nash")
+# Balancers that form gradients themselves (k backward passes, p.grad written by hand).
+SELF_FORMED = ("pcgrad", "nash")
 
 
 # ---- pure functions ---------------------------------------------------------------------------------------
@@ -218,7 +220,11 @@ class NashMTL(Balancer):
         self.alpha = state["alpha"].clone()
 
 
-def build_balancer(method: str, k: int, uw_lr: float = 0.025, nash_update_every: int = 25, seed: int = 0, device=None) -> Balancer:
+def build_balancer(method: str, k: int, uw_lr: float = 0.025, nash_update_every: int = 25, seed: int = 0,
+                   device=None) -> Optional[Balancer]:
+    """The balancer ``method`` over ``k`` clusters; ``None`` for ``"none"`` (a plain mean over the batch)."""
+    if method == "none":
+        return None
     if method == "uw":
         return UncertaintyWeighting(k, uw_lr, device)
     if method == "pcgrad":

@@ -1,0 +1,231 @@
+"""The composed regime: timestep axis × loss weighting × cluster balancer × expert layout, one object.
+
+A script's step is::
+
+    noise, timesteps = regime.sample(clean_images)
+    noisy = noise_scheduler.add_noise(clean_images, noise, timesteps)
+    with accelerator.accumulate(model), regime.forward_context(accelerator, model):
+        per_sample_loss = denoising_loss(model(noisy, timesteps).sample, noise_scheduler, clean_images, noise, timesteps)
+        loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
+        optimizer.step(); ...
+    if accelerator.sync_gradients:
+        logs.update(regime.on_step_end(accelerator, global_step))
+
+Randomness: the regime draws the timesteps and noise of the *global* batch (all data-parallel ranks) from
+generators that are identical on every rank and keeps its rank's slice. Every rank therefore holds the same
+regime state, rank 0's checkpoint restores all of them, and a resumed run redraws exactly what the
+uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import torch
+
+from ..clustering import boundaries_to_clusters, bucketize
+from ..errors import UsageError
+from ..sampling import TimestepSampler
+from .balancers import Balancer
+from .experts import ExpertLayout
+from .timesteps import describe_pacing
+from .weighting import Weighting
+
+NOISE_SEED_SALT = 0x9E3779B9
+# The flags behind each field of the record a checkpoint is checked against.
+AXIS_FLAGS = {
+    "timestep_sampling": "--timestep_sampling", "weighting": "--weighting and its flags", "balancer": "--balancer and its flags",
+    "clusters": "--clusters / --cluster_cost", "experts": "--experts / --experts_base_steps", "pacing": "--curriculum_pacing and its flags",
+}
+
+
+class Regime:
+    """One regime: a timestep ``sampler``, a :class:`Weighting`, optionally a :class:`Balancer` over the clusters
+    ``boundaries`` and an :class:`ExpertLayout`.
+
+    Args:
+        noise_scheduler: the diffusers scheduler used for ``add_noise`` (gives T and ᾱ_t).
+        sampler: the timestep axis (see :mod:`.timesteps`); ``timestep_sampling`` names it for the record.
+        boundaries: the clusters ``[0, b_1, …, T]`` shared by the sampler, the balancer and the experts.
+        name: the preset or composition the record shows.
+        seed: seed of the noise generator (the sampler has its own).
+        process_index, num_processes: this rank and the data-parallel world size.
+    """
+
+    def __init__(self, noise_scheduler, sampler: TimestepSampler, weighting: Optional[Weighting] = None,
+                 balancer: Optional[Balancer] = None, experts: Optional[ExpertLayout] = None,
+                 boundaries: Optional[Sequence[int]] = None, cluster_cost: Optional[str] = None,
+                 timestep_sampling: str = "uniform", name: str = "uniform", seed: int = 0,
+                 process_index: int = 0, num_processes: int = 1):
+        if balancer is not None and boundaries is None:
+            raise ValueError("a balancer needs the clusters (boundaries)")
+        self.noise_scheduler, self.sampler = noise_scheduler, sampler
+        self.weighting = weighting or Weighting()
+        self.balancer, self.experts = balancer, experts
+        self.boundaries = None if boundaries is None else [int(b) for b in boundaries]
+        self.cluster_cost, self.timestep_sampling, self.name = cluster_cost, timestep_sampling, name
+        # Salted: the sampler is seeded with the same --seed, and two generators in the same state would
+        # draw timesteps and noise from the same random stream.
+        self.noise_generator = torch.Generator().manual_seed(seed + NOISE_SEED_SALT)
+        self.process_index, self.num_processes = process_index, num_processes
+        self.optimizer_steps = 0
+        self._loss_sum, self._loss_count = 0.0, 0
+
+    # ---- model plumbing ------------------------------------------------------------------------------
+    @property
+    def has_unused_parameters(self) -> bool:
+        """True when some parameters get no gradient in a step (DDP then needs find_unused_parameters)."""
+        return self.experts is not None
+
+    def wrap_model(self, model):
+        """The module to train in place of ``model`` (called before the optimizer and EMA are built)."""
+        return self.experts.wrap_model(model) if self.experts is not None else model
+
+    def attach(self, optimizer=None, ema_model=None) -> None:
+        """Hands the regime the run's optimizer and EMA (called once, after ``accelerator.prepare``)."""
+        if self.experts is not None:
+            self.experts.attach(optimizer, ema_model)
+
+    # ---- drawing -------------------------------------------------------------------------------------
+    @property
+    def active_sampler(self) -> TimestepSampler:
+        """The sampler drawing this step's timesteps: the timestep axis, or the experts' groups once branched."""
+        if self.experts is not None and self.experts.stage == 2:
+            return self.experts.group_sampler
+        return self.sampler
+
+    def _local_slice(self, global_draw: torch.Tensor) -> torch.Tensor:
+        """This rank's share of a global draw: every ``num_processes``-th row, so structured draws
+        (e.g. grouped by cluster) spread evenly over the ranks."""
+        return global_draw[self.process_index :: self.num_processes]
+
+    def sample(self, clean: torch.Tensor, noise_offset: float = 0.0) -> Tuple[torch.Tensor, torch.LongTensor]:
+        """Draws ``(noise, timesteps)`` for this rank's batch ``clean`` of shape ``(B, C, H, W)``.
+
+        ``noise_offset`` adds offset noise (one value per sample and channel), as diffusers' ``--noise_offset``.
+        """
+        timesteps = self._local_slice(self.active_sampler.sample(clean.shape[0] * self.num_processes))
+        noise = self.randn_like(clean)
+        if noise_offset:
+            noise = noise + noise_offset * self.randn_like(clean[:, :, :1, :1])
+        return noise, timesteps.to(clean.device)
+
+    def randn_like(self, local: torch.Tensor) -> torch.Tensor:
+        """Standard normal noise shaped like this rank's ``local`` batch, drawn for the global batch from the
+        regime's checkpointed generator (so it resumes exactly); e.g. for sampling VAE latents."""
+        draw = torch.randn((local.shape[0] * self.num_processes, *local.shape[1:]), generator=self.noise_generator)
+        return self._local_slice(draw).to(device=local.device, dtype=local.dtype)
+
+    # ---- the loss ------------------------------------------------------------------------------------
+    def weighted(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample terms after the loss weighting and the sampler's importance weights (loss-aware)."""
+        importance = self.active_sampler.importance_weights(timesteps)
+        return self.weighting(self.noise_scheduler, per_sample_loss, timesteps, importance)
+
+    def compute_loss(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The weighted mean of the per-sample losses (shape ``(B,)``): the scalar of an unbalanced step."""
+        return self.weighted(per_sample_loss, timesteps).mean()
+
+    def cluster_losses(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor):
+        """(k,) mean weighted loss per cluster over this rank's batch, and which clusters are present."""
+        losses = self.weighted(per_sample_loss, timesteps)
+        index = bucketize(timesteps, self.boundaries)
+        k = len(self.boundaries) - 1
+        sums = torch.zeros(k, device=losses.device, dtype=losses.dtype).index_add(0, index, losses)
+        counts = torch.bincount(index, minlength=k).to(losses.device)
+        return sums / counts.clamp_min(1), counts > 0
+
+    def forward_context(self, accelerator, model):
+        """Context for the forward pass inside ``accelerator.accumulate``: ``accelerator.no_sync(model)`` on
+        steps whose gradients the balancer forms itself (it averages them over ranks on its own)."""
+        if self.balancer is not None and self.balancer.needs_manual_sync(self.optimizer_steps):
+            return accelerator.no_sync(model)
+        return contextlib.nullcontext()
+
+    def backward(self, accelerator, per_sample_loss: torch.Tensor, timesteps: torch.Tensor, model=None) -> torch.Tensor:
+        """Back-propagates this regime's loss through ``accelerator`` and returns it (detached)."""
+        if self.balancer is None:
+            loss = self.compute_loss(per_sample_loss, timesteps)
+            accelerator.backward(loss)
+        else:
+            losses, present = self.cluster_losses(per_sample_loss, timesteps)
+            loss = self.balancer.backward(accelerator, losses, present, model, self.optimizer_steps)
+        sampler = self.active_sampler
+        if sampler.observes_losses:  # the same history on every rank keeps their draws identical
+            sampler.observe(accelerator.gather(timesteps), accelerator.gather(per_sample_loss.detach()))
+        if getattr(self.sampler, "needs_step_loss", False):
+            self._loss_sum += float(per_sample_loss.detach().mean())
+            self._loss_count += 1
+        if self.experts is not None:
+            self.experts.observe(per_sample_loss, timesteps)
+        return loss.detach()
+
+    def on_step_end(self, accelerator, global_step: int) -> Dict[str, Any]:
+        """Called once per optimizer step (after gradient sync): each axis' update; returns values to log."""
+        logs = dict(self.weighting.step(accelerator))
+        if self.balancer is not None:
+            logs.update(self.balancer.on_step_end(accelerator))
+        self.optimizer_steps += 1
+        if getattr(self.sampler, "needs_step_loss", False):  # pacing: the loss averaged over every rank
+            local = torch.tensor(self._loss_sum / max(self._loss_count, 1), device=accelerator.device)
+            self._loss_sum, self._loss_count = 0.0, 0
+            logs.update(self.sampler.advance(float(accelerator.reduce(local, reduction="mean")), global_step))
+        if self.experts is not None:
+            logs.update(self.experts.on_step_end(global_step))
+        return logs
+
+    # ---- records -------------------------------------------------------------------------------------
+    def axes(self) -> Dict[str, Any]:
+        """What shapes training, field by field: the record a resumed run must match."""
+        pacing = getattr(self.sampler, "pacing", None)
+        return {
+            "timestep_sampling": self.timestep_sampling,
+            "weighting": self.weighting.describe(),
+            "balancer": self.balancer.describe() if self.balancer is not None else {"method": "none"},
+            "experts": None if self.experts is None else {"num_experts": self.experts.num_groups, "base_steps": self.experts.base_steps},
+            "pacing": None if pacing is None else describe_pacing(pacing),
+            "clusters": {"boundaries": self.boundaries, "cost": self.cluster_cost},  # last: the axes above name the cause first
+        }
+
+    def describe(self) -> Dict[str, Any]:
+        """JSON-able summary for ``training_regime.json`` and the model card: every axis."""
+        info: Dict[str, Any] = {"name": self.name, "timestep_sampling": self.timestep_sampling,
+                                "timestep_sampler": type(self.sampler).__name__, **self.weighting.describe()}
+        info["balancer"] = self.balancer.name if self.balancer is not None else "none"
+        if self.balancer is not None:
+            info.update(self.balancer.describe())
+        if self.boundaries is not None:
+            info.update(clusters=[list(c) for c in boundaries_to_clusters(self.boundaries)], cluster_cost=self.cluster_cost)
+        if hasattr(self.sampler, "advance"):
+            info.update(self.sampler.describe())
+        if self.experts is not None:
+            info.update(self.experts.describe())
+        return info
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = {"axes": self.axes(), "sampler": self.sampler.state_dict(), "noise_generator": self.noise_generator.get_state(),
+                 "weighting": self.weighting.state_dict(), "optimizer_steps": self.optimizer_steps}
+        if self.balancer is not None:
+            state["balancer"] = self.balancer.state_dict()
+        if self.experts is not None:
+            state["experts"] = self.experts.state_dict()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        saved = state.get("axes")
+        if saved is None:
+            raise UsageError("--resume_from_checkpoint: the checkpoint holds no regime record (written by an older "
+                             "diffusers-curriculum); start a new run or resume it with that version")
+        for field, value in self.axes().items():
+            if saved.get(field) != value:
+                raise UsageError(f"--resume_from_checkpoint: the checkpoint's {field} is {saved.get(field)}, this run's is "
+                                 f"{value} ({AXIS_FLAGS[field]}); resume with the flags the checkpoint was written with")
+        self.sampler.load_state_dict(state["sampler"])
+        self.noise_generator.set_state(state["noise_generator"])
+        self.weighting.load_state_dict(state["weighting"])
+        self.optimizer_steps = state["optimizer_steps"]
+        if self.balancer is not None:
+            self.balancer.load_state_dict(state["balancer"])
+        if self.experts is not None:
+            self.experts.load_state_dict(state["experts"])

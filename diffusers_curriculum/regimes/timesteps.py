@@ -1,0 +1,182 @@
+"""The timestep axis: which denoising tasks a batch holds (``--timestep_sampling``).
+
+Every source is a :class:`~diffusers_curriculum.sampling.TimestepSampler` built from plain values: uniform,
+logit-normal (SD3), SpeeD, diffusers' SDXL timestep bias, IDDPM's loss-aware resampling, stratified over the
+clusters (ANT), and the difficulty curriculum (Kim et al., arXiv 2403.10348) defined here: [0, T) cut into
+N clusters ordered easy → hard (high t → low t); stage n trains on the union of the n easiest clusters,
+[low_n, T); the last stage is the full range and training stays there. A pacing policy decides when to
+advance: fixed steps per stage, or adaptive (the stage's smoothed loss stopped improving, or a step cap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..clustering import boundaries_to_clusters, check_boundaries
+from ..sampling import (
+    LogitNormalSampler, LossAwareSampler, StratifiedSampler, TimestepSampler, UniformSampler, WeightedSampler,
+    speed_weights, timestep_bias_weights,
+)
+
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "speed", "timestep_bias", "loss_aware", "stratified", "curriculum")
+# Sources that need the clusters.
+CLUSTERED = ("stratified", "curriculum")
+
+Cluster = Tuple[int, int]  # [start, end)
+
+
+def stage_interval(clusters: Sequence[Cluster], stage: int) -> Cluster:
+    """Timesteps of ``stage`` (1-based): the union of the ``stage`` easiest (highest-t) clusters."""
+    if not 1 <= stage <= len(clusters):
+        raise ValueError(f"stage must be in [1, {len(clusters)}], got {stage}")
+    return clusters[len(clusters) - stage][0], clusters[-1][1]
+
+
+# ---- pacing ---------------------------------------------------------------------------------------------
+@dataclass
+class FixedPacing:
+    """Advance after exactly ``steps_per_stage`` optimizer steps in a stage."""
+
+    steps_per_stage: int
+    stage_steps: int = 0
+
+    STATE_FIELDS = ("stage_steps",)
+
+    def update(self, loss: float) -> bool:
+        self.stage_steps += 1
+        if self.stage_steps >= self.steps_per_stage:
+            self.stage_steps = 0
+            return True
+        return False
+
+
+@dataclass
+class AdaptivePacing:
+    """Advance when the stage's smoothed loss has not improved on its best for ``patience`` consecutive
+    checks (one every ``check_every`` steps), or after ``max_stage_steps`` steps in the stage.
+
+    The smoothed loss is an exponential moving average with factor ``smoothing``; an improvement must
+    beat the best by the relative margin ``min_delta``.
+    """
+
+    patience: int
+    check_every: int
+    max_stage_steps: Optional[int] = None
+    smoothing: float = 0.9
+    min_delta: float = 0.0
+    stage_steps: int = 0
+    smoothed: Optional[float] = None
+    best: Optional[float] = None
+    bad_checks: int = 0
+
+    STATE_FIELDS = ("stage_steps", "smoothed", "best", "bad_checks")
+
+    def update(self, loss: float) -> bool:
+        self.stage_steps += 1
+        self.smoothed = loss if self.smoothed is None else self.smoothing * self.smoothed + (1 - self.smoothing) * loss
+        if self.stage_steps % self.check_every == 0:
+            if self.best is None or self.smoothed < self.best * (1 - self.min_delta):
+                self.best, self.bad_checks = self.smoothed, 0
+            else:
+                self.bad_checks += 1
+        if self.bad_checks >= self.patience or (self.max_stage_steps is not None and self.stage_steps >= self.max_stage_steps):
+            self.stage_steps, self.smoothed, self.best, self.bad_checks = 0, None, None, 0
+            return True
+        return False
+
+
+def describe_pacing(pacing) -> Dict[str, Any]:
+    """The pacing's settings (not its running state), for the record."""
+    return {"policy": type(pacing).__name__, **{k: v for k, v in asdict(pacing).items() if k not in pacing.STATE_FIELDS}}
+
+
+# ---- the curriculum ---------------------------------------------------------------------------------------
+class CurriculumSampler(TimestepSampler):
+    """Uniform timesteps over the current stage's interval; :meth:`advance` feeds the pacing one step's loss.
+
+    The loss must be the same on every rank (the regime all-reduces it), so every rank takes the same stage at
+    the same step; stage, pacing state and stage history are part of :meth:`state_dict`.
+    """
+
+    needs_step_loss = True
+
+    def __init__(self, num_train_timesteps: int, boundaries: Sequence[int], pacing, seed: int = 0):
+        super().__init__(num_train_timesteps, seed)
+        self.clusters = boundaries_to_clusters(check_boundaries(boundaries))
+        if self.clusters[-1][1] != num_train_timesteps:
+            raise ValueError(f"boundaries {list(boundaries)} must end at T={num_train_timesteps}")
+        self.pacing = pacing
+        self.stage = 1
+        self.stage_history: List[Dict[str, int]] = [{"stage": 1, "start_step": 0, "t_min": self.t_min}]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.clusters)
+
+    @property
+    def t_min(self) -> int:
+        return stage_interval(self.clusters, self.stage)[0]
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randint(self.t_min, self.num_train_timesteps, (batch_size,), generator=generator)
+
+    def advance(self, step_loss: float, global_step: int) -> Dict[str, Any]:
+        """One optimizer step's (rank-averaged) loss; moves to the next stage when the pacing says so."""
+        if self.stage < self.num_stages and self.pacing.update(step_loss):
+            self.stage += 1
+            self.stage_history.append({"stage": self.stage, "start_step": global_step, "t_min": self.t_min})
+        return {"curriculum_stage": self.stage, "curriculum_t_min": self.t_min}
+
+    def describe(self) -> Dict[str, Any]:
+        return {"order": "easy_to_hard (high t first)", "pacing": describe_pacing(self.pacing),
+                "stage_history": list(self.stage_history)}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "stage": self.stage, "stage_history": list(self.stage_history),
+                "pacing": {k: getattr(self.pacing, k) for k in self.pacing.STATE_FIELDS}}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.stage, self.stage_history = state["stage"], list(state["stage_history"])
+        for key, value in state["pacing"].items():
+            setattr(self.pacing, key, value)
+
+
+def make_timestep_sampler(
+    kind: str,
+    num_train_timesteps: int,
+    seed: int = 0,
+    boundaries: Optional[Sequence[int]] = None,
+    pacing=None,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    speed_tau: float = 0.7,
+    speed_suppression: float = 0.25,
+    bias: Optional[Dict[str, Any]] = None,
+) -> TimestepSampler:
+    """The sampler ``kind`` (one of :data:`TIMESTEP_SAMPLING`) for T = ``num_train_timesteps``.
+
+    ``boundaries`` are the clusters of ``stratified`` and ``curriculum``; ``pacing`` the curriculum's;
+    ``bias`` holds diffusers' ``timestep_bias_{strategy, multiplier, portion, begin, end}`` without the prefix.
+    """
+    T = num_train_timesteps
+    if kind == "uniform":
+        return UniformSampler(T, seed=seed)
+    if kind == "logit_normal":
+        return LogitNormalSampler(T, logit_mean, logit_std, seed=seed)
+    if kind == "speed":
+        return WeightedSampler(T, speed_weights(T, speed_tau, speed_suppression), seed=seed)
+    if kind == "timestep_bias":
+        bias = dict(bias or {})
+        bias["end"] = min(bias.get("end", T), T)
+        return WeightedSampler(T, timestep_bias_weights(T, **bias), seed=seed)
+    if kind == "loss_aware":
+        return LossAwareSampler(T, seed=seed)
+    if kind == "stratified":
+        return StratifiedSampler(T, boundaries, seed=seed)
+    if kind == "curriculum":
+        return CurriculumSampler(T, boundaries, pacing, seed=seed)
+    raise ValueError(f"unknown timestep sampling {kind!r}; choose one of {TIMESTEP_SAMPLING}")
