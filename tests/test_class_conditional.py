@@ -127,4 +127,4 @@ def test_resume_with_class_dropout_reproduces_the_uninterrupted_run(script, tmp_
     shutil.copytree(tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
     resumed = run(script, tmp_path, tiny_flags, *flags, "--resume_from_checkpoint", "latest", name="resumed")
     assert resumed["losses"] == pytest.approx(straight["losses"][4:], rel=1e-5)
-    assert resumed["regime_state"]["stage"] == straight["regime_state"]["stage"]
+    assert resumed["regime_state"]["sampler"]["stage"] == straight["regime_state"]["sampler"]["stage"]

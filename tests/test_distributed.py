@@ -42,13 +42,14 @@ def test_two_process_ddp_trains_and_saves_one_pipeline(tmp_path):
 
 REGIME_FLAGS = {
     "uniform": [],
-    "curriculum": ["--regime", "curriculum", "--curriculum_clusters", "4", "--curriculum_patience", "1",
-                   "--curriculum_check_every", "1"],
-    "ant-uw": ["--regime", "ant", "--ant_method", "uw", "--ant_clusters", "4"],
+    # the curriculum's pacing (all-reduced loss) under UW over the same clusters
+    "curriculum+uw": ["--regime", "ant", "--timestep_sampling", "curriculum", "--ant_clusters", "4", "--curriculum_pacing", "fixed",
+                      "--curriculum_steps_per_stage", "2"],
+    "stratified+uw+p2": ["--regime", "ant", "--ant_method", "uw", "--ant_clusters", "4", "--weighting", "p2"],
     "ant-pcgrad": ["--regime", "ant", "--ant_method", "pcgrad", "--ant_clusters", "4"],
     "ant-nash": ["--regime", "ant", "--ant_method", "nash", "--ant_clusters", "4", "--nash_update_every", "2"],
     # branches at step 2, resumes at 3 in stage 2; experts without samples in a step need find_unused_parameters
-    "tdc": ["--regime", "tdc", "--tdc_groups", "3", "--tdc_base_steps", "2"],
+    "experts+uw": ["--experts", "3", "--experts_base_steps", "2", "--balancer", "uw"],
     # u(λ) lives outside the DDP model: its gradient is averaged by hand, so every rank holds the same u
     "learned-ant-uw": ["--weighting", "learned", "--regime", "ant", "--ant_clusters", "4"],
 }
@@ -62,7 +63,7 @@ def test_two_process_ddp_resume_matches_uninterrupted_run(tmp_path, regime):
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "straight" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
     launch(tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
-    unet = "unet/expert_2" if regime == "tdc" else "unet"
+    unet = "unet/expert_2" if "experts" in regime else "unet"
     for part in ("checkpoint-6/model.safetensors", f"{unet}/diffusion_pytorch_model.safetensors"):
         a, b = load_file(tmp_path / "straight" / part), load_file(tmp_path / "resumed" / part)
         for name in a:

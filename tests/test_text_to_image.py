@@ -112,8 +112,8 @@ def test_resume_keeps_the_regime_state(script, tiny_sd, tmp_path):
     shutil.copytree(tmp_path / "straight" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")
     resumed = run(script, tiny_sd, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
     assert resumed["losses"] == pytest.approx(straight["losses"][4:], rel=1e-5)
-    assert resumed["regime_state"]["stage"] == straight["regime_state"]["stage"] == 4
-    assert resumed["regime_state"]["stage_history"] == straight["regime_state"]["stage_history"]
+    assert resumed["regime_state"]["sampler"]["stage"] == straight["regime_state"]["sampler"]["stage"] == 4
+    assert resumed["regime_state"]["sampler"]["stage_history"] == straight["regime_state"]["sampler"]["stage_history"]
 
 
 def captioned_folder(root, metadata):

@@ -187,11 +187,11 @@ def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional
     if not users and (args.clusters is not None or args.cluster_cost is not None):
         given = "--clusters" if args.clusters is not None else "--cluster_cost"
         raise UsageError(f"{given} has no effect: nothing uses clusters (--timestep_sampling stratified/curriculum, --balancer or --experts)")
+    if experts is not None and (experts < 2 or (T is not None and experts > T)):
+        raise UsageError(f"{flag(axes, 'experts')} must be in [2, {T or 'T'}] (the scheduler's number of timesteps), got {experts}")
     if clusters is not None and (clusters < 1 or (T is not None and clusters > T)):
         raise UsageError(f"{flag(axes, 'clusters')} must be in [1, {T or 'T'}] (the scheduler's number of timesteps), got {clusters}")
     if experts is not None:
-        if experts < 2 or (T is not None and experts > T):
-            raise UsageError(f"{flag(axes, 'experts')} must be in [2, {T or 'T'}] (the scheduler's number of timesteps), got {experts}")
         if clusters != experts:
             raise UsageError(f"{flag(axes, 'clusters')} {clusters} differs from {flag(axes, 'experts')} {experts}: each expert serves one cluster")
         base_steps = axes["experts_base_steps"][0]
