@@ -4,6 +4,7 @@ pre-emption, the weights that ship. The scripts keep their own data, model and l
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import sys
 from typing import Dict, Optional, Tuple
@@ -81,6 +82,17 @@ def checkpoint_and_preempt(accelerator, args, global_step: int, preemption, logg
         logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
         accelerator.end_training()
         sys.exit(PREEMPTED_EXIT_CODE)
+
+
+def end_training(accelerator) -> None:
+    """The last call of a run, on every rank: all ranks wait for each other (one still saving must not see the
+    group go), accelerate drops its references to the prepared objects (the caller drops its own first), and only
+    then is the process group destroyed. Destroying the group under a live ``DistributedDataParallel`` left
+    rank 0 hanging in the wrapper's destructor after ``main()`` returned, now and then (2-process gloo)."""
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
 
 
 def shipped_model(accelerator, model, ema_model: Optional[object] = None):

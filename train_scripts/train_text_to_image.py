@@ -43,7 +43,7 @@ from diffusers_curriculum.regimes import (
     add_regime_args, build_regime, check_schedule, needs_unused_parameters, validate_regime_args,
 )
 from diffusers_curriculum.training import (
-    after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, resume,
+    after_sync_step, checkpoint_and_preempt, end_training, epoch_batches, make_accelerator, optimizer_step, resume,
     run_config, shipped_model,
 )
 
@@ -316,10 +316,8 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step)
-    # Every rank leaves together: a rank that destroyed the process group while rank 0 was still saving hung
-    # 2-process gloo runs at exit now and then (seen twice in CI-sized runs).
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    del unet, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
+    end_training(accelerator)
     return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
 
 

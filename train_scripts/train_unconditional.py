@@ -36,7 +36,7 @@ from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
 from diffusers_curriculum.training import (
-    after_sync_step, checkpoint_and_preempt, epoch_batches, make_accelerator, optimizer_step, resume,
+    after_sync_step, checkpoint_and_preempt, end_training, epoch_batches, make_accelerator, optimizer_step, resume,
     run_config, shipped_model,
 )
 from diffusers_curriculum.tasks import TASKS, Unconditional
@@ -304,10 +304,8 @@ def main(args, evaluate=None):
         pipeline = finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
         if evaluate is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
             evaluate(global_step, pipeline)
-    # Every rank leaves together: a rank that destroyed the process group while rank 0 was still saving hung
-    # 2-process gloo runs at exit now and then (seen twice in CI-sized runs).
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    del model, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
+    end_training(accelerator)
     return {"global_step": global_step, "losses": loss_history, "regime_state": regime.state_dict()}
 
 

@@ -114,13 +114,14 @@ def add_regime_args(parser: argparse.ArgumentParser) -> None:
 
 # ---- resolving presets, aliases and axis flags ---------------------------------------------------------------
 def resolve_axes(args: argparse.Namespace) -> Dict[str, Tuple[Any, Optional[str]]]:
-    """``{axis: (value, flag)}``: each axis' value and the flag that set it (None for a preset default)."""
+    """``{axis: (value, flag)}``: each axis' value and the flag that set it (for a preset's default, the preset's
+    own flag for that axis, or None)."""
     if args.regime not in PRESETS:
         raise UsageError(f"--regime {args.regime!r} is unknown; choose one of {', '.join(sorted(PRESETS))}")
     for preset, mapping in ALIASES.items():
-        for axis, flag in mapping.items():
-            if preset != args.regime and getattr(args, flag) is not None:
-                raise UsageError(f"--{flag} belongs to --regime {preset}; with --regime {args.regime} use --{axis}")
+        for axis, alias in mapping.items():
+            if preset != args.regime and getattr(args, alias) is not None:
+                raise UsageError(f"--{alias} belongs to --regime {preset}; with --regime {args.regime} use --{axis}")
     preset, aliases = PRESETS[args.regime], ALIASES.get(args.regime, {})
     axes = {}
     for axis in AXES:
