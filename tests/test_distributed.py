@@ -1,6 +1,8 @@
 """2-process CPU DDP (gloo) through `accelerate launch`, as a user would run it."""
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -19,12 +21,22 @@ LAUNCH = [
 ]
 
 
+def run_launch(command, timeout=300):
+    """``accelerate launch`` in a process group of its own, killed whole on timeout: a hung rank then fails one
+    test quickly instead of outliving the launcher and holding the pipes (and the test run) open."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, command[-6:]))} timed out after {timeout} s; stderr: {stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
 def launch(output_dir, *extra):
-    proc = subprocess.run(
-        [*LAUNCH, str(ROOT / "train_scripts" / "train_unconditional.py"), "--output_dir", str(output_dir),
-         *TINY_FLAGS, "--train_batch_size", "4", "--max_train_samples", "64", *extra],
-        capture_output=True, text=True, timeout=600,
-    )
+    proc = run_launch([*LAUNCH, str(ROOT / "train_scripts" / "train_unconditional.py"), "--output_dir", str(output_dir),
+                       *TINY_FLAGS, "--train_batch_size", "4", "--max_train_samples", "64", *extra])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -78,8 +90,7 @@ def test_curriculum_stage_decisions_identical_on_both_ranks(tmp_path):
 
     from diffusers_curriculum.regimes.timesteps import AdaptivePacing
 
-    proc = subprocess.run([*LAUNCH, str(ROOT / "tests" / "ddp_probe_curriculum.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_launch([*LAUNCH, str(ROOT / "tests" / "ddp_probe_curriculum.py"), str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     rank0, rank1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in (0, 1))
     assert rank0["num_processes"] == rank1["num_processes"] == 2
@@ -97,8 +108,7 @@ def test_curriculum_stage_decisions_identical_on_both_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_ant_balancers_run_under_ddp_with_identical_state_on_both_ranks(tmp_path):
-    proc = subprocess.run([*LAUNCH, str(ROOT / "tests" / "ddp_probe_ant.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = run_launch([*LAUNCH, str(ROOT / "tests" / "ddp_probe_ant.py"), str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     for method in ("uw", "pcgrad", "nash"):
         rank0, rank1 = (torch.load(tmp_path / f"{method}-rank{i}.pt") for i in (0, 1))

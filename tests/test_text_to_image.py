@@ -18,7 +18,7 @@ from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.tiny_sd import tiny_stable_diffusion
 
 from conftest import ROOT, load_script
-from test_distributed import LAUNCH
+from test_distributed import LAUNCH, run_launch
 
 SCRIPT = ROOT / "train_scripts" / "train_text_to_image.py"
 FLAGS = ["--train_batch_size", "4", "--max_train_samples", "32", "--report_to", "none", "--seed", "0",
@@ -171,11 +171,8 @@ def test_failed_push_keeps_the_local_pipeline(tiny_sd, tmp_path):
 @pytest.mark.slow
 def test_two_process_curriculum_run(tiny_sd, tmp_path):
     out = tmp_path / "ddp"
-    proc = subprocess.run(
-        [*LAUNCH, str(SCRIPT), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out), *FLAGS,
-         "--train_batch_size", "2", "--max_train_steps", "6", "--checkpointing_steps", "6", *REGIME_FLAGS["curriculum_fixed"]],
-        capture_output=True, text=True, timeout=600,
-    )
+    proc = run_launch([*LAUNCH, str(SCRIPT), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(out), *FLAGS,
+                       "--train_batch_size", "2", "--max_train_steps", "6", "--checkpointing_steps", "6", *REGIME_FLAGS["curriculum_fixed"]])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (out / "checkpoint-6").glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     record = read_training_regime(out)
