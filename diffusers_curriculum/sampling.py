@@ -43,6 +43,8 @@ class TimestepSampler:
 
     # True for samplers that learn from losses: the regime then gathers every rank's losses for observe.
     observes_losses = False
+    # True for samplers paced by each optimizer step's rank-averaged loss (the curriculum's ``advance``).
+    needs_step_loss = False
 
     def observe(self, timesteps: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
         """Receives the losses of the last batch; non-adaptive samplers ignore them."""

@@ -154,7 +154,7 @@ class Regime:
         sampler = self.active_sampler
         if sampler.observes_losses:  # the same history on every rank keeps their draws identical
             sampler.observe(accelerator.gather(timesteps), accelerator.gather(per_sample_loss.detach()))
-        if getattr(self.sampler, "needs_step_loss", False):
+        if self.sampler.needs_step_loss:
             self._loss_sum += float(per_sample_loss.detach().mean())
             self._loss_count += 1
         if self.experts is not None:
@@ -167,7 +167,7 @@ class Regime:
         if self.balancer is not None:
             logs.update(self.balancer.on_step_end(accelerator))
         self.optimizer_steps += 1
-        if getattr(self.sampler, "needs_step_loss", False):  # pacing: the loss averaged over every rank
+        if self.sampler.needs_step_loss:  # pacing: the loss averaged over every rank
             local = torch.tensor(self._loss_sum / max(self._loss_count, 1), device=accelerator.device)
             self._loss_sum, self._loss_count = 0.0, 0
             logs.update(self.sampler.advance(float(accelerator.reduce(local, reduction="mean")), global_step))
@@ -197,7 +197,7 @@ class Regime:
             info.update(self.balancer.describe())
         if self.boundaries is not None:
             info.update(clusters=[list(c) for c in boundaries_to_clusters(self.boundaries)], cluster_cost=self.cluster_cost)
-        if hasattr(self.sampler, "advance"):
+        if self.sampler.needs_step_loss:  # the curriculum: its pacing and stage history
             info.update(self.sampler.describe())
         if self.experts is not None:
             info.update(self.experts.describe())
