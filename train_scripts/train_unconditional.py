@@ -30,8 +30,8 @@ from diffusers_curriculum.checkpointing import (
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler
-from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, write_model_card
+from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
