@@ -128,6 +128,12 @@ def base_model_license(name_or_path: str, repo_id: Optional[str]) -> Optional[st
         return None
 
 
+def base_model_fields(name_or_path: str) -> Dict[str, Optional[str]]:
+    """``base_model`` and ``license`` card fields for a run that fine-tuned ``name_or_path``."""
+    repo_id = base_model_id(name_or_path)
+    return {"base_model": repo_id, "license": base_model_license(name_or_path, repo_id)}
+
+
 def resolve_hub_token(hub_token: Optional[str]) -> str:
     """The token a push will use: ``--hub_token`` or the one saved by ``hf auth login``."""
     token = hub_token or get_token()

@@ -26,7 +26,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .experts import count_flops, count_params, example_inputs, sync_sampler_widths  # noqa: F401
+from .experts import count_flops, count_params, example_inputs, sync_sampler_widths
 from .losses import denoising_loss
 
 Config = Dict[str, float]

@@ -220,7 +220,7 @@ class StratifiedSampler(TimestepSampler):
 
     def cluster_of(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Cluster index of each timestep."""
-        return bucketize(timesteps, self.boundaries.tolist())
+        return bucketize(timesteps, self.boundaries)
 
 
 SAMPLERS = {

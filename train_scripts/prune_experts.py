@@ -23,7 +23,7 @@ from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exc
 from diffusers_curriculum.experts import TimestepRoutedExperts, is_routed_experts
 from diffusers_curriculum.export import read_training_regime, stock_scheduler
 from diffusers_curriculum.hub import (
-    base_model_id, base_model_license, publish_or_exit, resolve_hub_token, write_model_card,
+    base_model_fields, publish_or_exit, resolve_hub_token, write_model_card,
 )
 from diffusers_curriculum.pruning import flops_report, prune_experts
 
@@ -133,14 +133,12 @@ def main(args):
     save_pipeline(pipeline, args.output_dir, training_regime=regime)
     with open(os.path.join(args.output_dir, REPORT_FILE), "w") as f:
         json.dump({**summary, "search": reports}, f, indent=2)
-    base_model = base_model_id(args.pretrained_model_name_or_path)
     settings = {k: getattr(args, k) for k in ("prune_ratio", "search_rounds", "proxy_steps", "finetune_steps", "seed")}
     write_card = functools.partial(
         write_model_card, args.output_dir, "unconditional", regime=regime, settings=settings,
         pipeline_class=type(pipeline).__name__, pipeline_tag="unconditional-image-generation",
         dataset=None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name),
-        tags=["pruned"], num_inference_steps=args.num_inference_steps, base_model=base_model,
-        license=base_model_license(args.pretrained_model_name_or_path, base_model),
+        tags=["pruned"], num_inference_steps=args.num_inference_steps, **base_model_fields(args.pretrained_model_name_or_path),
     )
     print(f"FLOPs per sample ({args.num_inference_steps} steps): {before['flops_per_sample']:.3e} -> "
           f"{after['flops_per_sample']:.3e} ({summary['flops_saved_fraction']:.1%} fewer); saved to {args.output_dir}")

@@ -35,7 +35,7 @@ from diffusers_curriculum.data import HUB_DATASET_IDS, build_caption_dataset
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler, write_training_regime
 from diffusers_curriculum.hub import (
-    base_model_id, base_model_license, publish_or_exit, resolve_hub_token, write_model_card,
+    base_model_fields, publish_or_exit, resolve_hub_token, write_model_card,
 )
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.preemption import Preemption
@@ -373,13 +373,11 @@ def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, nois
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings.update(trained_steps=global_step, prediction_type=noise_scheduler.config.prediction_type)
     dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
-    base_model = base_model_id(args.pretrained_model_name_or_path)
     write_card = functools.partial(
         write_model_card, args.output_dir, "text_to_image", regime=regime.describe(), settings=settings,
         pipeline_class="StableDiffusionPipeline", pipeline_tag="text-to-image", dataset=dataset,
         tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])],
-        base_model=base_model, license=base_model_license(args.pretrained_model_name_or_path, base_model),
-        use_lora=args.use_lora, validation=list(zip(args.validation_prompts or [], images)),
+        **base_model_fields(args.pretrained_model_name_or_path), use_lora=args.use_lora, validation=list(zip(args.validation_prompts or [], images)),
         num_inference_steps=args.num_validation_inference_steps,
     )
     logger.info(f"Saved {'LoRA weights' if args.use_lora else 'StableDiffusionPipeline'} to {args.output_dir}")

@@ -54,9 +54,10 @@ def check_boundaries(boundaries: Sequence[int], num_experts: Optional[int] = Non
 
 
 def bucketize(timesteps: torch.Tensor, boundaries) -> torch.Tensor:
-    """Group index of each timestep for boundaries ``[0, b_1, …, T]``: t ∈ [b_i, b_{i+1}) → i."""
-    inner = torch.as_tensor(list(boundaries)[1:-1], dtype=torch.long, device=timesteps.device)
-    return torch.bucketize(timesteps, inner, right=True)
+    """Group index of each timestep for boundaries ``[0, b_1, …, T]`` (a sequence or a LongTensor):
+    t ∈ [b_i, b_{i+1}) → i. A tensor already on the timesteps' device is used as it is (no copy)."""
+    inner = torch.as_tensor(boundaries, dtype=torch.long)[1:-1]
+    return torch.bucketize(timesteps, inner.to(timesteps.device), right=True)
 
 
 def _select(value: Any, index: torch.Tensor, batch_size: int) -> Any:
@@ -89,6 +90,8 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         self.experts = nn.ModuleList(experts)
         # When set, every sample goes to this expert (TDC stage 1 trains the base model only).
         self.route_all_to: Optional[int] = None
+        # Moves with the model, so routing a batch copies nothing to the device.
+        self.register_buffer("_boundaries", torch.tensor(boundaries, dtype=torch.long), persistent=False)
         # Pipelines read e.g. unet.config.sample_size / in_channels: mirror the first expert's config.
         mirrored = {k: v for k, v in experts[0].config.items() if not k.startswith("_") and k not in ROUTING_KEYS}
         self.register_to_config(**mirrored)
@@ -108,7 +111,7 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
 
     def group_of(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Expert index of each timestep."""
-        return bucketize(timesteps, self.boundaries)
+        return bucketize(timesteps, self._boundaries)
 
     def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
         if self.route_all_to is not None:
