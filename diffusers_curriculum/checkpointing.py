@@ -13,10 +13,15 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from .errors import UsageError, describe_exception
-from .export import make_portable, write_training_regime
+import torch
+
+from .errors import RunError, UsageError, describe_exception
+from .export import REGIME_FILE, make_portable, read_json, write_json, write_training_regime
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+RUN_RECORD = "run.json"  # in a checkpoint: the flags a resume must match
+# What marks a folder as a finished run: a pipeline's index, a LoRA run's weights, the regime record.
+FINISHED_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors", REGIME_FILE)
 
 
 def list_checkpoints(output_dir: str) -> List[Path]:
@@ -53,34 +58,147 @@ def resolve_resume_path(output_dir: str, resume_from_checkpoint: Optional[str]) 
     return path
 
 
+def check_resume(path: Path, record: Dict[str, Any], regime=None) -> None:
+    """Compares the run record a checkpoint was written with (``run.json``) with this run's, before any weights
+    load, so a mismatch reads as the flag that differs, not as ``Error(s) in loading state_dict``. ``regime``
+    checks the regime's axes field by field; ``record``'s other fields (the script's task, the adapter) must
+    be equal. Checkpoints written before the record existed pass (the regime state checks its axes on load)."""
+    saved = read_json(Path(path) / RUN_RECORD)
+    if saved is None:
+        return
+    for field, value in record.items():
+        if field in ("regime", "global_step") or saved.get(field, value) == value:
+            continue
+        raise UsageError(f"--resume_from_checkpoint {path}: written by a run with {field} = {saved.get(field)}, this "
+                         f"run has {value}; resume with the flags the checkpoint was written with")
+    if regime is not None and "regime" in saved:
+        regime.check_axes(saved["regime"])
+
+
 def load_checkpoint(accelerator, path: Path) -> int:
-    """``accelerator.load_state(path)``; returns the global step. A corrupt checkpoint is a UsageError."""
+    """``accelerator.load_state(path)``; returns the global step. A corrupt checkpoint is a UsageError (including
+    a damaged RNG state, which accelerate would only log and skip: the resumed run would not be exact)."""
     step = checkpoint_step(path)
+    for rng_file in sorted(Path(path).glob("random_states_*.pkl")):
+        try:
+            torch.load(rng_file, weights_only=False)
+        except Exception as e:
+            raise UsageError(f"--resume_from_checkpoint {path}: {rng_file.name} is damaged ({describe_exception(e)}); "
+                             "resume from an earlier checkpoint") from None
     try:
         accelerator.load_state(str(path))
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"--resume_from_checkpoint {path}: cannot load it ({describe_exception(e)})") from None
     return step
 
 
-def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: Optional[int] = None) -> Path:
-    """Writes ``checkpoint-<global_step>`` atomically on every rank, then rotates on the main process."""
+def save_checkpoint(accelerator, output_dir: str, global_step: int, total_limit: Optional[int] = None,
+                    record: Optional[Dict[str, Any]] = None) -> Path:
+    """Writes ``checkpoint-<global_step>`` atomically on every rank (with ``record``, the run's flags that a
+    resume must match, as ``run.json``), then rotates on the main process. A failed write (full disk, lost
+    permission) removes the partial folder and raises a one-line :class:`RunError` naming the newest intact
+    checkpoint."""
     final = Path(output_dir) / f"checkpoint-{global_step}"
     tmp = Path(output_dir) / f".checkpoint-{global_step}.tmp"
-    if accelerator.is_main_process:  # a leftover from an interrupted save is incomplete: start clean
+    previous = [p for p in list_checkpoints(output_dir) if p != final]
+    try:
+        if accelerator.is_main_process:  # a leftover from an interrupted save is incomplete: start clean
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)  # every rank writes its RNG state into it
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if record is not None:
+                write_json(tmp / RUN_RECORD, {**record, "global_step": global_step})
+            _fsync_tree(tmp)
+            move_into_place(tmp, final)  # re-saving a step (e.g. after a resume) swaps the folder
+    except (OSError, RuntimeError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)  # every rank writes its RNG state into it
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _fsync_tree(tmp)
-        move_into_place(tmp, final)  # re-saving a step (e.g. after a resume) swaps the folder
-        if total_limit is not None:
-            for stale in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(stale)
+        intact = f"{previous[-1].name} is intact" if previous else "there is no earlier checkpoint"
+        raise RunError(f"checkpoint-{global_step} could not be written to {output_dir} ({describe_exception(e)}); "
+                       f"{intact} and the partial folder was removed") from None
+    if accelerator.is_main_process and total_limit is not None:
+        for stale in list_checkpoints(output_dir)[:-total_limit]:
+            remove_tree(stale)
     accelerator.wait_for_everyone()
     return final
+
+
+def remove_tree(path: Path) -> None:
+    """Deletes a folder so that a kill half-way never leaves part of it under its complete-looking name: it is
+    renamed aside (``.<name>.deleting``) first; :func:`clean_leftovers` finishes an interrupted delete."""
+    path = Path(path)
+    doomed = path.with_name(f".{path.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
+
+
+_LEFTOVER = re.compile(r"^\.(.+)\.(tmp|old|deleting)$|^\.write-test-\d+$")
+
+
+def clean_leftovers(output_dir: str) -> List[str]:
+    """What an interrupted save leaves in ``output_dir``: temp folders and files (``.checkpoint-N.tmp``,
+    ``.pipeline.tmp``, ``.x.json.tmp``, ``.write-test-*``) are removed, half-finished deletes finished, and a
+    ``.<name>.old`` whose replacement never arrived is renamed back. Returns the names it acted on. Call on the
+    main process before a run writes anything."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    acted = []
+    for entry in sorted(root.iterdir()):
+        match = _LEFTOVER.match(entry.name)
+        if match is None:
+            continue
+        original = root / match.group(1) if match.group(1) else None
+        if match.group(2) == "old" and original is not None and not original.exists():
+            os.replace(entry, original)  # killed between the two renames of move_into_place
+        elif entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        acted.append(entry.name)
+    return acted
+
+
+def start_over(output_dir: str) -> List[str]:
+    """``--overwrite_output_dir`` on a fresh start: the earlier run's checkpoints go (else rotation would count
+    them as the newest and ``latest`` would resume them), and so does its ``model_index.json`` / record, so the
+    folder no longer claims a finished run. Returns the names removed."""
+    removed = []
+    for checkpoint in list_checkpoints(output_dir):
+        remove_tree(checkpoint)
+        removed.append(checkpoint.name)
+    for name in FINISHED_MARKERS:
+        path = Path(output_dir) / name
+        if path.is_file():
+            path.unlink()
+            removed.append(name)
+    return removed
+
+
+def check_fresh_start(output_dir: str, overwrite: bool, resume_from_checkpoint: Optional[str], done_file: str) -> None:
+    """A run that neither resumes nor overwrites must not start in a folder holding another run's work."""
+    if overwrite or resume_from_checkpoint is not None:
+        return
+    if os.path.exists(os.path.join(output_dir, done_file)):
+        raise UsageError(f"--output_dir {output_dir} already holds a finished run; pass --overwrite_output_dir or --resume_from_checkpoint")
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints:
+        raise UsageError(f"--output_dir {output_dir} holds checkpoints of an earlier run ({checkpoints[-1].name}); pass "
+                         "--resume_from_checkpoint latest to continue it or --overwrite_output_dir to start over")
+
+
+def finished_at(output_dir: str, done_file: str) -> Optional[int]:
+    """The step a complete saved result in ``output_dir`` was trained to (``trained_steps`` of its
+    ``training_regime.json``, written before ``done_file`` is complete), or ``None``."""
+    record = read_json(Path(output_dir) / REGIME_FILE)
+    if record is None or not (Path(output_dir) / done_file).exists():
+        return None
+    return record.get("trained_steps")
 
 
 def check_writable(output_dir: str) -> None:
@@ -90,9 +208,11 @@ def check_writable(output_dir: str) -> None:
         os.makedirs(output_dir, exist_ok=True)
         with open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
     except OSError as e:
         raise UsageError(f"--output_dir {output_dir} is not writable ({e.strerror})") from None
+    finally:
+        if os.path.exists(probe):
+            os.remove(probe)
 
 
 def _fsync_tree(root: Path) -> None:

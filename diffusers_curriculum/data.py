@@ -13,6 +13,7 @@ Every source becomes a ``torch.utils.data.Dataset`` of ``{"pixel_values": (C, H,
 from __future__ import annotations
 
 import gzip
+import json
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -83,10 +84,27 @@ def load_digits() -> Tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
-class TensorImageDataset(torch.utils.data.Dataset):
+class ItemRandomness:
+    """Per-item randomness (flips, crops, caption choice) drawn from ``(seed, epoch, index)``, not from the
+    global RNG: an item looks the same however the data loader prefetches, however many workers read it, and
+    after a resume (accelerate checkpoints the global RNG one prefetched batch late). The training loop calls
+    :meth:`set_epoch` before each epoch."""
+
+    seed: int = 0
+    epoch: int = 0
+    stream: int = 0  # a wrapper that draws too uses another stream
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def item_rng(self, index: int) -> np.random.Generator:
+        return np.random.default_rng((int(self.seed), self.epoch, int(index), self.stream))
+
+
+class TensorImageDataset(ItemRandomness, torch.utils.data.Dataset):
     """In-memory images, resized once to ``resolution`` and scaled to [-1, 1]."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, resolution: int, random_flip: bool = False):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, resolution: int, random_flip: bool = False, seed: int = 0):
         pixels = torch.from_numpy(np.array(images, copy=True)).float().div_(127.5).sub_(1.0)
         if pixels.ndim == 3:
             pixels = pixels[:, None]
@@ -94,22 +112,25 @@ class TensorImageDataset(torch.utils.data.Dataset):
             pixels = F.interpolate(pixels, size=(resolution, resolution), mode="bilinear", align_corners=False)
         self.pixels = pixels.clamp_(-1.0, 1.0)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
-        self.random_flip = random_flip
+        self.random_flip, self.seed = random_flip, seed
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
 
     def __getitem__(self, index: int):
         pixels = self.pixels[index]
-        if self.random_flip and torch.rand(()) < 0.5:
+        if self.random_flip and self.item_rng(index).random() < 0.5:
             pixels = pixels.flip(-1)
         return {"pixel_values": pixels, "labels": self.labels[index]}
 
 
 def pil_to_tensor(
-    image: Image.Image, resolution: int, mode: str, center_crop: bool = True, random_flip: bool = False
+    image: Image.Image, resolution: int, mode: str, center_crop: bool = True, random_flip: bool = False,
+    rng: Optional[np.random.Generator] = None,
 ) -> torch.Tensor:
-    """Resize (shorter side) → crop → optional flip → (C, H, W) float in [-1, 1]; PIL + numpy only."""
+    """Resize (shorter side) → crop → optional flip → (C, H, W) float in [-1, 1]; PIL + numpy only. The random
+    crop and flip draw from ``rng`` (default: a fresh unseeded one)."""
+    rng = rng if rng is not None else np.random.default_rng()
     image = image.convert(mode)
     scale = resolution / min(image.size)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
@@ -117,23 +138,24 @@ def pil_to_tensor(
     if center_crop:
         left, top = (width - resolution) // 2, (height - resolution) // 2
     else:
-        left = int(torch.randint(0, width - resolution + 1, ()))
-        top = int(torch.randint(0, height - resolution + 1, ()))
+        left = int(rng.integers(0, width - resolution + 1))
+        top = int(rng.integers(0, height - resolution + 1))
     image = image.crop((left, top, left + resolution, top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
-    if random_flip and torch.rand(()) < 0.5:
+    if random_flip and rng.random() < 0.5:
         tensor = tensor.flip(-1)
     return tensor.contiguous()
 
 
-class HFImageDataset(torch.utils.data.Dataset):
+class HFImageDataset(ItemRandomness, torch.utils.data.Dataset):
     """A ``datasets.Dataset`` with an image column, transformed on access."""
 
     def __init__(self, dataset, image_column: str, label_column: Optional[str], resolution: int, mode: str,
-                 center_crop: bool, random_flip: bool):
+                 center_crop: bool, random_flip: bool, seed: int = 0):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.resolution, self.mode, self.center_crop, self.random_flip = resolution, mode, center_crop, random_flip
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -141,26 +163,83 @@ class HFImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             row = self.dataset[index]  # datasets decodes the image here
-            pixels = pil_to_tensor(row[self.image_column], self.resolution, self.mode, self.center_crop, self.random_flip)
+            pixels = pil_to_tensor(row[self.image_column], self.resolution, self.mode, self.center_crop, self.random_flip,
+                                   self.item_rng(index))
         except (OSError, ValueError, AttributeError) as e:
             raise UsageError(f"image {index} of the training data cannot be read ({describe_exception(e)})") from None
         label = int(row[self.label_column]) if self.label_column else -1
         return {"pixel_values": pixels, "labels": torch.tensor(label)}
 
 
+def image_check_cache() -> Path:
+    """Where the verdicts of :func:`check_images` are kept (``$DIFFUSERS_CURRICULUM_CACHE`` or
+    ``~/.cache/diffusers-curriculum``)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffusers-curriculum"
+    return Path(os.environ.get("DIFFUSERS_CURRICULUM_CACHE", default)) / "checked-images.json"
+
+
+def check_images(paths, flag: str = "--train_data_dir") -> None:
+    """Decodes every image in ``paths`` (a header check misses a PNG whose data is corrupt) before training
+    starts, with a progress bar, and names every unreadable file in one error line. Files that decoded are
+    remembered by path, size and modification time, so a re-run does not pay twice."""
+    from tqdm.auto import tqdm
+
+    cache_file = image_check_cache()
+    try:
+        known = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    stamps = {}
+    for path in paths:
+        stat = path.stat()
+        stamps[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns]
+    todo = [p for p in paths if known.get(str(p.resolve())) != stamps[str(p.resolve())]]
+    bad = []
+    for path in tqdm(todo, desc="Checking images", unit="img", disable=len(todo) < 2, leave=False):
+        try:
+            with Image.open(path) as image:
+                image.load()
+            known[str(path.resolve())] = stamps[str(path.resolve())]
+        except Exception as e:
+            bad.append((path, e))
+    if todo and len(todo) > len(bad):
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(known))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass  # a read-only cache only costs the next run the check again
+    if bad:
+        names = ", ".join(str(p) for p, _ in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise UsageError(f"{flag}: {len(bad)} unreadable image{'s' if len(bad) > 1 else ''}: {names} "
+                         f"(first: {type(bad[0][1]).__name__}); remove or replace them")
+
+
+def check_metadata(root: Path) -> None:
+    """Every line of every ``metadata.jsonl`` in the folder is a JSON object (one-line error naming file and line)."""
+    for path in sorted(root.rglob("metadata.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as e:
+                    raise UsageError(f"--train_data_dir: {path} line {number} is not valid JSON ({e.args[0].split(':')[0]})") from None
+                if not isinstance(value, dict):
+                    raise UsageError(f"--train_data_dir: {path} line {number} is not a JSON object")
+
+
 def _check_image_folder(train_data_dir: str) -> None:
     root = Path(train_data_dir)
     if not root.is_dir():
         raise UsageError(f"--train_data_dir {train_data_dir} is not a folder")
-    images = [p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    images = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not images:
         raise UsageError(f"--train_data_dir {train_data_dir} holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
-    for path in images:  # header check of every file now, not a crash hours into training
-        try:
-            with Image.open(path) as image:
-                image.verify()
-        except Exception as e:
-            raise UsageError(f"--train_data_dir: {path} is not a readable image ({type(e).__name__})") from None
+    check_metadata(root)
+    check_images(images)
 
 
 def build_dataset(
@@ -175,18 +254,20 @@ def build_dataset(
     dataset_config_name: Optional[str] = None,
     cache_dir: Optional[str] = None,
     max_train_samples: Optional[int] = None,
+    seed: int = 0,
 ) -> torch.utils.data.Dataset:
     """The training set the flags describe (see the module docstring); ``image_mode`` ``"L"`` or ``"RGB"``
-    applies to image folders and Hub data sets (default RGB); the embedded sets are grey (one channel)."""
+    applies to image folders and Hub data sets (default RGB); the embedded sets are grey (one channel).
+    ``seed`` seeds the per-item flips and crops (:class:`ItemRandomness`)."""
     if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
         images, labels = load_fashion_mnist() if dataset_name == "fashion_mnist" else load_digits()
         if max_train_samples is not None:
             images, labels = images[:max_train_samples], labels[:max_train_samples]
-        return TensorImageDataset(images, labels, resolution, random_flip)
+        return TensorImageDataset(images, labels, resolution, random_flip, seed)
 
     hf = _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_train_samples,
                   {"--image_column": image_column, "--label_column": label_column})
-    return HFImageDataset(hf, image_column, label_column, resolution, image_mode or "RGB", center_crop, random_flip)
+    return HFImageDataset(hf, image_column, label_column, resolution, image_mode or "RGB", center_crop, random_flip, seed)
 
 
 def _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_train_samples, columns):
@@ -223,12 +304,19 @@ def fashion_mnist_caption(label: int) -> str:
     return f"a photo of {'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
-class CaptionedDataset(torch.utils.data.Dataset):
+class CaptionedDataset(ItemRandomness, torch.utils.data.Dataset):
     """``{"pixel_values": (3, H, W) in [-1, 1], "caption": str}`` items. ``captions[i]`` is a string or a list
-    of strings (one is picked at random per access, like diffusers' script)."""
+    of strings (one is picked at random per epoch, like diffusers' script)."""
+
+    stream = 1
 
     def __init__(self, images: torch.utils.data.Dataset, captions):
         self.images, self.captions = images, captions
+        self.seed = getattr(images, "seed", 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.images.set_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -239,7 +327,7 @@ class CaptionedDataset(torch.utils.data.Dataset):
             pixels = pixels.expand(3, -1, -1)
         caption = self.captions[index]
         if isinstance(caption, (list, tuple)):
-            caption = caption[int(torch.randint(0, len(caption), ()))]
+            caption = caption[int(self.item_rng(index).integers(len(caption)))]
         return {"pixel_values": pixels, "caption": caption}
 
 
@@ -254,11 +342,13 @@ def build_caption_dataset(
     dataset_config_name: Optional[str] = None,
     cache_dir: Optional[str] = None,
     max_train_samples: Optional[int] = None,
+    seed: int = 0,
 ) -> CaptionedDataset:
     """Captioned training images. ``fashion_mnist`` is captioned from its labels ("a photo of a sneaker");
     image folders need a ``metadata.jsonl`` with the caption column; Hub sets need both columns."""
     if train_data_dir is None and dataset_name == "fashion_mnist":
-        images = build_dataset("fashion_mnist", resolution=resolution, random_flip=random_flip, max_train_samples=max_train_samples)
+        images = build_dataset("fashion_mnist", resolution=resolution, random_flip=random_flip,
+                               max_train_samples=max_train_samples, seed=seed)
         return CaptionedDataset(images, [fashion_mnist_caption(y) for y in images.labels.tolist()])
     if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
         raise UsageError(f"--dataset_name {dataset_name} has no captions; use fashion_mnist or a captioned set")
@@ -269,5 +359,5 @@ def build_caption_dataset(
     inner = getattr(feature, "feature", None) if not hasattr(feature, "dtype") else feature
     if getattr(inner, "dtype", None) not in ("string", "large_string"):
         raise UsageError(f"--caption_column {caption_column!r} must hold strings or lists of strings, not {feature}")
-    images = HFImageDataset(hf, image_column, None, resolution, "RGB", center_crop, random_flip)
+    images = HFImageDataset(hf, image_column, None, resolution, "RGB", center_crop, random_flip, seed)
     return CaptionedDataset(images, hf[caption_column])

@@ -22,6 +22,8 @@ from typing import Any, Dict, Optional, Union
 
 from diffusers import DDIMScheduler, DDPMScheduler
 
+from .errors import UsageError
+
 REGIME_FILE = "training_regime.json"
 INDEX_FILE = "model_index.json"
 PORTABLE_DIR = Path(__file__).resolve().parent / "portable"
@@ -93,6 +95,17 @@ def write_json(path: Union[str, os.PathLike], value: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+
+
+def read_json(path: Union[str, os.PathLike]) -> Optional[Any]:
+    """The JSON value in ``path``, or ``None`` when there is no such file; a damaged file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{path} is damaged ({type(e).__name__}: {e}); delete it or restore it") from None
 
 
 def write_training_regime(folder: Union[str, os.PathLike], record: Dict[str, Any]) -> Path:

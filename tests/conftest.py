@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may come from the Hub in tests
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The image-check cache of a test session lives in a temp folder, not in the user's ~/.cache.
+os.environ.setdefault("DIFFUSERS_CURRICULUM_CACHE", tempfile.mkdtemp(prefix="dc-cache-"))
 
 
 def load_script(name: str):

@@ -155,9 +155,13 @@ def test_bad_flags_are_one_line_errors_before_work(tiny_sd, tmp_path, extra, mes
 
 
 def test_missing_pretrained_model_is_a_clear_error(script, tmp_path):
-    with pytest.raises(UsageError, match="--pretrained_model_name_or_path .*nowhere: cannot load a Stable Diffusion pipeline"):
-        script.main(script.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "nowhere"), "--output_dir",
-                                       str(tmp_path / "run"), *FLAGS]))
+    # A local path is named as a missing folder, not reported as a failed Hub download.
+    with pytest.raises(UsageError, match="--pretrained_model_name_or_path .*nowhere: no such folder"):
+        script.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "run"), *FLAGS])
+    # A Hub id that cannot be fetched (offline here) says it cannot load, before any work.
+    with pytest.raises(UsageError, match="--pretrained_model_name_or_path nobody/missing-model: cannot load a Stable Diffusion pipeline"):
+        script.parse_args(["--pretrained_model_name_or_path", "nobody/missing-model", "--output_dir", str(tmp_path / "run"), *FLAGS])
+    assert not (tmp_path / "run").exists()
 
 
 def test_failed_push_keeps_the_local_pipeline(tiny_sd, tmp_path):

@@ -114,7 +114,7 @@ def test_corrupt_checkpoint_is_a_clear_error(train_unconditional, tmp_path, tiny
 
 def test_existing_pipeline_is_not_overwritten_by_accident(train_unconditional, tmp_path, tiny_flags):
     run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "1", "--no_validation")
-    with pytest.raises(UsageError, match="--output_dir .* already holds a saved pipeline"):
+    with pytest.raises(UsageError, match="--output_dir .* already holds a finished run"):
         run(train_unconditional, tmp_path, tiny_flags, "--max_train_steps", "1")
 
 

@@ -28,9 +28,7 @@ from diffusers.training_utils import EMAModel
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
-from diffusers_curriculum.checkpointing import (
-    check_writable, move_into_place, resolve_resume_path, save_pipeline,
-)
+from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, move_into_place, save_pipeline
 from diffusers_curriculum.data import HUB_DATASET_IDS, build_caption_dataset
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler, write_training_regime
@@ -43,8 +41,8 @@ from diffusers_curriculum.regimes import (
     add_regime_args, build_regime, check_schedule, needs_unused_parameters, validate_regime_args,
 )
 from diffusers_curriculum.training import (
-    after_sync_step, checkpoint_and_preempt, end_training, epoch_batches, make_accelerator, optimizer_step, resume,
-    run_config, shipped_model,
+    after_sync_step, begin_run, checkpoint_and_preempt, end_training, epoch_batches, is_finished, make_accelerator,
+    optimizer_step, resume, run_config, run_record, shipped_model,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -141,12 +139,28 @@ def validate_args(args):
         args.hub_token_resolved = resolve_hub_token(args.hub_token)
     if args.train_data_dir is None and args.dataset_name is None:
         raise UsageError("give --dataset_name or --train_data_dir")
-    validate_regime_args(args)
-    done = "model_index.json" if not args.use_lora else LORA_WEIGHTS
-    if (os.path.exists(os.path.join(args.output_dir, done)) and not args.overwrite_output_dir
-            and args.resume_from_checkpoint is None):
-        raise UsageError(f"--output_dir {args.output_dir} already holds a finished run; pass --overwrite_output_dir or --resume_from_checkpoint")
+    validate_regime_args(args, num_train_timesteps=pretrained_num_timesteps(args))
+    check_fresh_start(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, done_file(args))
     check_writable(args.output_dir)
+
+
+def done_file(args) -> str:
+    """The file whose presence marks a finished run in ``--output_dir``."""
+    return LORA_WEIGHTS if args.use_lora else "model_index.json"
+
+
+def pretrained_num_timesteps(args) -> int:
+    """T of the pretrained noise scheduler (read from its config before any weights load); a local-looking path
+    that does not exist is named as such, not reported as a failed Hub download."""
+    path = args.pretrained_model_name_or_path
+    looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(path)):
+        raise UsageError(f"--pretrained_model_name_or_path {path}: no such folder (a Hub id has the form owner/name)")
+    try:
+        config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=args.revision)
+    except Exception as e:
+        raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a Stable Diffusion pipeline ({describe_exception(e)})") from None
+    return int(config["num_train_timesteps"])
 
 
 def load_components(args):
@@ -214,9 +228,8 @@ def main(args):
     dataset = build_caption_dataset(
         args.dataset_name, args.train_data_dir, resolution, args.image_column, args.caption_column,
         center_crop=args.center_crop, random_flip=args.random_flip, dataset_config_name=args.dataset_config_name,
-        cache_dir=args.cache_dir, max_train_samples=args.max_train_samples,
+        cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=args.seed or 0,
     )
-    resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
     regime = build_regime(args, noise_scheduler, accelerator)
 
     vae.requires_grad_(False)
@@ -254,6 +267,11 @@ def main(args):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     check_schedule(args, args.max_train_steps)
+    resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
+    if is_finished(resume_path, args.max_train_steps, args.output_dir, done_file(args)):
+        accelerator.print(f"{args.output_dir} already holds this run, trained to step {args.max_train_steps}; nothing to do.")
+        end_training(accelerator)
+        return {"global_step": args.max_train_steps, "losses": [], "regime_state": regime.state_dict(), "finished_before": True}
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
@@ -266,9 +284,10 @@ def main(args):
 
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    global_step, first_epoch, resume_step = resume(accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps)
+    record = run_record(args, regime, "text_to_image")
+    global_step, first_epoch, resume_step = resume(accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps,
+                                                   record, regime)
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
         accelerator.init_trackers(args.tracker_project_name, config=run_config(args))
 
     logger.info("***** Running training *****")
@@ -278,10 +297,13 @@ def main(args):
 
     losses = []
     progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps")
+    # SIGTERM: checkpoint after the current step, then exit; during the final save: finish it first.
     with Preemption() as preemption:
         for epoch in range(first_epoch, num_epochs):
             unet.train()
             for batch in epoch_batches(accelerator, train_dataloader, epoch, first_epoch, resume_step):
+                if global_step >= args.max_train_steps:  # before the step: a resumed finished run trains no more
+                    break
                 with torch.no_grad():
                     latent_dist = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
                     # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
@@ -302,7 +324,7 @@ def main(args):
                     logs = after_sync_step(accelerator, regime, unet, ema_unet, losses[-1], lr_scheduler, global_step)
                     progress_bar.set_postfix(**logs)
                     accelerator.log(logs, step=global_step)
-                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger)
+                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record)
                 if global_step >= args.max_train_steps:
                     break
             if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
@@ -311,11 +333,13 @@ def main(args):
                 log_validation(args, accelerator, pipeline, f"epoch_{epoch}", global_step)
             if global_step >= args.max_train_steps:
                 break
-    progress_bar.close()
+        progress_bar.close()
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step)
+        if preemption.signalled:
+            logger.warning("SIGTERM arrived during the final save; the save was finished first")
     del unet, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
     end_training(accelerator)
     return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
@@ -364,11 +388,12 @@ def save_lora(unet, output_dir):
 
 def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step):
     pipeline = build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime)
+    record = {**regime.describe(), "trained_steps": global_step}
     if args.use_lora:
         save_lora(accelerator.unwrap_model(unet), args.output_dir)
-        write_training_regime(args.output_dir, regime.describe())
+        write_training_regime(args.output_dir, record)  # last: the record's trained_steps marks the run finished
     else:
-        save_pipeline(pipeline, args.output_dir, training_regime=regime.describe())
+        save_pipeline(pipeline, args.output_dir, training_regime=record)
     images = log_validation(args, accelerator, pipeline, "final", global_step) if args.validation_prompts else []
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings.update(trained_steps=global_step, prediction_type=noise_scheduler.config.prediction_type)

@@ -24,9 +24,7 @@ from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
-from diffusers_curriculum.checkpointing import (
-    check_writable, resolve_resume_path, save_pipeline,
-)
+from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, save_pipeline
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler
@@ -36,8 +34,8 @@ from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
 from diffusers_curriculum.training import (
-    after_sync_step, checkpoint_and_preempt, end_training, epoch_batches, make_accelerator, optimizer_step, resume,
-    run_config, shipped_model,
+    after_sync_step, begin_run, checkpoint_and_preempt, end_training, epoch_batches, is_finished, make_accelerator,
+    optimizer_step, resume, run_config, run_record, shipped_model,
 )
 from diffusers_curriculum.tasks import TASKS, Unconditional
 
@@ -155,12 +153,8 @@ def validate_args(args):
         raise UsageError("give --dataset_name or --train_data_dir")
     validate_regime_args(args, num_train_timesteps=args.ddpm_num_steps)
     TASKS[args.task](args).validate_args()
-    # Never train on top of someone's finished run by accident; --resume_from_checkpoint continues one.
-    if (os.path.exists(os.path.join(args.output_dir, "model_index.json")) and not args.overwrite_output_dir
-            and args.resume_from_checkpoint is None):
-        raise UsageError(
-            f"--output_dir {args.output_dir} already holds a saved pipeline; pass --overwrite_output_dir or --resume_from_checkpoint"
-        )
+    # Never train on top of another run by accident; --resume_from_checkpoint continues one.
+    check_fresh_start(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, "model_index.json")
     check_writable(args.output_dir)
 
 
@@ -194,16 +188,12 @@ def main(args, evaluate=None):
         args.dataset_name, args.train_data_dir, args.resolution, args.image_column,
         image_mode=args.image_mode, center_crop=args.center_crop, random_flip=args.random_flip,
         dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
-        max_train_samples=args.max_train_samples, label_column=getattr(args, "label_column", None),
+        max_train_samples=args.max_train_samples, label_column=getattr(args, "label_column", None), seed=args.seed or 0,
     )
     task.check_dataset(dataset)
     unet_config = task.unet_config(unet_config_from_args(
         args.model_config_name_or_path, args.resolution, num_channels(dataset), args.block_out_channels, args.layers_per_block
     ))
-    resume_path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-
-    if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule, prediction_type=args.prediction_type
     )
@@ -233,6 +223,11 @@ def main(args, evaluate=None):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
     check_schedule(args, args.max_train_steps)
+    resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
+    if is_finished(resume_path, args.max_train_steps, args.output_dir, "model_index.json"):
+        accelerator.print(f"{args.output_dir} already holds this run, trained to step {args.max_train_steps}; nothing to do.")
+        end_training(accelerator)
+        return {"global_step": args.max_train_steps, "losses": [], "regime_state": regime.state_dict(), "finished_before": True}
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
@@ -248,9 +243,10 @@ def main(args, evaluate=None):
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    global_step, first_epoch, resume_step = resume(accelerator, resume_path, num_update_steps_per_epoch, args.gradient_accumulation_steps)
-    if resume_path is None and args.resume_from_checkpoint == "latest":
-        accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+    record = run_record(args, regime, task.name)
+    global_step, first_epoch, resume_step = resume(
+        accelerator, resume_path, num_update_steps_per_epoch, args.gradient_accumulation_steps, record, regime
+    )
 
     if accelerator.is_main_process:
         accelerator.init_trackers(f"train_{task.name}", config=run_config(args))
@@ -266,10 +262,13 @@ def main(args, evaluate=None):
     progress_bar = tqdm(
         total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
     )
-    with Preemption() as preemption:  # SIGTERM: checkpoint after the current step, then exit
+    # SIGTERM: checkpoint after the current step, then exit; during the final save: finish it first.
+    with Preemption() as preemption:
         for epoch in range(first_epoch, num_epochs):
             model.train()
             for batch in epoch_batches(accelerator, train_dataloader, epoch, first_epoch, resume_step):
+                if global_step >= args.max_train_steps:  # before the step: a resumed finished run trains no more
+                    break
                 clean_images = batch["pixel_values"].to(accelerator.device)
                 noise, timesteps = regime.sample(clean_images)
                 noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
@@ -292,18 +291,20 @@ def main(args, evaluate=None):
                         pipeline = validate(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
                         if evaluate is not None:
                             evaluate(global_step, pipeline)
-                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger)
+                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record)
                 if global_step >= args.max_train_steps:
                     break
             if global_step >= args.max_train_steps:
                 break
-    progress_bar.close()
+        progress_bar.close()
 
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        pipeline = finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
-        if evaluate is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
-            evaluate(global_step, pipeline)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            pipeline = finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
+            if evaluate is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
+                evaluate(global_step, pipeline)
+        if preemption.signalled:
+            logger.warning("SIGTERM arrived during the final save; the save was finished first")
     del model, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
     end_training(accelerator)
     return {"global_step": global_step, "losses": loss_history, "regime_state": regime.state_dict()}
@@ -323,7 +324,7 @@ def validate(args, task, accelerator, model, ema_model, noise_scheduler, regime,
 def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step):
     """Saves the pipeline, a sample grid and the model card; then pushes when asked."""
     pipeline = build_pipeline(args, task, shipped_model(accelerator, model, ema_model), noise_scheduler, regime)
-    save_pipeline(pipeline, args.output_dir, training_regime=regime.describe())
+    save_pipeline(pipeline, args.output_dir, training_regime={**regime.describe(), "trained_steps": global_step})
     validation_image = None
     if not args.no_validation:
         save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)

@@ -212,8 +212,9 @@ class Regime:
             state["experts"] = self.experts.state_dict()
         return state
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        saved = state.get("axes")
+    def check_axes(self, saved: Optional[Dict[str, Any]]) -> None:
+        """Raises a one-line :class:`UsageError` naming the first field (and its flags) where ``saved`` (a
+        checkpoint's :meth:`axes` record) differs from this regime's."""
         if saved is None:
             raise UsageError("--resume_from_checkpoint: the checkpoint holds no regime record (written by an older "
                              "diffusers-curriculum); start a new run or resume it with that version")
@@ -221,6 +222,9 @@ class Regime:
             if saved.get(field) != value:
                 raise UsageError(f"--resume_from_checkpoint: the checkpoint's {field} is {saved.get(field)}, this run's is "
                                  f"{value} ({AXIS_FLAGS[field]}); resume with the flags the checkpoint was written with")
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.check_axes(state.get("axes"))
         self.sampler.load_state_dict(state["sampler"])
         self.noise_generator.set_state(state["noise_generator"])
         self.weighting.load_state_dict(state["weighting"])
