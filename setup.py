@@ -4,7 +4,7 @@ extras = {
     "xformers": ["xformers>=0.0.23"],
     "nash": ["cvxpy>=1.4"],  # only to cross-check the built-in Nash solver
     "inception": ["torch-fidelity>=0.3"],  # real-Inception FID where its weights exist locally
-    "dev": ["pytest>=7.0", "scikit-learn>=1.2", "cvxpy>=1.4"],
+    "dev": ["pytest>=7.0", "pytest-timeout>=2.1", "scikit-learn>=1.2", "cvxpy>=1.4"],
 }
 
 setup(

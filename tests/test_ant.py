@@ -205,7 +205,6 @@ def test_self_formed_gradients_work_with_bf16_and_clipping(tmp_path, tiny_flags,
         [sys.executable, str(ROOT / "train_scripts" / "train_unconditional.py"), "--output_dir", str(tmp_path / "run"),
          *tiny_flags, "--regime", "ant", "--ant_method", method, "--nash_update_every", "2", "--mixed_precision", "bf16",
          "--max_grad_norm", "0.01", "--max_train_steps", "4", "--no_validation", "--block_out_channels", "8,16"],
-        capture_output=True, text=True,
-    )
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert read_training_regime(tmp_path / "run")["method"] == method

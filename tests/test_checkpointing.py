@@ -122,3 +122,82 @@ def test_save_pipeline_killed_mid_write_leaves_the_previous_pipeline(tmp_path):
     assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").read_text() == "good"
     save_pipeline(FakePipeline("again"), tmp_path)  # the leftover temp folder does not get in the way
     assert read_index(tmp_path) == index("again") and not (tmp_path / ".pipeline.tmp").exists()
+
+
+def test_a_kill_during_rotation_never_leaves_a_half_deleted_checkpoint_under_its_name(tmp_path, monkeypatch):
+    from diffusers_curriculum import checkpointing
+    from diffusers_curriculum.checkpointing import clean_leftovers
+
+    save_checkpoint(FakeAccelerator(), tmp_path, 1)
+    real_rmtree = checkpointing.shutil.rmtree
+
+    def killed_half_way(path, *args, **kwargs):
+        if Path(path).name == ".checkpoint-1.deleting" and Path(path).exists():
+            (Path(path) / "model.safetensors").unlink()  # some files went, then the kill
+            raise KeyboardInterrupt("killed while rotating")
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(FakeAccelerator(), tmp_path, 2, total_limit=1)
+    monkeypatch.undo()
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-2"]  # the half-deleted one is not listed
+    assert clean_leftovers(tmp_path) == [".checkpoint-1.deleting"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+
+
+def test_clean_leftovers_restores_a_folder_whose_replacement_never_arrived(tmp_path):
+    from diffusers_curriculum.checkpointing import clean_leftovers
+
+    (tmp_path / ".checkpoint-3.old").mkdir()  # killed between the two renames of a re-save of step 3
+    (tmp_path / ".checkpoint-3.tmp").mkdir()
+    (tmp_path / ".pipeline.tmp").mkdir()
+    (tmp_path / ".model_index.json.tmp").write_text("{")
+    (tmp_path / ".write-test-123").write_text("ok")
+    (tmp_path / ".unet.old").mkdir()
+    (tmp_path / "unet").mkdir()  # its replacement did arrive: the old one goes
+    clean_leftovers(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-3", "unet"]
+
+
+def test_check_writable_leaves_no_probe_when_the_disk_is_full(tmp_path, monkeypatch):
+    import builtins
+
+    from diffusers_curriculum import checkpointing
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, path):
+            self.file = real_open(path, "w")  # the file is created; writing it fails
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "open", lambda path, mode="r": FullDisk(path), raising=False)
+    with pytest.raises(UsageError, match="not writable \\(No space left on device\\)"):
+        checkpointing.check_writable(str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_error_is_one_line_after_a_progress_bar_with_exit_status_1(capsys):
+    from tqdm.auto import tqdm
+
+    from diffusers_curriculum.errors import RunError, exits_on_usage_error
+
+    @exits_on_usage_error
+    def main():
+        bar = tqdm(total=10, desc="Steps")
+        bar.update(3)
+        raise RunError("checkpoint-4 could not be written; checkpoint-2 is intact")
+
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "error: checkpoint-4 could not be written; checkpoint-2 is intact"

@@ -1,10 +1,12 @@
 import gzip
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from diffusers_curriculum import data
 from diffusers_curriculum.data import build_dataset, load_fashion_mnist, num_channels, read_idx
 from diffusers_curriculum.errors import UsageError
 
@@ -74,7 +76,7 @@ def test_empty_image_folder_is_an_error(tmp_path):
 def test_corrupt_image_is_found_before_training(tmp_path):
     write_images(tmp_path / "images", n=2)
     (tmp_path / "images" / "img_0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    with pytest.raises(UsageError, match="--train_data_dir: .*img_0.png is not a readable image"):
+    with pytest.raises(UsageError, match="--train_data_dir: 1 unreadable image: .*img_0.png"):
         build_dataset(None, train_data_dir=str(tmp_path / "images"), resolution=8)
 
 
@@ -103,3 +105,37 @@ def test_unknown_hub_dataset_is_a_usage_error_offline(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(UsageError, match="--dataset_name"):
         build_dataset("someone/does-not-exist-anywhere")
+
+
+def test_random_flips_come_from_seed_epoch_and_index_not_the_global_rng():
+    images = np.random.default_rng(0).integers(0, 255, (16, 8, 8), dtype=np.uint8)
+    dataset = data.TensorImageDataset(images, np.zeros(16), 8, random_flip=True, seed=3)
+    torch.manual_seed(0)
+    first = [dataset[i]["pixel_values"] for i in range(16)]
+    torch.manual_seed(1)
+    torch.rand(100)
+    assert all(torch.equal(a, dataset[i]["pixel_values"]) for i, a in enumerate(first))  # the global RNG plays no part
+    flipped = [not torch.equal(a, dataset.pixels[i]) for i, a in enumerate(first)]
+    assert 0 < sum(flipped) < 16
+    dataset.set_epoch(1)
+    assert [not torch.equal(dataset[i]["pixel_values"], dataset.pixels[i]) for i in range(16)] != flipped
+
+
+def test_images_are_decoded_once_then_remembered(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setenv("DIFFUSERS_CURRICULUM_CACHE", str(tmp_path / "cache"))
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8), i, np.uint8)).save(paths[-1])
+    decoded = []
+    real_open = data.Image.open
+    monkeypatch.setattr(data.Image, "open", lambda path, *a, **k: decoded.append(path) or real_open(path, *a, **k))
+    data.check_images(paths)
+    data.check_images(paths)
+    assert decoded == paths  # the second check paid nothing
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).save(paths[1])
+    os.utime(paths[1], ns=(1, 1))  # changed: checked again
+    data.check_images(paths)
+    assert decoded == [*paths, paths[1]]

@@ -47,7 +47,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_then_resume_finishes(tmp_path):
 
     resumed = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(out), *TINY_FLAGS, "--no_validation",
                               "--max_train_steps", str(step + 2), "--resume_from_checkpoint", "latest"],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert (out / "model_index.json").exists()
 
@@ -71,6 +71,11 @@ def test_sigkill_while_checkpointing_never_leaves_a_bad_latest(tmp_path):
     latest = int(list_checkpoints(out)[-1].name.split("-")[1])
     finish = subprocess.run([sys.executable, SCRIPT, "--output_dir", str(out), *TINY_FLAGS, "--no_validation",
                              "--max_train_steps", str(latest + 1), "--resume_from_checkpoint", "latest"],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, timeout=600)
     assert finish.returncode == 0, finish.stderr[-2000:]
     assert (out / "model_index.json").exists()
+
+
+def test_the_suite_has_a_per_test_timeout(pytestconfig):
+    # pytest-timeout is installed with [dev] and pytest.ini sets the limit: a hung test fails alone.
+    assert float(pytestconfig.getini("timeout")) > 0

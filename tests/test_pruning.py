@@ -119,7 +119,7 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
 ])
 def test_prune_script_bad_flags_are_one_line_errors(tmp_path, extra, message):
     proc = subprocess.run([sys.executable, str(ROOT / "train_scripts" / "prune_experts.py"), "--pretrained_model_name_or_path",
-                           str(tmp_path), "--output_dir", str(tmp_path / "out"), *extra], capture_output=True, text=True)
+                           str(tmp_path), "--output_dir", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}"
 
 

@@ -108,12 +108,12 @@ def test_converter_cli_refuses_to_overwrite_and_names_a_non_pipeline(tmp_path):
     for argv, message in (([str(OLD_LAYOUT / "unconditional"), str(tmp_path / "taken")], "already exists"),
                           ([str(tmp_path), str(tmp_path / "x")], "holds no model_index.json")):
         proc = subprocess.run([sys.executable, "-m", "diffusers_curriculum.convert_pipeline", *argv],
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, timeout=600)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
     with pytest.raises(UsageError):
         convert_pipeline(OLD_LAYOUT / "unconditional", tmp_path / "taken")
     proc = subprocess.run([sys.executable, "-m", "diffusers_curriculum.convert_pipeline", str(OLD_LAYOUT / "tdc_pruned"),
-                           str(tmp_path / "new")], capture_output=True, text=True)
+                           str(tmp_path / "new")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "trust_remote_code=True" in proc.stdout
     assert (tmp_path / "new" / "unet" / "timestep_routed_experts.py").is_file()

@@ -149,7 +149,7 @@ def test_bad_columns_are_clear_errors(script, tiny_sd, tmp_path, extra, message)
 ])
 def test_bad_flags_are_one_line_errors_before_work(tiny_sd, tmp_path, extra, message):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir",
-                           str(tmp_path / "run"), *FLAGS, "--max_train_steps", "2", *extra], capture_output=True, text=True)
+                           str(tmp_path / "run"), *FLAGS, "--max_train_steps", "2", *extra], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr[-2000:]
     assert not (tmp_path / "run" / "model_index.json").exists()
 
@@ -167,7 +167,7 @@ def test_missing_pretrained_model_is_a_clear_error(script, tmp_path):
 def test_failed_push_keeps_the_local_pipeline(tiny_sd, tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir",
                            str(tmp_path / "run"), *FLAGS, "--max_train_steps", "1", "--push_to_hub", "--hub_token", "hf_fake",
-                           "--hub_model_id", "me/sd"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                           "--hub_model_id", "me/sd"], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert proc.returncode == 1 and "push to me/sd failed" in proc.stderr and "hf_fake" not in proc.stderr
     assert StableDiffusionPipeline.from_pretrained(tmp_path / "run", safety_checker=None).unet is not None
 

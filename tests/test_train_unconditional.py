@@ -133,8 +133,7 @@ def test_failed_push_exits_nonzero_and_keeps_local_pipeline(tmp_path, tiny_flags
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train_scripts" / "train_unconditional.py"), "--output_dir", str(out), *tiny_flags,
          "--max_train_steps", "2", "--no_validation", "--push_to_hub", "--hub_token", "hf_fake", "--hub_model_id", "me/model"],
-        capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"},
-    )
+        capture_output=True, text=True, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
     assert proc.returncode == 1, proc.stderr[-2000:]
     error_lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and "push to me/model failed" in error_lines[0]
@@ -157,8 +156,7 @@ def test_usage_error_is_one_line_with_exit_code_2(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train_scripts" / "train_unconditional.py"), "--output_dir", str(tmp_path / "x"),
          "--regime", "warp"],
-        capture_output=True, text=True,
-    )
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: --regime 'warp' is unknown; choose one of ant, curriculum, tdc, uniform"]
 
