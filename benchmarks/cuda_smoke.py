@@ -55,7 +55,7 @@ def cases(precisions, text_precision):
                [*UNCONDITIONAL, "--regime", "ant", "--mixed_precision", precision], None)
     for flags, label in ((["--use_lora", "--rank", "4"], "LoRA"), (["--use_ema"], "full+EMA")):
         yield (f"text-to-image {label} curriculum {text_precision}", "train_text_to_image",
-               ["--train_batch_size", "4", "--max_train_samples", "32", "--max_train_steps", "6", "--report_to", "none",
+               ["--dataset_name", "fashion_mnist", "--train_batch_size", "4", "--max_train_samples", "32", "--max_train_steps", "6", "--report_to", "none",
                 "--seed", "0", "--lr_warmup_steps", "0", "--mixed_precision", text_precision, "--regime", "curriculum",
                 "--curriculum_clusters", "3", "--curriculum_max_stage_steps", "2", *flags], None)
 

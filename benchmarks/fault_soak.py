@@ -44,7 +44,7 @@ PIXEL = ["--resolution", "32", "--block_out_channels", "16,32", "--train_batch_s
          "--lr_warmup_steps", "0", "--lr_scheduler", "constant", "--ddpm_num_steps", "100", "--ddpm_num_inference_steps", "2",
          "--eval_batch_size", "4", "--max_train_samples", "128", "--report_to", "none", "--seed", "0", "--use_ema",
          "--random_flip"]
-SD = ["--train_batch_size", "4", "--max_train_samples", "32", "--report_to", "none", "--seed", "0", "--lr_warmup_steps", "0",
+SD = ["--dataset_name", "fashion_mnist", "--train_batch_size", "4", "--max_train_samples", "32", "--report_to", "none", "--seed", "0", "--lr_warmup_steps", "0",
       "--learning_rate", "1e-3", "--num_validation_inference_steps", "2"]
 RUN = ["--max_train_steps", "14", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2"]
 CONFIGS = {

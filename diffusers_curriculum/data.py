@@ -32,6 +32,10 @@ FASHION_MNIST_CLASSES = (
 FASHION_MNIST_HUB_ID = "zalando-datasets/fashion_mnist"
 BUILTIN_DATASETS = ("fashion_mnist", "digits")
 HUB_DATASET_IDS = {"fashion_mnist": FASHION_MNIST_HUB_ID}  # what a model card names as the data
+# --image_interpolation_mode: the resize filter (diffusers' text-to-image flag; PIL's filters).
+INTERPOLATION_MODES = ("nearest", "bilinear", "bicubic", "lanczos", "box", "hamming")
+PIL_FILTERS = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
+               "box": Image.BOX, "hamming": Image.HAMMING}
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -104,12 +108,18 @@ class ItemRandomness:
 class TensorImageDataset(ItemRandomness, torch.utils.data.Dataset):
     """In-memory images, resized once to ``resolution`` and scaled to [-1, 1]."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, resolution: int, random_flip: bool = False, seed: int = 0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, resolution: int, random_flip: bool = False, seed: int = 0,
+                 interpolation: str = "bilinear"):
+        images = np.asarray(images)
+        if images.shape[-1] != resolution and interpolation not in ("nearest", "bilinear", "bicubic"):  # PIL-only filters
+            images = np.stack([np.asarray(Image.fromarray(image).resize((resolution, resolution), PIL_FILTERS[interpolation]))
+                               for image in images])
         pixels = torch.from_numpy(np.array(images, copy=True)).float().div_(127.5).sub_(1.0)
         if pixels.ndim == 3:
             pixels = pixels[:, None]
         if pixels.shape[-1] != resolution or pixels.shape[-2] != resolution:
-            pixels = F.interpolate(pixels, size=(resolution, resolution), mode="bilinear", align_corners=False)
+            pixels = F.interpolate(pixels, size=(resolution, resolution), mode=interpolation,
+                                   align_corners=None if interpolation == "nearest" else False)
         self.pixels = pixels.clamp_(-1.0, 1.0)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.random_flip, self.seed = random_flip, seed
@@ -126,7 +136,7 @@ class TensorImageDataset(ItemRandomness, torch.utils.data.Dataset):
 
 def pil_to_tensor(
     image: Image.Image, resolution: int, mode: str, center_crop: bool = True, random_flip: bool = False,
-    rng: Optional[np.random.Generator] = None,
+    rng: Optional[np.random.Generator] = None, interpolation: str = "bilinear",
 ) -> torch.Tensor:
     """Resize (shorter side) → crop → optional flip → (C, H, W) float in [-1, 1]; PIL + numpy only. The random
     crop and flip draw from ``rng`` (default: a fresh unseeded one)."""
@@ -134,7 +144,7 @@ def pil_to_tensor(
     image = image.convert(mode)
     scale = resolution / min(image.size)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
-    image = image.resize((width, height), Image.BILINEAR)
+    image = image.resize((width, height), PIL_FILTERS[interpolation])
     if center_crop:
         left, top = (width - resolution) // 2, (height - resolution) // 2
     else:
@@ -152,10 +162,10 @@ class HFImageDataset(ItemRandomness, torch.utils.data.Dataset):
     """A ``datasets.Dataset`` with an image column, transformed on access."""
 
     def __init__(self, dataset, image_column: str, label_column: Optional[str], resolution: int, mode: str,
-                 center_crop: bool, random_flip: bool, seed: int = 0):
+                 center_crop: bool, random_flip: bool, seed: int = 0, interpolation: str = "bilinear"):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.resolution, self.mode, self.center_crop, self.random_flip = resolution, mode, center_crop, random_flip
-        self.seed = seed
+        self.seed, self.interpolation = seed, interpolation
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -164,7 +174,7 @@ class HFImageDataset(ItemRandomness, torch.utils.data.Dataset):
         try:
             row = self.dataset[index]  # datasets decodes the image here
             pixels = pil_to_tensor(row[self.image_column], self.resolution, self.mode, self.center_crop, self.random_flip,
-                                   self.item_rng(index))
+                                   self.item_rng(index), self.interpolation)
         except (OSError, ValueError, AttributeError) as e:
             raise UsageError(f"image {index} of the training data cannot be read ({describe_exception(e)})") from None
         label = int(row[self.label_column]) if self.label_column else -1
@@ -255,19 +265,22 @@ def build_dataset(
     cache_dir: Optional[str] = None,
     max_train_samples: Optional[int] = None,
     seed: int = 0,
+    interpolation: str = "bilinear",
 ) -> torch.utils.data.Dataset:
     """The training set the flags describe (see the module docstring); ``image_mode`` ``"L"`` or ``"RGB"``
     applies to image folders and Hub data sets (default RGB); the embedded sets are grey (one channel).
-    ``seed`` seeds the per-item flips and crops (:class:`ItemRandomness`)."""
+    ``seed`` seeds the per-item flips and crops (:class:`ItemRandomness`); ``interpolation`` is the resize filter
+    (one of :data:`INTERPOLATION_MODES`)."""
     if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
         images, labels = load_fashion_mnist() if dataset_name == "fashion_mnist" else load_digits()
         if max_train_samples is not None:
             images, labels = images[:max_train_samples], labels[:max_train_samples]
-        return TensorImageDataset(images, labels, resolution, random_flip, seed)
+        return TensorImageDataset(images, labels, resolution, random_flip, seed, interpolation)
 
     hf = _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_train_samples,
                   {"--image_column": image_column, "--label_column": label_column})
-    return HFImageDataset(hf, image_column, label_column, resolution, image_mode or "RGB", center_crop, random_flip, seed)
+    return HFImageDataset(hf, image_column, label_column, resolution, image_mode or "RGB", center_crop, random_flip, seed,
+                          interpolation)
 
 
 def _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_train_samples, columns):
@@ -343,12 +356,13 @@ def build_caption_dataset(
     cache_dir: Optional[str] = None,
     max_train_samples: Optional[int] = None,
     seed: int = 0,
+    interpolation: str = "bilinear",
 ) -> CaptionedDataset:
     """Captioned training images. ``fashion_mnist`` is captioned from its labels ("a photo of a sneaker");
     image folders need a ``metadata.jsonl`` with the caption column; Hub sets need both columns."""
     if train_data_dir is None and dataset_name == "fashion_mnist":
         images = build_dataset("fashion_mnist", resolution=resolution, random_flip=random_flip,
-                               max_train_samples=max_train_samples, seed=seed)
+                               max_train_samples=max_train_samples, seed=seed, interpolation=interpolation)
         return CaptionedDataset(images, [fashion_mnist_caption(y) for y in images.labels.tolist()])
     if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
         raise UsageError(f"--dataset_name {dataset_name} has no captions; use fashion_mnist or a captioned set")
@@ -359,5 +373,5 @@ def build_caption_dataset(
     inner = getattr(feature, "feature", None) if not hasattr(feature, "dtype") else feature
     if getattr(inner, "dtype", None) not in ("string", "large_string"):
         raise UsageError(f"--caption_column {caption_column!r} must hold strings or lists of strings, not {feature}")
-    images = HFImageDataset(hf, image_column, None, resolution, "RGB", center_crop, random_flip, seed)
+    images = HFImageDataset(hf, image_column, None, resolution, "RGB", center_crop, random_flip, seed, interpolation)
     return CaptionedDataset(images, hf[caption_column])

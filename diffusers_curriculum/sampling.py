@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Sequence
 
 import torch
+from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .clustering import bucketize, check_boundaries
 
@@ -97,9 +98,23 @@ class LogitNormalSampler(TimestepSampler):
         self.mean, self.std = float(mean), float(std)
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        u = torch.randn(batch_size, generator=generator) * self.std + self.mean
-        t = (torch.sigmoid(u) * self.num_train_timesteps).long()
-        return t.clamp_(0, self.num_train_timesteps - 1)
+        u = compute_density_for_timestep_sampling("logit_normal", batch_size, logit_mean=self.mean, logit_std=self.std,
+                                                  generator=generator)
+        return (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1)
+
+
+class ModeSampler(TimestepSampler):
+    """t = ⌊T · u'⌋ with u' = 1 − u − s·(cos²(πu/2) − 1 + u), u ~ U(0, 1): SD3's mode sampling (diffusers'
+    ``compute_density_for_timestep_sampling(weighting_scheme="mode")``, ``--mode_scale`` s). s > 0 favours
+    the middle of the range, s < 0 its ends."""
+
+    def __init__(self, num_train_timesteps: int, mode_scale: float = 1.29, seed: int = 0):
+        super().__init__(num_train_timesteps, seed)
+        self.mode_scale = float(mode_scale)
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        u = compute_density_for_timestep_sampling("mode", batch_size, mode_scale=self.mode_scale, generator=generator)
+        return (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1)
 
 
 class WeightedSampler(TimestepSampler):

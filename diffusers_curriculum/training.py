@@ -3,8 +3,10 @@ pre-emption, the weights that ship. The scripts keep their own data, model and l
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import gc
+import importlib.util
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
+from diffusers.training_utils import EMAModel
 
 from .checkpointing import (
     check_resume, checkpoint_step, clean_leftovers, finished_at, load_checkpoint, resolve_resume_path, save_checkpoint,
@@ -21,23 +24,91 @@ from .checkpointing import (
 from .errors import UsageError
 from .distributed import force_cpu_backend
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
-from .regimes import needs_unused_parameters
+from .regimes import check_launch, needs_unused_parameters
+
+
+# --report_to names accelerate can log to, and the module each needs.
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
+                   "clearml": "clearml", "dvclive": "dvclive", "aim": "aim", "swanlab": "swanlab", "trackio": "trackio"}
+
+
+def check_report_to(report_to: Optional[str]) -> None:
+    """``--report_to``: ``none``, ``all`` or comma-separated tracker names, each installed (one-line error
+    naming the missing package before any work, instead of accelerate's warning and no logs)."""
+    if report_to in (None, "none", "all"):
+        return
+    for name in report_to.split(","):
+        if name not in TRACKER_MODULES:
+            raise UsageError(f"--report_to {name!r} is unknown; choose none, all or from {', '.join(TRACKER_MODULES)}")
+        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            raise UsageError(f"--report_to {name}: {TRACKER_MODULES[name]} is not installed (pip install {TRACKER_MODULES[name]})")
+
+
+def check_run_flags(args) -> None:
+    """The checks of flags both script families share, before any work: trackers installed, 8-bit Adam able to
+    run here."""
+    check_report_to(args.report_to)
+    if getattr(args, "use_8bit_adam", False):
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError("--use_8bit_adam: bitsandbytes is not installed (pip install 'diffusers-curriculum[8bit]')")
+        if not torch.cuda.is_available():
+            raise UsageError("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit optimizers); this run is on the CPU")
+
+
+def make_optimizer(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
+    """AdamW with the script's betas, weight decay and epsilon; bitsandbytes' ``AdamW8bit`` with ``--use_8bit_adam``."""
+    optimizer_cls = torch.optim.AdamW
+    if getattr(args, "use_8bit_adam", False):
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    return optimizer_cls(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+
+def configure_logging(accelerator, logger) -> None:
+    """Logging as diffusers' example scripts set it up: INFO records with time and source on stderr, the
+    accelerate state from every rank; diffusers at INFO and datasets / transformers at WARNING on the local main
+    process, errors only on the others."""
+    import datasets
+    import diffusers
+    import transformers
+
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_info()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
 
 
 def make_accelerator(args) -> Accelerator:
-    """The Accelerator of a run: accumulation, precision, trackers, seedable data order, CPU DDP when asked,
-    ``find_unused_parameters`` for regimes that leave parameters without gradient (TDC)."""
+    """The Accelerator of a run: accumulation, precision (``--mixed_precision``, else the accelerate config's),
+    trackers, seedable data order, CPU DDP when asked, ``find_unused_parameters`` for regimes that leave
+    parameters without gradient (TDC). ``args.mixed_precision`` becomes the precision in effect; what cannot
+    run with it (fp16 on the CPU, self-formed gradients under fp16 or sharding) is refused here."""
     if getattr(args, "mixed_precision", None) == "fp16" and not gpu_available():  # before accelerate's state is set
         raise UsageError("--mixed_precision fp16 needs a GPU (this run is on the CPU); use --mixed_precision bf16 or no")
+    if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in (None, "none") else args.report_to,
+        log_with=None if args.report_to in (None, "none") else args.report_to.split(","),
         project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         cpu=force_cpu_backend(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameters(args))],
     )
+    args.mixed_precision = accelerator.mixed_precision  # the flag, or the accelerate config's (for checks and the card)
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise UsageError("--mixed_precision fp16 (from the accelerate config) needs a GPU; this run is on the CPU")
+    check_launch(args, accelerator.mixed_precision, accelerator.distributed_type)
     return accelerator
 
 
@@ -121,12 +192,41 @@ def optimizer_step(accelerator, parameters, optimizer, lr_scheduler, max_grad_no
     optimizer.zero_grad()
 
 
-def after_sync_step(accelerator, regime, model, ema_model, loss: float, lr_scheduler, global_step: int) -> Dict[str, float]:
+def make_ema(args, model) -> Optional[EMAModel]:
+    """diffusers' ``EMAModel`` of ``model`` with ``--use_ema`` (``--foreach_ema``; ``--offload_ema`` keeps it in
+    pinned CPU memory between updates, as diffusers' scripts do), else ``None``."""
+    if not args.use_ema:
+        return None
+    kwargs = {}
+    if hasattr(args, "ema_inv_gamma"):  # the pixel-space scripts expose diffusers' warm-up schedule
+        kwargs = dict(decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
+    return EMAModel(model.parameters(), model_cls=type(model), model_config=model.config, foreach=args.foreach_ema, **kwargs)
+
+
+def place_ema(args, ema_model, accelerator) -> None:
+    """Moves the EMA weights where they live between updates: the training device, or pinned CPU memory
+    with ``--offload_ema``."""
+    if ema_model is None:
+        return
+    if args.offload_ema:
+        ema_model.to("cpu")
+        if torch.cuda.is_available():
+            ema_model.pin_memory()
+    else:
+        ema_model.to(accelerator.device)
+
+
+def after_sync_step(accelerator, regime, model, ema_model, loss: float, lr_scheduler, global_step: int,
+                    offload_ema: bool = False) -> Dict[str, float]:
     """After an optimizer step that synced gradients: the EMA update, then the step's logs (loss, learning
     rate, the regime's own values, e.g. its stage, and the EMA decay). The regime's step hook runs after the
     EMA update (TDC copies EMA weights when it branches)."""
     if ema_model is not None:
+        if offload_ema:
+            ema_model.to(accelerator.device, non_blocking=True)
         ema_model.step(model.parameters())
+        if offload_ema:
+            ema_model.to("cpu", non_blocking=True)
     logs = {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]}
     logs.update(regime.on_step_end(accelerator, global_step))
     if ema_model is not None:
@@ -161,14 +261,37 @@ def end_training(accelerator) -> None:
     accelerator.end_training()
 
 
-def shipped_model(accelerator, model, ema_model: Optional[object] = None):
-    """The weights to ship: the EMA weights (in a copy) with ``--use_ema``, else the trained model."""
+@contextlib.contextmanager
+def shipped_weights(accelerator, model, ema_model: Optional[EMAModel] = None, final: bool = False):
+    """The model with the weights to ship: the EMA weights with ``--use_ema``, else the trained ones. Mid-run
+    (validation) the training weights are stored aside and restored on exit, as diffusers' scripts do (no
+    second copy of the model); ``final=True`` (training is over) just copies the EMA weights in."""
     model = accelerator.unwrap_model(model)
     if ema_model is None:
-        return model
-    shipped = copy.deepcopy(model)
-    ema_model.copy_to(shipped.parameters())
-    return shipped
+        yield model
+        return
+    if not final:
+        ema_model.store(model.parameters())
+    ema_model.copy_to(model.parameters())
+    try:
+        yield model
+    finally:
+        if not final:
+            ema_model.restore(model.parameters())
+
+
+def log_images(accelerator, tag: str, images, step: int) -> None:
+    """Sends PIL images to every tracker of the run that takes images (TensorBoard, Weights & Biases)."""
+    import numpy as np
+
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            arrays = np.stack([np.asarray(image.convert("RGB")) for image in images])
+            tracker.writer.add_images(tag, arrays, step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(image) for image in images]}, step=step)
 
 
 def run_config(args) -> dict:

@@ -19,7 +19,7 @@ from diffusers_curriculum.tiny_sd import tiny_stable_diffusion
 from conftest import ROOT, TINY_FLAGS, load_script
 
 SCRIPT = str(ROOT / "train_scripts" / "train_unconditional.py")
-T2I_FLAGS = ["--train_batch_size", "4", "--max_train_samples", "32", "--report_to", "none", "--seed", "0",
+T2I_FLAGS = ["--dataset_name", "fashion_mnist", "--train_batch_size", "4", "--max_train_samples", "32", "--report_to", "none", "--seed", "0",
              "--lr_warmup_steps", "0"]
 SD_TIMESTEPS = 50  # the sweep's tiny SD has T = 50, so a cluster check against a fixed 1000 would show
 

@@ -22,7 +22,7 @@ from portable_probe import REMOTE_CODE, load_stock, sample
 
 PIXEL_FLAGS = [*TINY_FLAGS, "--max_train_steps", "2", "--max_train_samples", "64", "--no_validation"]
 TDC_FLAGS = ["--regime", "tdc", "--tdc_groups", "2", "--tdc_base_steps", "1"]
-SD_FLAGS = ["--train_batch_size", "4", "--max_train_samples", "16", "--report_to", "none", "--seed", "0",
+SD_FLAGS = ["--dataset_name", "fashion_mnist", "--train_batch_size", "4", "--max_train_samples", "16", "--report_to", "none", "--seed", "0",
             "--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--max_train_steps", "2",
             "--num_validation_inference_steps", "2"]
 BASE_ID, BASE_LICENSE = "testuser/tiny-sd", "creativeml-openrail-m"

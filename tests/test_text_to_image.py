@@ -21,7 +21,7 @@ from conftest import ROOT, load_script
 from test_distributed import LAUNCH, run_launch
 
 SCRIPT = ROOT / "train_scripts" / "train_text_to_image.py"
-FLAGS = ["--train_batch_size", "4", "--max_train_samples", "32", "--report_to", "none", "--seed", "0",
+FLAGS = ["--dataset_name", "fashion_mnist", "--train_batch_size", "4", "--max_train_samples", "32", "--report_to", "none", "--seed", "0",
          "--lr_warmup_steps", "0", "--learning_rate", "1e-3"]
 REGIME_FLAGS = {
     "uniform": ["--snr_gamma", "5"],

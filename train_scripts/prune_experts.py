@@ -10,6 +10,7 @@ by ``--proxy_steps`` of fine-tuning plus a validation loss, then ``--finetune_st
 ``training_regime.json`` and the model card record each expert's size and FLOPs and the FLOPs per generated sample.
 """
 
+import argparse
 import functools
 import json
 import os
@@ -30,11 +31,12 @@ from diffusers_curriculum.pruning import flops_report, prune_experts
 REPORT_FILE = "pruning_report.json"
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(description="Structured pruning of a TDC pipeline's experts.")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description="Structured pruning of a TDC pipeline's experts.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="A TDC pipeline (folder or Hub id).")
-    parser.add_argument("--output_dir", type=str, required=True)
-    parser.add_argument("--overwrite_output_dir", action="store_true")
+    parser.add_argument("--output_dir", type=str, required=True, help="Where the pruned pipeline and its report go.")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace a pipeline already in --output_dir.")
     parser.add_argument("--prune_ratio", type=float, default=0.5,
                         help="FLOPs fraction removed from the easiest (highest-noise) expert; harder experts lose less.")
     parser.add_argument("--search_rounds", type=int, default=4, help="Proposals scored per expert.")
@@ -42,18 +44,22 @@ def parse_args(argv=None):
     parser.add_argument("--finetune_steps", type=int, default=200, help="Fine-tuning steps of each chosen pruned expert.")
     parser.add_argument("--validation_size", type=int, default=64, help="Images in each expert's validation batch.")
     parser.add_argument("--dataset_name", type=str, default="fashion_mnist", help=f"Hub id or one of {BUILTIN_DATASETS}.")
-    parser.add_argument("--train_data_dir", type=str, default=None)
-    parser.add_argument("--image_column", type=str, default="image")
-    parser.add_argument("--max_train_samples", type=int, default=None)
+    parser.add_argument("--train_data_dir", type=str, default=None, help="A folder of training images (overrides --dataset_name).")
+    parser.add_argument("--image_column", type=str, default="image", help="The image column of a Hub data set.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Use the first N images only.")
     parser.add_argument("--resolution", type=int, default=None, help="Defaults to the experts' sample_size.")
-    parser.add_argument("--train_batch_size", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Images per fine-tuning batch.")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate of the fine-tuning.")
     parser.add_argument("--num_inference_steps", type=int, default=1000, help="Sampling steps the FLOPs per sample are counted for.")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_token", type=str, default=None)
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    args = parser.parse_args(argv)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the search, the fine-tuning and the validation batches.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the pruned pipeline and its model card.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="The repo to push to (default: <user>/<output_dir name>).")
+    return parser
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
     validate_args(args)
     return args
 

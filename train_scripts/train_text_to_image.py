@@ -4,14 +4,16 @@
 Shaped like diffusers' ``examples/text_to_image/train_text_to_image.py`` and ``train_text_to_image_lora.py``
 (same flag names) plus ``--regime`` and its flags. Frozen VAE and text encoder; the UNet learns on latents,
 epsilon or v-prediction. ``--use_lora --rank 4`` trains peft LoRA adapters and saves them the diffusers way
-(``pytorch_lora_weights.safetensors``, read by ``pipe.load_lora_weights``). Default data: Fashion-MNIST
-captioned from its labels ("a photo of a sneaker"), offline.
+(``pytorch_lora_weights.safetensors``, read by ``pipe.load_lora_weights``). Data: ``--dataset_name`` (a Hub id,
+or ``fashion_mnist``: Fashion-MNIST captioned from its labels, "a photo of a sneaker", offline) or
+``--train_data_dir``; one of them is required, so a forgotten flag never fine-tunes a real model on toy data.
 
     python -m diffusers_curriculum.tiny_sd --output_dir tiny-sd
     accelerate launch train_scripts/train_text_to_image.py --pretrained_model_name_or_path tiny-sd \
-        --output_dir fmnist-sd --max_train_steps 200 --regime curriculum --validation_prompts "a photo of a bag"
+        --dataset_name fashion_mnist --output_dir fmnist-sd --max_train_steps 200 --regime curriculum --validation_prompts "a photo of a bag"
 """
 
+import argparse
 import functools
 import json
 import math
@@ -24,12 +26,11 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, move_into_place, save_pipeline
-from diffusers_curriculum.data import HUB_DATASET_IDS, build_caption_dataset
+from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, build_caption_dataset
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler, write_training_regime
 from diffusers_curriculum.hub import (
@@ -41,8 +42,9 @@ from diffusers_curriculum.regimes import (
     add_regime_args, build_regime, check_schedule, needs_unused_parameters, validate_regime_args,
 )
 from diffusers_curriculum.training import (
-    after_sync_step, begin_run, checkpoint_and_preempt, end_training, epoch_batches, is_finished, make_accelerator,
-    optimizer_step, resume, run_config, run_record, shipped_model,
+    after_sync_step, begin_run, check_run_flags, checkpoint_and_preempt, configure_logging, end_training, epoch_batches,
+    is_finished, log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
+    run_record, shipped_weights,
 )
 
 logger = get_logger(__name__, log_level="INFO")
@@ -55,63 +57,92 @@ CARD_SETTINGS = (
 )
 
 
-def parse_args(argv=None):
-    parser = ArgumentParser(description="Fine-tune Stable Diffusion (full or LoRA) with a training regime.")
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                        help="A Stable Diffusion folder or Hub id (e.g. one written by `python -m diffusers_curriculum.tiny_sd`).")
-    parser.add_argument("--revision", type=str, default=None)
-    parser.add_argument("--variant", type=str, default=None)
-    parser.add_argument("--dataset_name", type=str, default="fashion_mnist",
-                        help="A datasets Hub id, or 'fashion_mnist' (embedded, captioned from its labels).")
-    parser.add_argument("--dataset_config_name", type=str, default=None)
-    parser.add_argument("--train_data_dir", type=str, default=None, help="An image folder with a metadata.jsonl of captions.")
-    parser.add_argument("--image_column", type=str, default="image")
-    parser.add_argument("--caption_column", type=str, default="text")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--validation_prompts", type=str, nargs="+", default=None)
-    parser.add_argument("--validation_epochs", type=int, default=1)
-    parser.add_argument("--num_validation_inference_steps", type=int, default=25)
-    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned")
-    parser.add_argument("--overwrite_output_dir", action="store_true")
-    parser.add_argument("--cache_dir", type=str, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--resolution", type=int, default=None, help="Default: the UNet's sample_size × the VAE's scale factor.")
-    parser.add_argument("--center_crop", default=False, action="store_true")
-    parser.add_argument("--random_flip", action="store_true")
-    parser.add_argument("--train_batch_size", type=int, default=16)
-    parser.add_argument("--num_train_epochs", type=int, default=100)
-    parser.add_argument("--max_train_steps", type=int, default=None)
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--gradient_checkpointing", action="store_true")
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--scale_lr", action="store_true")
-    parser.add_argument("--lr_scheduler", type=str, default="constant")
-    parser.add_argument("--lr_warmup_steps", type=int, default=500)
-    parser.add_argument("--use_ema", action="store_true")
-    parser.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (peft) instead of the full UNet.")
-    parser.add_argument("--rank", type=int, default=4, help="LoRA rank.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    parser.add_argument("--adam_beta1", type=float, default=0.9)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
-                        help="Default: the pretrained scheduler's.")
-    parser.add_argument("--noise_offset", type=float, default=0.0)
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None)
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--report_to", type=str, default="tensorboard")
-    parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune")
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_token", type=str, default=None)
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_private_repo", action="store_true")
+def build_parser() -> ArgumentParser:
+    """The script's flags: diffusers' ``train_text_to_image.py`` / ``train_text_to_image_lora.py`` names and
+    defaults, plus the regime's."""
+    parser = ArgumentParser(description="Fine-tune Stable Diffusion (full or LoRA) with a training regime.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="A Stable Diffusion folder or Hub id (e.g. one written by `python -m diffusers_curriculum.tiny_sd`).")
+    model.add_argument("--revision", type=str, default=None, help="The Hub revision (branch, tag or commit) of the model.")
+    model.add_argument("--variant", type=str, default=None, help="The weights variant to load, e.g. fp16.")
+    model.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+                       help="What the UNet learns to predict; default: the pretrained scheduler's.")
+    model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (peft) instead of the full UNet.")
+    model.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    data = parser.add_argument_group("data (give --dataset_name or --train_data_dir)")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="A datasets Hub id, or 'fashion_mnist' (embedded, offline, captioned from its labels).")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Hub data set, if it has several.")
+    data.add_argument("--train_data_dir", type=str, default=None, help="An image folder with a metadata.jsonl of captions.")
+    data.add_argument("--image_column", type=str, default="image", help="The column holding the images.")
+    data.add_argument("--caption_column", type=str, default="text", help="The column holding a caption or a list of captions.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N examples only (debugging, quick runs).")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and data sets are cached.")
+    data.add_argument("--resolution", type=int, default=None, help="Training resolution; default: the UNet's sample_size × the VAE's scale factor.")
+    data.add_argument("--center_crop", default=False, action="store_true", help="Crop the centre (else a random crop per image and epoch).")
+    data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (per image and epoch).")
+    data.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
+                      help="The filter images are resized with.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading processes (0: in the main process).")
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="Prompts sampled every --validation_epochs and at the end.")
+    validation.add_argument("--validation_prompt", type=str, default=None, help="One validation prompt (diffusers' LoRA script's flag).")
+    validation.add_argument("--num_validation_images", type=int, default=1, help="Images per validation prompt.")
+    validation.add_argument("--validation_epochs", type=int, default=1, help="Sample the validation prompts every N epochs.")
+    validation.add_argument("--num_validation_inference_steps", type=int, default=25, help="Sampling steps of the validation images.")
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the pipeline (or LoRA weights), checkpoints and logs go.")
+    training.add_argument("--overwrite_output_dir", action="store_true",
+                          help="Start over in an --output_dir that holds another run (its checkpoints and result index are removed).")
+    training.add_argument("--seed", type=int, default=None, help="Seed of the run: data order, noise, timesteps, latents, flips.")
+    training.add_argument("--train_batch_size", type=int, default=16, help="Examples per batch per process.")
+    training.add_argument("--num_train_epochs", type=int, default=100, help="Passes over the data (unless --max_train_steps).")
+    training.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs.")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer step.")
+    training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in the backward pass (less memory).")
+    training.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate.")
+    training.add_argument("--scale_lr", action="store_true", help="Scale the learning rate by the total batch size.")
+    training.add_argument("--lr_scheduler", type=str, default="constant",
+                          help="diffusers' get_scheduler name: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.")
+    training.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule.")
+    training.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet (diffusers' EMAModel) and ship it.")
+    training.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in (pinned) CPU memory between updates.")
+    training.add_argument("--foreach_ema", action="store_true", help="Update the EMA with torch's foreach kernels (faster, more memory).")
+    training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only; pip install 'diffusers-curriculum[8bit]').")
+    training.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    training.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    training.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
+    training.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise (Guttenberg 2023); 0.1 is a common value.")
+    training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                          help="Precision of the forward passes (and of the frozen VAE and text encoder); default: the accelerate config's, else no.")
+    training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs (faster fp32 training).")
+    training.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                          help="xformers attention (pip install 'diffusers-curriculum[xformers]').")
+    output = parser.add_argument_group("checkpoints, logging, Hub")
+    output.add_argument("--checkpointing_steps", type=int, default=500, help="Write a resumable checkpoint every N optimizer steps (and at the last).")
+    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    output.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='"latest" (the newest complete checkpoint in --output_dir; none yet: a fresh start) or a checkpoint folder.')
+    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside --output_dir.")
+    output.add_argument("--report_to", type=str, default="tensorboard",
+                        help="Trackers: tensorboard, wandb, comet_ml, mlflow, ... (comma-separated), all, or none.")
+    output.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune", help="The trackers' project name.")
+    output.add_argument("--local_rank", type=int, default=-1,
+                        help="Set by torch.distributed.launch; the LOCAL_RANK environment variable wins (accelerate launch sets it).")
+    output.add_argument("--push_to_hub", action="store_true", help="Upload the result and its model card after the local save.")
+    output.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+    output.add_argument("--hub_model_id", type=str, default=None, help="The repo to push to (default: <user>/<output_dir name>).")
+    output.add_argument("--hub_private_repo", action="store_true", help="Create the repo private.")
     add_regime_args(parser)
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     validate_args(args)
     return args
@@ -119,7 +150,7 @@ def parse_args(argv=None):
 
 def validate_args(args):
     for flag in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "validation_epochs",
-                 "checkpointing_steps", "rank", "num_validation_inference_steps"):
+                 "checkpointing_steps", "rank", "num_validation_inference_steps", "num_validation_images"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     for flag in ("max_train_steps", "max_train_samples", "checkpoints_total_limit", "resolution"):
@@ -138,7 +169,10 @@ def validate_args(args):
     if args.push_to_hub:
         args.hub_token_resolved = resolve_hub_token(args.hub_token)
     if args.train_data_dir is None and args.dataset_name is None:
-        raise UsageError("give --dataset_name or --train_data_dir")
+        raise UsageError("give --dataset_name (a Hub id, or fashion_mnist offline) or --train_data_dir")
+    if args.validation_prompt is not None:  # diffusers' LoRA script's single prompt joins the list
+        args.validation_prompts = [*(args.validation_prompts or []), args.validation_prompt]
+    check_run_flags(args)
     validate_regime_args(args, num_train_timesteps=pretrained_num_timesteps(args))
     check_fresh_start(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, done_file(args))
     check_writable(args.output_dir)
@@ -218,6 +252,7 @@ def lora_state_dict(unet):
 
 def main(args):
     accelerator = make_accelerator(args)
+    configure_logging(accelerator, logger)
     if args.seed is not None:
         set_seed(args.seed)
 
@@ -229,6 +264,7 @@ def main(args):
         args.dataset_name, args.train_data_dir, resolution, args.image_column, args.caption_column,
         center_crop=args.center_crop, random_flip=args.random_flip, dataset_config_name=args.dataset_config_name,
         cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=args.seed or 0,
+        interpolation=args.image_interpolation_mode,
     )
     regime = build_regime(args, noise_scheduler, accelerator)
 
@@ -245,9 +281,7 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     unet = regime.wrap_model(unet)
-    ema_unet = None
-    if args.use_ema:
-        ema_unet = EMAModel(unet.parameters(), model_cls=type(unet), model_config=unet.config)
+    ema_unet = make_ema(args, unet)
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.to(accelerator.device, dtype=weight_dtype)
@@ -256,8 +290,7 @@ def main(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = make_optimizer(args, trainable, learning_rate)
     train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
                                                    collate_fn=collate(tokenizer), num_workers=args.dataloader_num_workers,
                                                    drop_last=True)
@@ -277,7 +310,7 @@ def main(args):
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
     unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
     if ema_unet is not None:
-        ema_unet.to(accelerator.device)
+        place_ema(args, ema_unet, accelerator)
         accelerator.register_for_checkpointing(ema_unet)
     accelerator.register_for_checkpointing(regime)
     regime.attach(optimizer=optimizer, ema_model=ema_unet)
@@ -321,7 +354,7 @@ def main(args):
                     global_step += 1
                     progress_bar.update(1)
                     losses.append(loss.item())
-                    logs = after_sync_step(accelerator, regime, unet, ema_unet, losses[-1], lr_scheduler, global_step)
+                    logs = after_sync_step(accelerator, regime, unet, ema_unet, losses[-1], lr_scheduler, global_step, args.offload_ema)
                     progress_bar.set_postfix(**logs)
                     accelerator.log(logs, step=global_step)
                     checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record)
@@ -329,8 +362,7 @@ def main(args):
                     break
             if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
                     and global_step < args.max_train_steps):
-                pipeline = build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime)
-                log_validation(args, accelerator, pipeline, f"epoch_{epoch}", global_step)
+                validate(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, f"epoch_{epoch}", global_step)
             if global_step >= args.max_train_steps:
                 break
         progress_bar.close()
@@ -345,11 +377,11 @@ def main(args):
     return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
 
 
-def build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime):
+def build_pipeline(unet, tokenizer, text_encoder, vae, noise_scheduler):
     from diffusers import StableDiffusionPipeline  # imports transformers' image processors: only when needed
 
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=shipped_model(accelerator, unet, ema_unet),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=stock_scheduler(noise_scheduler, "ddim"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.set_progress_bar_config(disable=True)
@@ -357,22 +389,27 @@ def build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, v
 
 
 def log_validation(args, accelerator, pipeline, name, global_step):
-    """One image per validation prompt, saved to samples/<name>_<i>.png; returns the relative paths."""
+    """``--num_validation_images`` images per validation prompt, saved to ``samples/<name>_<i>[_<j>].png`` and
+    sent to the trackers; returns the relative path of each prompt's first image (for the model card)."""
     generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
-    paths = []
+    firsts, images = [], []
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     for i, prompt in enumerate(args.validation_prompts or []):
-        image = pipeline(prompt, num_inference_steps=args.num_validation_inference_steps, generator=generator).images[0]
-        paths.append(f"samples/{name}_{i}.png")
-        image.save(os.path.join(args.output_dir, paths[-1]))
-    tracker = accelerator.get_tracker("tensorboard") if args.report_to == "tensorboard" and paths else None
-    if tracker is not None:
-        import numpy as np
-        from PIL import Image
+        for j in range(args.num_validation_images):
+            images.append(pipeline(prompt, num_inference_steps=args.num_validation_inference_steps, generator=generator).images[0])
+            path = f"samples/{name}_{i}.png" if j == 0 else f"samples/{name}_{i}_{j}.png"
+            images[-1].save(os.path.join(args.output_dir, path))
+            if j == 0:
+                firsts.append(path)
+    if images:
+        log_images(accelerator, "validation", images, global_step)
+    return firsts
 
-        images = np.stack([np.asarray(Image.open(os.path.join(args.output_dir, p))) for p in paths])
-        tracker.writer.add_images("validation", images, global_step, dataformats="NHWC")
-    return paths
+
+def validate(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, name, global_step):
+    """Validation images of the weights that would ship; the training weights are back in place afterwards."""
+    with shipped_weights(accelerator, unet, ema_unet) as shipped:
+        log_validation(args, accelerator, build_pipeline(shipped, tokenizer, text_encoder, vae, noise_scheduler), name, global_step)
 
 
 def save_lora(unet, output_dir):
@@ -387,14 +424,17 @@ def save_lora(unet, output_dir):
 
 
 def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step):
-    pipeline = build_pipeline(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime)
+    """Saves the pipeline (the EMA weights with --use_ema) or the LoRA weights, the validation images and the
+    model card; then pushes when asked."""
     record = {**regime.describe(), "trained_steps": global_step}
-    if args.use_lora:
-        save_lora(accelerator.unwrap_model(unet), args.output_dir)
-        write_training_regime(args.output_dir, record)  # last: the record's trained_steps marks the run finished
-    else:
-        save_pipeline(pipeline, args.output_dir, training_regime=record)
-    images = log_validation(args, accelerator, pipeline, "final", global_step) if args.validation_prompts else []
+    with shipped_weights(accelerator, unet, ema_unet, final=True) as shipped:  # training is over: no restore
+        pipeline = build_pipeline(shipped, tokenizer, text_encoder, vae, noise_scheduler)
+        if args.use_lora:
+            save_lora(shipped, args.output_dir)
+            write_training_regime(args.output_dir, record)  # last: the record's trained_steps marks the run finished
+        else:
+            save_pipeline(pipeline, args.output_dir, training_regime=record)
+        images = log_validation(args, accelerator, pipeline, "final", global_step) if args.validation_prompts else []
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings.update(trained_steps=global_step, prediction_type=noise_scheduler.config.prediction_type)
     dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)

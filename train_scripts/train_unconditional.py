@@ -19,13 +19,12 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, save_pipeline
-from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, build_dataset, num_channels
+from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, INTERPOLATION_MODES, build_dataset, num_channels
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler
 from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, write_model_card
@@ -34,8 +33,9 @@ from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
 from diffusers_curriculum.training import (
-    after_sync_step, begin_run, checkpoint_and_preempt, end_training, epoch_batches, is_finished, make_accelerator,
-    optimizer_step, resume, run_config, run_record, shipped_model,
+    after_sync_step, begin_run, check_run_flags, checkpoint_and_preempt, configure_logging, end_training, epoch_batches,
+    is_finished, log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
+    run_record, shipped_weights,
 )
 from diffusers_curriculum.tasks import TASKS, Unconditional
 
@@ -49,71 +49,96 @@ CARD_SETTINGS = (
 )
 
 
-def parse_args(argv=None, task_cls=Unconditional):
-    parser = ArgumentParser(description=f"Train a{'n' if task_cls.name[0] in 'aeiou' else ''} {task_cls.name.replace('_', '-')} diffusion model with a training regime.")
-    # data
-    parser.add_argument(
-        "--dataset_name", type=str, default="fashion_mnist",
-        help=f"A datasets Hub id, or one of the embedded offline sets {BUILTIN_DATASETS}.",
-    )
-    parser.add_argument("--dataset_config_name", type=str, default=None)
-    parser.add_argument("--train_data_dir", type=str, default=None, help="A folder of training images (overrides --dataset_name).")
-    parser.add_argument("--image_column", type=str, default="image")
-    parser.add_argument("--image_mode", type=str, default=None, choices=["L", "RGB"], help="Colour mode for image folders / Hub sets (default RGB).")
-    parser.add_argument("--max_train_samples", type=int, default=None)
-    parser.add_argument("--cache_dir", type=str, default=None)
-    parser.add_argument("--resolution", type=int, default=32)
-    parser.add_argument("--center_crop", default=True, action=argparse.BooleanOptionalAction)
-    parser.add_argument("--random_flip", default=False, action="store_true")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0)
-    # model
-    parser.add_argument("--model_config_name_or_path", type=str, default=None, help="UNet2DModel config (folder or JSON); default: a tiny CPU-sized UNet.")
-    parser.add_argument("--block_out_channels", type=str, default="32,64,64", help="Channels of the default UNet's blocks.")
-    parser.add_argument("--layers_per_block", type=int, default=1)
-    parser.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"])
-    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
-    parser.add_argument("--ddpm_num_inference_steps", type=int, default=1000)
-    parser.add_argument("--ddpm_beta_schedule", type=str, default="linear")
-    parser.add_argument("--use_ddim", action="store_true", help="Sample (validation and the saved pipeline) with a DDIM scheduler.")
-    # training
-    parser.add_argument("--output_dir", type=str, default="ddpm-model")
-    parser.add_argument("--overwrite_output_dir", action="store_true")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--train_batch_size", type=int, default=16)
-    parser.add_argument("--num_epochs", type=int, default=100)
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    parser.add_argument("--learning_rate", type=float, default=1e-4)
-    parser.add_argument("--lr_scheduler", type=str, default="cosine")
-    parser.add_argument("--lr_warmup_steps", type=int, default=500)
-    parser.add_argument("--adam_beta1", type=float, default=0.95)
-    parser.add_argument("--adam_beta2", type=float, default=0.999)
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-6)
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08)
-    parser.add_argument("--max_grad_norm", type=float, default=1.0)
-    parser.add_argument("--use_ema", action="store_true")
-    parser.add_argument("--ema_inv_gamma", type=float, default=1.0)
-    parser.add_argument("--ema_power", type=float, default=3 / 4)
-    parser.add_argument("--ema_max_decay", type=float, default=0.9999)
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"])
-    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
-    # validation, checkpoints, logging
-    parser.add_argument("--eval_batch_size", type=int, default=16, help="Images in a validation grid.")
-    parser.add_argument("--validation_steps", type=int, default=None, help="Save a sample grid every N steps (and always at the end).")
-    parser.add_argument("--no_validation", action="store_true", help="Skip the final sample grid.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500)
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None)
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help='"latest" or a checkpoint folder.')
-    parser.add_argument("--logging_dir", type=str, default="logs")
-    parser.add_argument("--report_to", type=str, default="tensorboard")
-    # hub
-    parser.add_argument("--push_to_hub", action="store_true")
-    parser.add_argument("--hub_token", type=str, default=None)
-    parser.add_argument("--hub_model_id", type=str, default=None)
-    parser.add_argument("--hub_private_repo", action="store_true")
+def build_parser(task_cls=Unconditional) -> ArgumentParser:
+    """The script's flags: diffusers' ``train_unconditional.py`` names and defaults, plus the regime's."""
+    article = "n" if task_cls.name[0] in "aeiou" else ""
+    parser = ArgumentParser(description=f"Train a{article} {task_cls.name.replace('_', '-')} diffusion model with a training regime.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default="fashion_mnist",
+                      help=f"A datasets Hub id, or one of the embedded offline sets {BUILTIN_DATASETS}.")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="The config of the Hub data set, if it has several.")
+    data.add_argument("--train_data_dir", type=str, default=None, help="A folder of training images (overrides --dataset_name).")
+    data.add_argument("--image_column", type=str, default="image", help="The image column of a Hub data set.")
+    data.add_argument("--image_mode", type=str, default=None, choices=["L", "RGB"],
+                      help="Colour mode for image folders / Hub sets (default RGB; the embedded sets are grey).")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N images only (debugging, quick runs).")
+    data.add_argument("--cache_dir", type=str, default=None, help="Where datasets caches downloaded data.")
+    data.add_argument("--resolution", type=int, default=32, help="Training images are resized and cropped to this size.")
+    data.add_argument("--center_crop", default=True, action=argparse.BooleanOptionalAction,
+                      help="Crop the centre (else a random crop, drawn per image and epoch).")
+    data.add_argument("--random_flip", default=False, action="store_true", help="Flip images horizontally at random (per image and epoch).")
+    data.add_argument("--image_interpolation_mode", type=str, default="bilinear", choices=INTERPOLATION_MODES,
+                      help="The filter images are resized with.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading processes (0: in the main process).")
+    model = parser.add_argument_group("model and diffusion process")
+    model.add_argument("--model_config_name_or_path", type=str, default=None,
+                       help="UNet2DModel config (folder or JSON); default: a tiny CPU-sized UNet.")
+    model.add_argument("--block_out_channels", type=str, default="32,64,64", help="Channels of the default UNet's blocks.")
+    model.add_argument("--layers_per_block", type=int, default=1, help="ResNet layers per block of the default UNet.")
+    model.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"],
+                       help="What the UNet predicts.")
+    model.add_argument("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion timesteps.")
+    model.add_argument("--ddpm_num_inference_steps", type=int, default=1000, help="Sampling steps of validation grids and the saved pipeline's default.")
+    model.add_argument("--ddpm_beta_schedule", type=str, default="linear", help="The noise schedule (a DDPMScheduler beta_schedule).")
+    model.add_argument("--use_ddim", action="store_true", help="Sample (validation and the saved pipeline) with a DDIM scheduler.")
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", type=str, default="ddpm-model", help="Where the pipeline, checkpoints, samples and logs go.")
+    training.add_argument("--overwrite_output_dir", action="store_true",
+                          help="Start over in an --output_dir that holds another run (its checkpoints and pipeline index are removed).")
+    training.add_argument("--seed", type=int, default=None, help="Seed of the run: weights, data order, noise, timesteps, flips.")
+    training.add_argument("--train_batch_size", type=int, default=16, help="Images per batch per process.")
+    training.add_argument("--num_epochs", type=int, default=100, help="Passes over the data (unless --max_train_steps).")
+    training.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_epochs.")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer step.")
+    training.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate.")
+    training.add_argument("--lr_scheduler", type=str, default="cosine",
+                          help="diffusers' get_scheduler name: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.")
+    training.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule.")
+    training.add_argument("--adam_beta1", type=float, default=0.95, help="AdamW beta1.")
+    training.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    training.add_argument("--adam_weight_decay", type=float, default=1e-6, help="AdamW weight decay.")
+    training.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only; pip install 'diffusers-curriculum[8bit]').")
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradients are clipped to this norm.")
+    training.add_argument("--use_ema", action="store_true", help="Keep an EMA of the weights (diffusers' EMAModel) and ship it.")
+    training.add_argument("--ema_inv_gamma", type=float, default=1.0, help="EMA warm-up: inverse multiplicative factor.")
+    training.add_argument("--ema_power", type=float, default=3 / 4, help="EMA warm-up: exponential factor.")
+    training.add_argument("--ema_max_decay", type=float, default=0.9999, help="The EMA decay it warms up to.")
+    training.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in (pinned) CPU memory between updates.")
+    training.add_argument("--foreach_ema", action="store_true", help="Update the EMA with torch's foreach kernels (faster, more memory).")
+    training.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                          help="Precision of the forward passes; default: the accelerate config's (`accelerate config`), else no.")
+    training.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs (faster fp32 training).")
+    training.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                          help="xformers attention (pip install 'diffusers-curriculum[xformers]').")
+    output = parser.add_argument_group("validation, checkpoints, logging")
+    output.add_argument("--eval_batch_size", type=int, default=16, help="Images in a validation grid.")
+    output.add_argument("--validation_steps", type=int, default=None, help="Save a sample grid every N steps (and always at the end).")
+    output.add_argument("--save_images_epochs", type=int, default=10, help="Save a sample grid every N epochs.")
+    output.add_argument("--save_model_epochs", type=int, default=10, help="Save the pipeline to --output_dir every N epochs (and at the end).")
+    output.add_argument("--no_validation", action="store_true", help="Skip the final sample grid.")
+    output.add_argument("--checkpointing_steps", type=int, default=500, help="Write a resumable checkpoint every N optimizer steps (and at the last).")
+    output.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep only the newest N checkpoints.")
+    output.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='"latest" (the newest complete checkpoint in --output_dir; none yet: a fresh start) or a checkpoint folder.')
+    output.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, inside --output_dir.")
+    output.add_argument("--report_to", "--logger", dest="report_to", type=str, default="tensorboard",
+                        help="Trackers: tensorboard, wandb, comet_ml, mlflow, ... (comma-separated), all, or none. --logger is diffusers' name.")
+    output.add_argument("--local_rank", type=int, default=-1,
+                        help="Set by torch.distributed.launch; the LOCAL_RANK environment variable wins (accelerate launch sets it).")
+    hub = parser.add_argument_group("Hub")
+    hub.add_argument("--push_to_hub", action="store_true", help="Upload the pipeline and its model card after the local save.")
+    hub.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN or the saved login).")
+    hub.add_argument("--hub_model_id", type=str, default=None, help="The repo to push to (default: <user>/<output_dir name>).")
+    hub.add_argument("--hub_private_repo", action="store_true", help="Create the repo private.")
     add_regime_args(parser)
     task_cls.add_args(parser)
+    return parser
 
+
+def parse_args(argv=None, task_cls=Unconditional):
+    parser = build_parser(task_cls)
     args = parser.parse_args(argv)
     args.task = task_cls.name
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -125,8 +150,8 @@ def parse_args(argv=None, task_cls=Unconditional):
 
 def validate_args(args):
     """Every check that can fail before work starts; each error names its flag."""
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "ddpm_num_steps",
-                 "ddpm_num_inference_steps", "eval_batch_size", "checkpointing_steps", "num_epochs", "layers_per_block"):
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "resolution", "ddpm_num_steps", "ddpm_num_inference_steps",
+                 "eval_batch_size", "checkpointing_steps", "num_epochs", "layers_per_block", "save_images_epochs", "save_model_epochs"):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     for flag in ("max_train_steps", "validation_steps", "checkpoints_total_limit", "max_train_samples"):
@@ -142,11 +167,7 @@ def validate_args(args):
         raise UsageError(f"--block_out_channels {args.block_out_channels}: channels must be positive")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise UsageError("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install 'diffusers-curriculum[xformers]')")
-    if args.report_to == "tensorboard":
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
-            raise UsageError("--report_to tensorboard: tensorboard is not installed (pip install tensorboard)") from None
+    check_run_flags(args)
     if args.push_to_hub:
         args.hub_token_resolved = resolve_hub_token(args.hub_token)
     if args.train_data_dir is None and args.dataset_name is None:
@@ -158,7 +179,7 @@ def validate_args(args):
     check_writable(args.output_dir)
 
 
-def build_pipeline(args, task, unet, noise_scheduler, regime):
+def build_pipeline(args, task, unet, noise_scheduler):
     return task.build_pipeline(unet, stock_scheduler(noise_scheduler, "ddim" if args.use_ddim else "ddpm"))
 
 
@@ -179,6 +200,7 @@ def main(args, evaluate=None):
     """Trains; ``evaluate(global_step, pipeline)``, when given, is called on the main process every
     ``--validation_steps`` and at the end with the pipeline that would be shipped (EMA weights with --use_ema)."""
     accelerator = make_accelerator(args)
+    configure_logging(accelerator, logger)
     if args.seed is not None:
         set_seed(args.seed)
     task = TASKS[args.task](args, accelerator.process_index, accelerator.num_processes)
@@ -189,6 +211,7 @@ def main(args, evaluate=None):
         image_mode=args.image_mode, center_crop=args.center_crop, random_flip=args.random_flip,
         dataset_config_name=args.dataset_config_name, cache_dir=args.cache_dir,
         max_train_samples=args.max_train_samples, label_column=getattr(args, "label_column", None), seed=args.seed or 0,
+        interpolation=args.image_interpolation_mode,
     )
     task.check_dataset(dataset)
     unet_config = task.unet_config(unet_config_from_args(
@@ -203,17 +226,8 @@ def main(args, evaluate=None):
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
     model = regime.wrap_model(model)  # e.g. TDC trains a timestep-routed copy per group
-    ema_model = None
-    if args.use_ema:
-        ema_model = EMAModel(
-            model.parameters(), decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma,
-            power=args.ema_power, model_cls=type(model), model_config=model.config,
-        )
-
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-    )
+    ema_model = make_ema(args, model)
+    optimizer = make_optimizer(args, model.parameters(), args.learning_rate)
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers, drop_last=True
     )
@@ -234,7 +248,7 @@ def main(args, evaluate=None):
     )
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
     if ema_model is not None:
-        ema_model.to(accelerator.device)
+        place_ema(args, ema_model, accelerator)
         accelerator.register_for_checkpointing(ema_model)
     accelerator.register_for_checkpointing(regime)
     if hasattr(task, "state_dict"):  # e.g. the class-dropout generator
@@ -283,26 +297,32 @@ def main(args, evaluate=None):
                     global_step += 1
                     progress_bar.update(1)
                     loss_history.append(loss.item())
-                    logs = after_sync_step(accelerator, regime, model, ema_model, loss_history[-1], lr_scheduler, global_step)
+                    logs = after_sync_step(accelerator, regime, model, ema_model, loss_history[-1], lr_scheduler, global_step,
+                                           args.offload_ema)
                     progress_bar.set_postfix(**logs)
                     accelerator.log({**logs, "step": global_step}, step=global_step)
 
                     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                        pipeline = validate(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
-                        if evaluate is not None:
-                            evaluate(global_step, pipeline)
+                        validate(args, task, accelerator, model, ema_model, noise_scheduler, global_step, f"step_{global_step}", evaluate)
                     checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record)
                 if global_step >= args.max_train_steps:
                     break
             if global_step >= args.max_train_steps:
                 break
+            if accelerator.is_main_process:  # diffusers' per-epoch grid and pipeline (the last epoch's: finish)
+                if (epoch + 1) % args.save_images_epochs == 0:
+                    validate(args, task, accelerator, model, ema_model, noise_scheduler, global_step, f"epoch_{epoch}")
+                if (epoch + 1) % args.save_model_epochs == 0:
+                    with shipped_weights(accelerator, model, ema_model) as shipped:
+                        save_pipeline(build_pipeline(args, task, shipped, noise_scheduler), args.output_dir,
+                                      training_regime={**regime.describe(), "trained_steps": global_step})
+                    logger.info(f"Saved the pipeline of epoch {epoch} (step {global_step}) to {args.output_dir}")
         progress_bar.close()
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            pipeline = finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step)
-            if evaluate is not None and not (args.validation_steps and global_step % args.validation_steps == 0):
-                evaluate(global_step, pipeline)
+            evaluated = bool(args.validation_steps) and global_step % args.validation_steps == 0
+            finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, None if evaluated else evaluate)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
     del model, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
@@ -310,25 +330,30 @@ def main(args, evaluate=None):
     return {"global_step": global_step, "losses": loss_history, "regime_state": regime.state_dict()}
 
 
-def validate(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step):
-    pipeline = build_pipeline(args, task, shipped_model(accelerator, model, ema_model), noise_scheduler, regime)
-    grid = save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", f"step_{global_step}.png"), args.seed or 0)
-    tracker = accelerator.get_tracker("tensorboard") if args.report_to == "tensorboard" else None
-    if tracker is not None:
-        import numpy as np
+def validate(args, task, accelerator, model, ema_model, noise_scheduler, global_step, name, evaluate=None):
+    """A sample grid of the weights that would ship (``samples/<name>.png``, and to the trackers); then
+    ``evaluate(global_step, pipeline)`` when given. The training weights are back in place afterwards."""
+    with shipped_weights(accelerator, model, ema_model) as shipped:
+        pipeline = build_pipeline(args, task, shipped, noise_scheduler)
+        grid = save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", f"{name}.png"), args.seed or 0)
+        log_images(accelerator, "samples", [grid], global_step)
+        if evaluate is not None:
+            evaluate(global_step, pipeline)
 
-        tracker.writer.add_image("samples", np.asarray(grid), global_step, dataformats="HWC" if grid.mode == "RGB" else "HW")
-    return pipeline
 
-
-def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step):
-    """Saves the pipeline, a sample grid and the model card; then pushes when asked."""
-    pipeline = build_pipeline(args, task, shipped_model(accelerator, model, ema_model), noise_scheduler, regime)
-    save_pipeline(pipeline, args.output_dir, training_regime={**regime.describe(), "trained_steps": global_step})
+def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, evaluate=None):
+    """Saves the pipeline (the EMA weights with --use_ema), a sample grid (also to the trackers) and the model
+    card; calls ``evaluate`` when given; then pushes when asked."""
+    with shipped_weights(accelerator, model, ema_model, final=True) as shipped:  # training is over: no restore
+        pipeline = build_pipeline(args, task, shipped, noise_scheduler)
+        save_pipeline(pipeline, args.output_dir, training_regime={**regime.describe(), "trained_steps": global_step})
     validation_image = None
     if not args.no_validation:
-        save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)
+        grid = save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)
+        log_images(accelerator, "samples", [grid], global_step)
         validation_image = "samples/final.png"
+    if evaluate is not None:
+        evaluate(global_step, pipeline)
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings["trained_steps"] = global_step
     settings.update(task.card_settings())

@@ -11,7 +11,7 @@
 Constructors take plain values (T, boundaries, seeds); only :mod:`.cli` reads an argparse namespace.
 """
 
-from .cli import PRESETS, add_regime_args, build_regime, check_schedule, needs_unused_parameters, validate_regime_args
+from .cli import PRESETS, add_regime_args, build_regime, check_launch, check_schedule, needs_unused_parameters, validate_regime_args
 from .regime import Regime
 
-__all__ = ["PRESETS", "Regime", "add_regime_args", "build_regime", "check_schedule", "needs_unused_parameters", "validate_regime_args"]
+__all__ = ["PRESETS", "Regime", "add_regime_args", "build_regime", "check_launch", "check_schedule", "needs_unused_parameters", "validate_regime_args"]

@@ -41,6 +41,8 @@ ALIASES: Dict[str, Dict[str, str]] = {
     "ant": {"clusters": "ant_clusters", "cluster_cost": "ant_cost", "balancer": "ant_method", "affinity_path": "ant_affinity_path"},
     "tdc": {"experts": "tdc_groups", "cluster_cost": "tdc_group_cost", "experts_base_steps": "tdc_base_steps"},
 }
+# diffusers' --weighting_scheme (SD3 scripts) -> this project's --timestep_sampling
+WEIGHTING_SCHEMES = {"logit_normal": "logit_normal", "mode": "mode", "cosmap": "uniform", "none": "uniform"}
 AXES = ("timestep_sampling", "balancer", "experts", "experts_base_steps", "clusters", "cluster_cost", "affinity_path")
 DEFAULTS = {"timestep_sampling": "uniform", "balancer": "none"}
 DEFAULT_CLUSTER_COST = "log_snr"  # --clusters without --cluster_cost: ANT's DP on log-SNR
@@ -68,8 +70,13 @@ def add_regime_args(parser: argparse.ArgumentParser) -> None:
                        help="affinity.npz from `python -m diffusers_curriculum.affinity` (for --cluster_cost affinity).")
 
     sampling = parser.add_argument_group("timestep sampling settings")
+    sampling.add_argument("--weighting_scheme", type=str, default=None, choices=sorted(WEIGHTING_SCHEMES),
+                          help="diffusers' SD3 scripts' name for the timestep density: logit_normal and mode select that "
+                               "--timestep_sampling; none and cosmap draw t uniformly (as diffusers' density does; cosmap's "
+                               "flow-matching loss weight has no DDPM counterpart).")
     sampling.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal sampler.")
     sampling.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit-normal sampler.")
+    sampling.add_argument("--mode_scale", type=float, default=1.29, help="--timestep_sampling mode: the scale s of SD3's mode density.")
     sampling.add_argument("--speed_tau", type=float, default=0.7,
                           help="--timestep_sampling speed: timesteps above tau·T are the suppressed convergence area.")
     sampling.add_argument("--speed_suppression", type=float, default=0.25,
@@ -124,8 +131,13 @@ def resolve_axes(args: argparse.Namespace) -> Dict[str, Tuple[Any, Optional[str]
                 raise UsageError(f"--{alias} belongs to --regime {preset}; with --regime {args.regime} use --{axis}")
     preset, aliases = PRESETS[args.regime], ALIASES.get(args.regime, {})
     axes = {}
+    scheme = getattr(args, "weighting_scheme", None)
+    if scheme is not None and args.timestep_sampling is not None:
+        raise UsageError("--weighting_scheme and --timestep_sampling both choose the timestep density; give one")
     for axis in AXES:
-        if getattr(args, axis) is not None:
+        if axis == "timestep_sampling" and scheme is not None:
+            axes[axis] = (WEIGHTING_SCHEMES[scheme], "--weighting_scheme")
+        elif getattr(args, axis) is not None:
             axes[axis] = (getattr(args, axis), f"--{axis}")
         elif axis in aliases and getattr(args, aliases[axis]) is not None:
             axes[axis] = (getattr(args, aliases[axis]), f"--{aliases[axis]}")
@@ -157,6 +169,25 @@ def flag(axes, axis: str) -> str:
 
 
 # ---- checks -----------------------------------------------------------------------------------------------
+SHARDED = ("FSDP", "DEEPSPEED", "MEGATRON_LM")  # accelerate DistributedType names that shard parameters
+
+
+def check_launch(args: argparse.Namespace, mixed_precision: Optional[str], distributed_type=None) -> None:
+    """What the launch (precision, sharding; from the flags or the accelerate config) rules out: PCGrad and Nash
+    write each parameter's ``.grad`` themselves, which neither fp16's loss scaling nor sharded parameters
+    (FSDP, DeepSpeed) allow."""
+    balancer, source = resolve_axes(args)["balancer"]
+    if balancer not in SELF_FORMED:
+        return
+    name = f"{source or '--balancer'} {balancer}"
+    if mixed_precision == "fp16":
+        raise UsageError(f"{name} forms gradients itself and does not support --mixed_precision fp16; use bf16 or no")
+    kind = getattr(distributed_type, "name", distributed_type)
+    if kind in SHARDED:
+        raise UsageError(f"{name} writes each parameter's gradient itself and cannot run on sharded parameters "
+                         f"({kind}); launch with plain DDP or use --balancer uw")
+
+
 def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional[int] = None) -> None:
     """Checks every regime flag and their combination; raises a one-line :class:`UsageError` naming the flags.
     Checks against T (cluster counts, affinity coverage) run when ``num_train_timesteps`` is given
@@ -203,9 +234,7 @@ def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional
             check_schedule(args, args.max_train_steps)
     elif axes["experts_base_steps"][0] is not None:
         raise UsageError(f"{flag(axes, 'experts_base_steps')} needs --experts K")
-    if balancer in SELF_FORMED and getattr(args, "mixed_precision", None) == "fp16":
-        raise UsageError(f"{flag(axes, 'balancer')} {balancer} forms gradients itself and does not support "
-                         "--mixed_precision fp16; use bf16 or no")
+    check_launch(args, getattr(args, "mixed_precision", None))
     affinity_path = axes["affinity_path"][0]
     if cost == "affinity":
         if affinity_path is None:
@@ -272,7 +301,7 @@ def build_regime(args: argparse.Namespace, noise_scheduler, accelerator=None) ->
     bias = {key: getattr(args, f"timestep_bias_{key}") for key in ("strategy", "multiplier", "portion", "begin", "end")}
     try:
         sampler = make_timestep_sampler(sampling, T, seed, boundaries, pacing, args.logit_mean, args.logit_std,
-                                        args.speed_tau, args.speed_suppression, bias)
+                                        args.mode_scale, args.speed_tau, args.speed_suppression, bias)
     except ValueError as e:
         if sampling != "timestep_bias":
             raise

@@ -17,11 +17,11 @@ import torch
 
 from ..clustering import boundaries_to_clusters, check_boundaries
 from ..sampling import (
-    LogitNormalSampler, LossAwareSampler, StratifiedSampler, TimestepSampler, UniformSampler, WeightedSampler,
+    LogitNormalSampler, LossAwareSampler, ModeSampler, StratifiedSampler, TimestepSampler, UniformSampler, WeightedSampler,
     speed_weights, timestep_bias_weights,
 )
 
-TIMESTEP_SAMPLING = ("uniform", "logit_normal", "speed", "timestep_bias", "loss_aware", "stratified", "curriculum")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "speed", "timestep_bias", "loss_aware", "stratified", "curriculum")
 # Sources that need the clusters.
 CLUSTERED = ("stratified", "curriculum")
 
@@ -153,6 +153,7 @@ def make_timestep_sampler(
     pacing=None,
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
+    mode_scale: float = 1.29,
     speed_tau: float = 0.7,
     speed_suppression: float = 0.25,
     bias: Optional[Dict[str, Any]] = None,
@@ -167,6 +168,8 @@ def make_timestep_sampler(
         return UniformSampler(T, seed=seed)
     if kind == "logit_normal":
         return LogitNormalSampler(T, logit_mean, logit_std, seed=seed)
+    if kind == "mode":
+        return ModeSampler(T, mode_scale, seed=seed)
     if kind == "speed":
         return WeightedSampler(T, speed_weights(T, speed_tau, speed_suppression), seed=seed)
     if kind == "timestep_bias":
