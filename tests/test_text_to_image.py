@@ -150,7 +150,8 @@ def test_bad_columns_are_clear_errors(script, tiny_sd, tmp_path, extra, message)
 def test_bad_flags_are_one_line_errors_before_work(tiny_sd, tmp_path, extra, message):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir",
                            str(tmp_path / "run"), *FLAGS, "--max_train_steps", "2", *extra], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}", proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and errors == [f"error: {message}"] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "model_index.json").exists()
 
 

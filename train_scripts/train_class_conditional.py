@@ -21,6 +21,10 @@ from diffusers_curriculum.errors import exits_on_usage_error  # noqa: E402
 from diffusers_curriculum.tasks import ClassConditional  # noqa: E402
 
 
+def build_parser():
+    return train_unconditional.build_parser(task_cls=ClassConditional)
+
+
 def parse_args(argv=None):
     return train_unconditional.parse_args(argv, task_cls=ClassConditional)
 

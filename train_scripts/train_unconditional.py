@@ -321,8 +321,8 @@ def main(args, evaluate=None):
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            evaluated = bool(args.validation_steps) and global_step % args.validation_steps == 0
-            finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, None if evaluated else evaluate)
+            validated = bool(args.validation_steps) and global_step % args.validation_steps == 0  # this step's grid is out
+            finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, evaluate, validated)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
     del model, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
@@ -341,18 +341,19 @@ def validate(args, task, accelerator, model, ema_model, noise_scheduler, global_
             evaluate(global_step, pipeline)
 
 
-def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, evaluate=None):
-    """Saves the pipeline (the EMA weights with --use_ema), a sample grid (also to the trackers) and the model
-    card; calls ``evaluate`` when given; then pushes when asked."""
+def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, evaluate=None, validated=False):
+    """Saves the pipeline (the EMA weights with --use_ema), a sample grid and the model card; unless the last
+    step was ``validated`` already, sends the grid to the trackers and calls ``evaluate``; then pushes when asked."""
     with shipped_weights(accelerator, model, ema_model, final=True) as shipped:  # training is over: no restore
         pipeline = build_pipeline(args, task, shipped, noise_scheduler)
         save_pipeline(pipeline, args.output_dir, training_regime={**regime.describe(), "trained_steps": global_step})
     validation_image = None
     if not args.no_validation:
         grid = save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)
-        log_images(accelerator, "samples", [grid], global_step)
+        if not validated:
+            log_images(accelerator, "samples", [grid], global_step)
         validation_image = "samples/final.png"
-    if evaluate is not None:
+    if evaluate is not None and not validated:
         evaluate(global_step, pipeline)
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings["trained_steps"] = global_step
