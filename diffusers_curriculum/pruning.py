@@ -119,15 +119,31 @@ def infinite_batches(dataset, batch_size: int, seed: int) -> Iterator[torch.Tens
             yield batch["pixel_values"]
 
 
-def proxy_loss(model, noise_scheduler, clean, noise, timesteps) -> torch.Tensor:
-    """The batch's mean :func:`~diffusers_curriculum.losses.denoising_loss` of ``model``."""
-    prediction = model(noise_scheduler.add_noise(clean, noise, timesteps), timesteps).sample
-    return denoising_loss(prediction, noise_scheduler, clean, noise, timesteps).mean()
+def distillation_loss(student_prediction: torch.Tensor, teacher_prediction: torch.Tensor) -> torch.Tensor:
+    """Output distillation: the mean squared difference between the pruned expert's prediction and its unpruned
+    teacher's on the same noisy input (the teacher's side carries no gradient)."""
+    return torch.nn.functional.mse_loss(student_prediction.float(), teacher_prediction.detach().float())
+
+
+def proxy_loss(model, noise_scheduler, clean, noise, timesteps, teacher: Optional[nn.Module] = None,
+               distill_weight: float = 0.0) -> torch.Tensor:
+    """The batch's mean :func:`~diffusers_curriculum.losses.denoising_loss` of ``model``, plus
+    ``distill_weight`` × :func:`distillation_loss` against ``teacher`` when one is given."""
+    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
+    prediction = model(noisy, timesteps).sample
+    loss = denoising_loss(prediction, noise_scheduler, clean, noise, timesteps).mean()
+    if teacher is not None and distill_weight > 0:
+        with torch.no_grad():
+            target = teacher(noisy, timesteps).sample
+        loss = loss + distill_weight * distillation_loss(prediction, target)
+    return loss
 
 
 def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: Tuple[int, int], steps: int,
-             learning_rate: float, seed: int = 0, progress: Optional[Callable[[int, float], None]] = None) -> nn.Module:
-    """``steps`` AdamW steps on timesteps drawn uniformly from ``t_range`` = [low, high)."""
+             learning_rate: float, seed: int = 0, progress: Optional[Callable[[int, float], None]] = None,
+             teacher: Optional[nn.Module] = None, distill_weight: float = 0.0) -> nn.Module:
+    """``steps`` AdamW steps on timesteps drawn uniformly from ``t_range`` = [low, high); with a ``teacher``
+    (the unpruned expert) and ``distill_weight`` > 0 the loss adds output distillation."""
     if steps <= 0:
         return model
     generator = torch.Generator().manual_seed(seed)
@@ -138,7 +154,7 @@ def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: T
         clean = next(batches).to(device)
         timesteps = torch.randint(*t_range, (clean.shape[0],), generator=generator).to(device)
         noise = torch.randn(clean.shape, generator=generator).to(device)
-        loss = proxy_loss(model, noise_scheduler, clean, noise, timesteps)
+        loss = proxy_loss(model, noise_scheduler, clean, noise, timesteps, teacher, distill_weight)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -176,9 +192,12 @@ class Proxy:
     steps: int = 20
     learning_rate: float = 1e-4
     seed: int = 0
+    teacher: Optional[nn.Module] = None  # the unpruned expert: its outputs are distilled into the candidate
+    distill_weight: float = 0.0
 
     def __call__(self, candidate: nn.Module) -> float:
-        finetune(candidate, self.batches, self.noise_scheduler, self.t_range, self.steps, self.learning_rate, self.seed)
+        finetune(candidate, self.batches, self.noise_scheduler, self.t_range, self.steps, self.learning_rate, self.seed,
+                 teacher=self.teacher, distill_weight=self.distill_weight)
         return self.validation.loss(candidate, self.noise_scheduler)
 
 
@@ -318,8 +337,10 @@ def flops_report(experts_model, timesteps: Sequence[int]) -> Dict[str, object]:
 def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, rounds: int = 4, proxy_steps: int = 20,
                   finetune_steps: int = 200, batch_size: int = 16, learning_rate: float = 1e-4, validation_size: int = 64,
                   seed: int = 0, proposer_factory: Callable[[], Proposer] = CoordinateSearchProposer,
-                  log: Callable[[str], None] = print):
-    """Searches, prunes and fine-tunes every expert of a :class:`TimestepRoutedExperts` in place.
+                  log: Callable[[str], None] = print, distill_weight: float = 0.0):
+    """Searches, prunes and fine-tunes every expert of a :class:`TimestepRoutedExperts` in place. With
+    ``distill_weight`` > 0 the proxy's and the final fine-tuning's loss add output distillation from the expert
+    as it was before pruning (a frozen copy).
 
     Returns one dict per expert (budget, chosen configuration, memory bank, params and FLOPs before/after).
     """
@@ -329,14 +350,16 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
     for index, (expert, budget) in enumerate(zip(experts_model.experts, budgets)):
         t_range = (experts_model.boundaries[index], experts_model.boundaries[index + 1])
         batches = infinite_batches(dataset, batch_size, seed + index)
+        teacher = copy.deepcopy(expert).eval().requires_grad_(False) if distill_weight > 0 else None
         proxy = Proxy(batches, noise_scheduler, ValidationSet(validation_images, t_range, seed + index), t_range,
-                      proxy_steps, learning_rate, seed + index)
+                      proxy_steps, learning_rate, seed + index, teacher, distill_weight)
         log(f"expert {index} (t in [{t_range[0]}, {t_range[1]})): FLOPs budget {budget:.3f} of the base")
         params_before, flops_before = count_params(expert), count_flops(expert)
         loss_before = proxy.validation.loss(expert, noise_scheduler)
         result = search_pruning(expert, budget, proxy, proposer_factory(), rounds, log=lambda m: log(f"  {m}"))
         prune_model(expert, result.config)
-        finetune(expert, batches, noise_scheduler, t_range, finetune_steps, learning_rate, seed + index)
+        finetune(expert, batches, noise_scheduler, t_range, finetune_steps, learning_rate, seed + index,
+                 teacher=teacher, distill_weight=distill_weight)
         expert.pruning_record = {
             "flops_budget_fraction": budget, "config": result.config,
             "memory_bank": [vars(r) for r in result.memory],
@@ -344,7 +367,7 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
             "flops_before": flops_before, "flops": count_flops(expert),
             "validation_loss_before": loss_before,
             "validation_loss": proxy.validation.loss(expert, noise_scheduler),
-            "finetune_steps": finetune_steps,
+            "finetune_steps": finetune_steps, "distill_weight": distill_weight,
         }
         log(f"  kept {expert.pruning_record['flops'] / flops_before:.3f} of the FLOPs; validation loss "
             f"{loss_before:.5f} -> {expert.pruning_record['validation_loss']:.5f}")

@@ -50,6 +50,25 @@ def test_pruned_model_is_smaller_keeps_shapes_and_fine_tunes():
     assert pruning.count_params(model) == before_params  # pruned_copy left the original alone
 
 
+def test_distillation_loss_is_zero_when_student_is_teacher_and_pulls_a_pruned_expert_towards_it():
+    model = tiny_unet()
+    x, t = torch.randn(4, 1, 16, 16), torch.tensor([1, 50, 400, 900])
+    prediction = model(x, t).sample
+    assert pruning.distillation_loss(prediction, prediction) == 0
+    scheduler, clean, noise = DDPMScheduler(), torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)
+    plain = pruning.proxy_loss(model, scheduler, clean, noise, t)
+    assert torch.equal(pruning.proxy_loss(model, scheduler, clean, noise, t, teacher=model, distill_weight=5.0), plain)
+
+    student = pruning.pruned_copy(model, {name: 0.5 for name in pruning.prunable_blocks(model)})
+    dataset = build_dataset("fashion_mnist", resolution=16, max_train_samples=32)
+    gap = lambda: float(pruning.distillation_loss(student(x, t).sample, model(x, t).sample))  # noqa: E731
+    before = gap()
+    pruning.finetune(student, pruning.infinite_batches(dataset, 8, 0), scheduler, (0, 1000), 30, 1e-3,
+                     teacher=model, distill_weight=10.0)
+    assert gap() < before  # the student's outputs moved towards the teacher's
+    assert model.conv_in.weight.grad is None  # the teacher is not trained
+
+
 def test_search_meets_the_budget_and_fills_the_memory_bank():
     model = tiny_unet()
     scores = iter([3.0, 1.0, 2.0, 0.5])
@@ -101,9 +120,10 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
     summary = prune.main(prune.parse_args([
         "--pretrained_model_name_or_path", str(tdc_pipeline), "--output_dir", str(out), "--prune_ratio", "0.5",
         "--search_rounds", "2", "--proxy_steps", "1", "--finetune_steps", "1", "--max_train_samples", "32",
-        "--validation_size", "8", "--train_batch_size", "8", "--num_inference_steps", "10",
+        "--validation_size", "8", "--train_batch_size", "8", "--num_inference_steps", "10", "--distill_weight", "1",
     ]))
     assert summary["flops_per_sample"] < summary["flops_per_sample_before"]
+    assert json.loads((out / "unet" / "expert_0" / "pruning.json").read_text())["distill_weight"] == 1.0
     pipeline = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     record = read_training_regime(out)["pruning"]
     assert record["flops_per_sample"] == summary["flops_per_sample"] and len(record["experts"]) == 2
@@ -116,6 +136,7 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
     (["--prune_ratio", "1.0"], "--prune_ratio must be in (0, 1), got 1.0"),
     (["--prune_ratio", "0"], "--prune_ratio must be in (0, 1), got 0.0"),
     (["--search_rounds", "0"], "--search_rounds must be >= 1, got 0"),
+    (["--distill_weight", "-1"], "--distill_weight must be >= 0, got -1.0"),
 ])
 def test_prune_script_bad_flags_are_one_line_errors(tmp_path, extra, message):
     proc = subprocess.run([sys.executable, str(ROOT / "train_scripts" / "prune_experts.py"), "--pretrained_model_name_or_path",

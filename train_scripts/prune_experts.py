@@ -42,6 +42,9 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--search_rounds", type=int, default=4, help="Proposals scored per expert.")
     parser.add_argument("--proxy_steps", type=int, default=20, help="Fine-tuning steps of the proxy score.")
     parser.add_argument("--finetune_steps", type=int, default=200, help="Fine-tuning steps of each chosen pruned expert.")
+    parser.add_argument("--distill_weight", type=float, default=0.0,
+                        help="Weight of output distillation from each expert's unpruned self, added to the denoising loss "
+                             "in the proxy's and the final fine-tuning (0: off; not yet measured, see the README).")
     parser.add_argument("--validation_size", type=int, default=64, help="Images in each expert's validation batch.")
     parser.add_argument("--dataset_name", type=str, default="fashion_mnist", help=f"Hub id or one of {BUILTIN_DATASETS}.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="A folder of training images (overrides --dataset_name).")
@@ -73,6 +76,8 @@ def validate_args(args):
     for flag in ("proxy_steps", "finetune_steps"):
         if getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.distill_weight < 0:
+        raise UsageError(f"--distill_weight must be >= 0, got {args.distill_weight}")
     if not args.learning_rate > 0:
         raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if os.path.abspath(args.output_dir) == os.path.abspath(args.pretrained_model_name_or_path):
@@ -124,7 +129,7 @@ def main(args):
     reports = prune_experts(
         experts, dataset, scheduler, args.prune_ratio, rounds=args.search_rounds, proxy_steps=args.proxy_steps,
         finetune_steps=args.finetune_steps, batch_size=args.train_batch_size, learning_rate=args.learning_rate,
-        validation_size=args.validation_size, seed=args.seed,
+        validation_size=args.validation_size, seed=args.seed, distill_weight=args.distill_weight,
     )
     after = flops_report(experts, scheduler.timesteps.tolist())
     summary = {
@@ -139,7 +144,7 @@ def main(args):
     save_pipeline(pipeline, args.output_dir, training_regime=regime)
     with open(os.path.join(args.output_dir, REPORT_FILE), "w") as f:
         json.dump({**summary, "search": reports}, f, indent=2)
-    settings = {k: getattr(args, k) for k in ("prune_ratio", "search_rounds", "proxy_steps", "finetune_steps", "seed")}
+    settings = {k: getattr(args, k) for k in ("prune_ratio", "search_rounds", "proxy_steps", "finetune_steps", "distill_weight", "seed")}
     write_card = functools.partial(
         write_model_card, args.output_dir, "unconditional", regime=regime, settings=settings,
         pipeline_class=type(pipeline).__name__, pipeline_tag="unconditional-image-generation",
