@@ -46,7 +46,8 @@ PIXEL = ["--resolution", "32", "--block_out_channels", "16,32", "--train_batch_s
          "--random_flip"]
 SD = ["--dataset_name", "fashion_mnist", "--train_batch_size", "4", "--max_train_samples", "32", "--report_to", "none", "--seed", "0", "--lr_warmup_steps", "0",
       "--learning_rate", "1e-3", "--num_validation_inference_steps", "2"]
-RUN = ["--max_train_steps", "14", "--checkpointing_steps", "3", "--checkpoints_total_limit", "2"]
+MAX_STEPS = 14
+RUN = ["--max_train_steps", str(MAX_STEPS), "--checkpointing_steps", "3", "--checkpoints_total_limit", "2"]
 CONFIGS = {
     "unconditional/uniform": ("train_unconditional.py", PIXEL + ["--snr_gamma", "5"]),
     "unconditional/curriculum": ("train_unconditional.py", PIXEL + ["--regime", "curriculum", "--curriculum_clusters", "4",
@@ -152,7 +153,7 @@ def trial(index, config, work, reference, rng, timing):
             if proc.returncode != 0:
                 raise RuntimeError(f"{config} exited {proc.returncode}: {log.read_text()[-2000:]}")
             break
-        phase = phase_now(out, log, 14)
+        phase = phase_now(out, log, MAX_STEPS)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if kills and kills[-1]["picked"] is None:

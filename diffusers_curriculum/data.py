@@ -199,17 +199,18 @@ def check_images(paths, flag: str = "--train_data_dir") -> None:
         known = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         known = {}
-    stamps = {}
+    stamps = {}  # path -> (its cache key, [size, mtime])
     for path in paths:
         stat = path.stat()
-        stamps[str(path.resolve())] = [stat.st_size, stat.st_mtime_ns]
-    todo = [p for p in paths if known.get(str(p.resolve())) != stamps[str(p.resolve())]]
+        stamps[path] = (str(path.resolve()), [stat.st_size, stat.st_mtime_ns])
+    todo = [path for path, (key, stamp) in stamps.items() if known.get(key) != stamp]
     bad = []
     for path in tqdm(todo, desc="Checking images", unit="img", disable=len(todo) < 2, leave=False):
         try:
             with Image.open(path) as image:
                 image.load()
-            known[str(path.resolve())] = stamps[str(path.resolve())]
+            key, stamp = stamps[path]
+            known[key] = stamp
         except Exception as e:
             bad.append((path, e))
     if todo and len(todo) > len(bad):
