@@ -20,6 +20,7 @@ from .export import REGIME_FILE, make_portable, read_json, write_json, write_tra
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 RUN_RECORD = "run.json"  # in a checkpoint: the flags a resume must match
+CARD_FILE = "README.md"  # the model card: the last file a finished run writes before it pushes
 # What marks a folder as a finished run: a pipeline's index, a LoRA run's weights, the regime record.
 FINISHED_MARKERS = ("model_index.json", "pytorch_lora_weights.safetensors", REGIME_FILE)
 
@@ -194,9 +195,12 @@ def check_fresh_start(output_dir: str, overwrite: bool, resume_from_checkpoint: 
 
 def finished_at(output_dir: str, done_file: str) -> Optional[int]:
     """The step a complete saved result in ``output_dir`` was trained to (``trained_steps`` of its
-    ``training_regime.json``, written before ``done_file`` is complete), or ``None``."""
-    record = read_json(Path(output_dir) / REGIME_FILE)
-    if record is None or not (Path(output_dir) / done_file).exists():
+    ``training_regime.json``), or ``None``. Complete: ``done_file`` is there and the model card, which a run writes
+    last, is not older than it (an older card belongs to an earlier finish: the run died before writing its own)."""
+    root = Path(output_dir)
+    record = read_json(root / REGIME_FILE)
+    done, card = root / done_file, root / CARD_FILE
+    if record is None or not done.exists() or not card.exists() or card.stat().st_mtime_ns < done.stat().st_mtime_ns:
         return None
     return record.get("trained_steps")
 

@@ -177,6 +177,21 @@ def publish(output_dir: str, write_card: Callable[[str], Any], push_to_hub: bool
     return repo_id
 
 
+def push_finished_or_exit(args) -> None:
+    """``--push_to_hub`` on the re-run of a finished run (whose earlier push may have failed): uploads the folder
+    as it is, card included; a failed push prints one line and exits with status 1."""
+    if not args.push_to_hub:
+        return
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    try:
+        repo_id = push_folder(args.output_dir, repo_id, getattr(args, "hub_token_resolved", None),
+                              private=getattr(args, "hub_private_repo", False))
+    except HubPushError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"Pushed to https://huggingface.co/{repo_id}")
+
+
 def publish_or_exit(args, write_card: Callable[[str], Any]) -> str:
     """A script's last step: :func:`publish` with its ``--output_dir --push_to_hub --hub_model_id
     --hub_private_repo`` (token resolved up front); a failed push prints one line and exits with status 1."""

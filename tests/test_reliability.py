@@ -123,6 +123,34 @@ def test_rerunning_a_finished_run_trains_no_more(train_unconditional, class_cond
     assert tree_digest(out) == before and names(out) == ["checkpoint-2", "checkpoint-4"]
 
 
+def test_killed_before_the_model_card_the_rerun_finishes_the_result(train_unconditional, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed before the model card")
+
+    monkeypatch.setattr(train_unconditional, "write_model_card", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(train_unconditional, out, "--max_train_steps", "4", "--checkpointing_steps", "2")
+    monkeypatch.undo()
+    assert (out / "model_index.json").exists() and not (out / "README.md").exists()
+    again = run(train_unconditional, out, "--max_train_steps", "4", "--checkpointing_steps", "2", "--resume_from_checkpoint", "latest")
+    assert not again.get("finished_before") and again["losses"] == []  # from checkpoint-4: saved again, not retrained
+    assert (out / "README.md").exists()
+
+
+def test_rerunning_a_finished_run_with_push_to_hub_retries_the_push(train_unconditional, tmp_path, monkeypatch):
+    from diffusers_curriculum import hub
+
+    out = tmp_path / "run"
+    run(train_unconditional, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
+    pushed = []
+    monkeypatch.setattr(hub, "push_folder", lambda folder, repo_id, token, private=False: pushed.append((folder, repo_id, token)) or f"me/{repo_id}")
+    again = run(train_unconditional, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--push_to_hub",
+                "--hub_token", "hf_test")
+    assert again.get("finished_before") and pushed == [(str(out), "run", "hf_test")]
+
+
 def test_a_longer_max_train_steps_continues_a_finished_run(train_unconditional, tmp_path):
     out = tmp_path / "run"
     run(train_unconditional, out, "--max_train_steps", "4", "--checkpointing_steps", "2")

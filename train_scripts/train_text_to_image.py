@@ -34,7 +34,7 @@ from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, buil
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler, write_training_regime
 from diffusers_curriculum.hub import (
-    base_model_fields, publish_or_exit, resolve_hub_token, write_model_card,
+    base_model_fields, publish_or_exit, push_finished_or_exit, resolve_hub_token, write_model_card,
 )
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.preemption import Preemption
@@ -303,6 +303,8 @@ def main(args):
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
     if is_finished(resume_path, args.max_train_steps, args.output_dir, done_file(args)):
         accelerator.print(f"{args.output_dir} already holds this run, trained to step {args.max_train_steps}; nothing to do.")
+        if accelerator.is_main_process:
+            push_finished_or_exit(args)  # a failed earlier push is retried
         end_training(accelerator)
         return {"global_step": args.max_train_steps, "losses": [], "regime_state": regime.state_dict(), "finished_before": True}
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,

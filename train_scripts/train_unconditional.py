@@ -27,7 +27,7 @@ from diffusers_curriculum.checkpointing import check_fresh_start, check_writable
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, INTERPOLATION_MODES, build_dataset, num_channels
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler
-from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, write_model_card
+from diffusers_curriculum.hub import publish_or_exit, push_finished_or_exit, resolve_hub_token, write_model_card
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
@@ -240,6 +240,8 @@ def main(args, evaluate=None):
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
     if is_finished(resume_path, args.max_train_steps, args.output_dir, "model_index.json"):
         accelerator.print(f"{args.output_dir} already holds this run, trained to step {args.max_train_steps}; nothing to do.")
+        if accelerator.is_main_process:
+            push_finished_or_exit(args)  # a failed earlier push is retried
         end_training(accelerator)
         return {"global_step": args.max_train_steps, "losses": [], "regime_state": regime.state_dict(), "finished_before": True}
     lr_scheduler = get_scheduler(
