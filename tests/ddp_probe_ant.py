@@ -14,6 +14,7 @@ from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.regimes import Regime
 from diffusers_curriculum.regimes.balancers import build_balancer
 from diffusers_curriculum.sampling import StratifiedSampler
+from diffusers_curriculum.training import end_training
 
 
 def main(out_dir):
@@ -45,6 +46,8 @@ def main(out_dir):
         state = {k: v for k, v in regime.balancer.state_dict().items() if k != "optimizer"}
         torch.save({"balancer": state, "checksum": checksum, "num_processes": accelerator.num_processes},
                    f"{out_dir}/{method}-rank{accelerator.process_index}.pt")
+    del model, optimizer
+    end_training(accelerator)  # ranks leave together: a rank exiting under a live gloo group aborted now and then
 
 
 if __name__ == "__main__":

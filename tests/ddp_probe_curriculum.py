@@ -12,6 +12,7 @@ from diffusers_curriculum.clustering import equal_boundaries
 from diffusers_curriculum.distributed import force_cpu_backend
 from diffusers_curriculum.regimes import Regime
 from diffusers_curriculum.regimes.timesteps import AdaptivePacing, CurriculumSampler
+from diffusers_curriculum.training import end_training
 
 
 def rank_loss(rank: int, step: int) -> float:
@@ -35,6 +36,7 @@ def main(out_dir):
     with open(f"{out_dir}/rank{accelerator.process_index}.json", "w") as f:
         json.dump({"num_processes": accelerator.num_processes, "stages": stages, "draws": draws,
                    "history": regime.sampler.stage_history}, f)
+    end_training(accelerator)  # ranks leave together: a rank exiting under a live gloo group aborted now and then
 
 
 if __name__ == "__main__":
