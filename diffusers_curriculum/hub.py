@@ -165,34 +165,21 @@ def push_folder(output_dir: str, repo_id: str, token: str, private: bool = False
     return repo_id
 
 
-def publish(output_dir: str, write_card: Callable[[str], Any], push_to_hub: bool, hub_model_id: Optional[str] = None,
+def publish(output_dir: str, write_card: Optional[Callable[[str], Any]], push_to_hub: bool, hub_model_id: Optional[str] = None,
             token: Optional[str] = None, private: bool = False) -> str:
     """Writes the card for ``--hub_model_id`` (default: the output folder's name) and, with ``--push_to_hub``,
-    pushes; the pushed card names the namespaced id the Hub gave. Returns the repo id the card names.
+    pushes; the pushed card names the namespaced id the Hub gave. ``write_card=None`` keeps the card already in
+    the folder (the re-run of a finished run retrying its push). Returns the repo id the card names.
     Raises :class:`HubPushError` when the push fails (the local folder stays complete)."""
     repo_id = hub_model_id or Path(output_dir).resolve().name
-    write_card(repo_id)
+    if write_card is not None:
+        write_card(repo_id)
     if push_to_hub:
         repo_id = push_folder(output_dir, repo_id, token, private=private, write_card=write_card)
     return repo_id
 
 
-def push_finished_or_exit(args) -> None:
-    """``--push_to_hub`` on the re-run of a finished run (whose earlier push may have failed): uploads the folder
-    as it is, card included; a failed push prints one line and exits with status 1."""
-    if not args.push_to_hub:
-        return
-    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
-    try:
-        repo_id = push_folder(args.output_dir, repo_id, getattr(args, "hub_token_resolved", None),
-                              private=getattr(args, "hub_private_repo", False))
-    except HubPushError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"Pushed to https://huggingface.co/{repo_id}")
-
-
-def publish_or_exit(args, write_card: Callable[[str], Any]) -> str:
+def publish_or_exit(args, write_card: Optional[Callable[[str], Any]]) -> str:
     """A script's last step: :func:`publish` with its ``--output_dir --push_to_hub --hub_model_id
     --hub_private_repo`` (token resolved up front); a failed push prints one line and exits with status 1."""
     try:

@@ -86,10 +86,26 @@ class IntervalSampler(TimestepSampler):
         return torch.randint(self.low, self.high, (batch_size,), generator=generator)
 
 
-class LogitNormalSampler(TimestepSampler):
+class DensitySampler(TimestepSampler):
+    """t = ⌊T · u⌋ with u ∈ [0, 1] drawn by diffusers' ``compute_density_for_timestep_sampling`` (SD3's
+    densities) under ``scheme`` and ``density_kwargs``; the subclasses name a scheme and its parameters."""
+
+    scheme: str
+
+    def density_kwargs(self) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        u = compute_density_for_timestep_sampling(self.scheme, batch_size, generator=generator, **self.density_kwargs())
+        return (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1)
+
+
+class LogitNormalSampler(DensitySampler):
     """t = ⌊T · sigmoid(u)⌋ with u ~ N(mean, std²) (Esser et al. 2024, SD3; diffusers'
     ``compute_density_for_timestep_sampling(weighting_scheme="logit_normal")``). Concentrates the
     batch on middle timesteps."""
+
+    scheme = "logit_normal"
 
     def __init__(self, num_train_timesteps: int, mean: float = 0.0, std: float = 1.0, seed: int = 0):
         super().__init__(num_train_timesteps, seed)
@@ -97,24 +113,23 @@ class LogitNormalSampler(TimestepSampler):
             raise ValueError(f"logit-normal std must be > 0, got {std}")
         self.mean, self.std = float(mean), float(std)
 
-    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        u = compute_density_for_timestep_sampling("logit_normal", batch_size, logit_mean=self.mean, logit_std=self.std,
-                                                  generator=generator)
-        return (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1)
+    def density_kwargs(self) -> Dict[str, float]:
+        return {"logit_mean": self.mean, "logit_std": self.std}
 
 
-class ModeSampler(TimestepSampler):
+class ModeSampler(DensitySampler):
     """t = ⌊T · u'⌋ with u' = 1 − u − s·(cos²(πu/2) − 1 + u), u ~ U(0, 1): SD3's mode sampling (diffusers'
     ``compute_density_for_timestep_sampling(weighting_scheme="mode")``, ``--mode_scale`` s). s > 0 favours
     the middle of the range, s < 0 its ends."""
+
+    scheme = "mode"
 
     def __init__(self, num_train_timesteps: int, mode_scale: float = 1.29, seed: int = 0):
         super().__init__(num_train_timesteps, seed)
         self.mode_scale = float(mode_scale)
 
-    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        u = compute_density_for_timestep_sampling("mode", batch_size, mode_scale=self.mode_scale, generator=generator)
-        return (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1)
+    def density_kwargs(self) -> Dict[str, float]:
+        return {"mode_scale": self.mode_scale}
 
 
 class WeightedSampler(TimestepSampler):

@@ -22,6 +22,7 @@ from .checkpointing import (
     start_over,
 )
 from .errors import UsageError
+from .hub import publish_or_exit
 from .distributed import force_cpu_backend
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from .regimes import check_launch, needs_unused_parameters
@@ -159,6 +160,18 @@ def is_finished(resume_path: Optional[Path], max_train_steps: int, output_dir: s
     return step == max_train_steps and finished_at(output_dir, done_file) == max_train_steps
 
 
+def already_done(accelerator, args, resume_path: Optional[Path], done_file: str, regime) -> Optional[Dict[str, object]]:
+    """For the re-run of a finished command (:func:`is_finished`): says so, retries the push with
+    ``--push_to_hub`` (an earlier one may have failed), ends the run and returns the script's summary; else ``None``."""
+    if not is_finished(resume_path, args.max_train_steps, args.output_dir, done_file):
+        return None
+    accelerator.print(f"{args.output_dir} already holds this run, trained to step {args.max_train_steps}; nothing to do.")
+    if accelerator.is_main_process and args.push_to_hub:
+        publish_or_exit(args, write_card=None)  # the folder's own card goes as it is
+    end_training(accelerator)
+    return {"global_step": args.max_train_steps, "losses": [], "regime_state": regime.state_dict(), "finished_before": True}
+
+
 def resume(accelerator, resume_path, steps_per_epoch: int, gradient_accumulation_steps: int,
            record: Optional[Dict[str, object]] = None, regime=None) -> Tuple[int, int, int]:
     """Loads ``resume_path`` (when given) after checking that its run record matches ``record`` / ``regime``;
@@ -238,13 +251,11 @@ def checkpoint_and_preempt(accelerator, args, global_step: int, preemption, logg
     """Every ``--checkpointing_steps`` and at the last step (so the steps after the last periodic checkpoint
     are never lost to a crash while the result is saved): a checkpoint. On SIGTERM: a checkpoint now, then
     exit 143."""
-    due = global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps
-    if due:
+    stop = preemption.requested(accelerator) and global_step < args.max_train_steps  # at the last step: finish instead
+    if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
         path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, record)
         logger.info(f"Saved state to {path}")
-    if preemption.requested(accelerator) and global_step < args.max_train_steps:
-        if not due:
-            save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, record)
+    if stop:
         logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
         accelerator.end_training()
         sys.exit(PREEMPTED_EXIT_CODE)

@@ -145,10 +145,11 @@ def test_rerunning_a_finished_run_with_push_to_hub_retries_the_push(train_uncond
     out = tmp_path / "run"
     run(train_unconditional, out, "--max_train_steps", "2", "--checkpointing_steps", "2")
     pushed = []
-    monkeypatch.setattr(hub, "push_folder", lambda folder, repo_id, token, private=False: pushed.append((folder, repo_id, token)) or f"me/{repo_id}")
+    monkeypatch.setattr(hub, "push_folder", lambda folder, repo_id, token, private=False, write_card=None:
+                        pushed.append((folder, repo_id, token, write_card)) or f"me/{repo_id}")
     again = run(train_unconditional, out, "--max_train_steps", "2", "--resume_from_checkpoint", "latest", "--push_to_hub",
                 "--hub_token", "hf_test")
-    assert again.get("finished_before") and pushed == [(str(out), "run", "hf_test")]
+    assert again.get("finished_before") and pushed == [(str(out), "run", "hf_test", None)]  # the card pushed as it is
 
 
 def test_a_longer_max_train_steps_continues_a_finished_run(train_unconditional, tmp_path):

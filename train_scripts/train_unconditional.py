@@ -27,14 +27,14 @@ from diffusers_curriculum.checkpointing import check_fresh_start, check_writable
 from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, INTERPOLATION_MODES, build_dataset, num_channels
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler
-from diffusers_curriculum.hub import publish_or_exit, push_finished_or_exit, resolve_hub_token, write_model_card
+from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, write_model_card
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
 from diffusers_curriculum.training import (
-    after_sync_step, begin_run, check_run_flags, checkpoint_and_preempt, configure_logging, end_training, epoch_batches,
-    is_finished, log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
+    after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, configure_logging, end_training, epoch_batches,
+    log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
     run_record, shipped_weights,
 )
 from diffusers_curriculum.tasks import TASKS, Unconditional
@@ -238,12 +238,9 @@ def main(args, evaluate=None):
         args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
     check_schedule(args, args.max_train_steps)
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
-    if is_finished(resume_path, args.max_train_steps, args.output_dir, "model_index.json"):
-        accelerator.print(f"{args.output_dir} already holds this run, trained to step {args.max_train_steps}; nothing to do.")
-        if accelerator.is_main_process:
-            push_finished_or_exit(args)  # a failed earlier push is retried
-        end_training(accelerator)
-        return {"global_step": args.max_train_steps, "losses": [], "regime_state": regime.state_dict(), "finished_before": True}
+    done = already_done(accelerator, args, resume_path, "model_index.json", regime)  # a finished run's re-run: nothing to train
+    if done is not None:
+        return done
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,

@@ -12,7 +12,6 @@ embeds label ``num_classes`` as "no class": a model trained with ``--class_dropo
 classifier-free guidance, eps = eps(null) + s * (eps(y) - eps(null)).
 """
 
-
 from typing import List, Optional, Sequence, Union
 
 import torch
