@@ -10,6 +10,7 @@ UW ≤ 1.01×, Nash ≤ 1.05×, PCGrad ≤ 1.38× (the ratios of the ANT paper, 
 
     python benchmarks/overhead.py --steps 60 --output benchmarks/results/overhead.json
     python benchmarks/overhead.py --arms --batch_size 32 --output overhead-arms.json   # + compare_regimes' arms
+    python benchmarks/overhead.py --arms --only uniform,tdc,tdc_stage2,tdc_stage2_per_group --batch_size 32
 """
 
 import argparse
@@ -35,6 +36,7 @@ from diffusers_curriculum.data import build_dataset
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import tiny_unet_config
 from diffusers_curriculum.regimes import build_regime
+from diffusers_curriculum.training import make_optimizer
 
 
 def plain_step(accelerator, model, optimizer, scheduler, clean, snr_gamma=None):
@@ -94,7 +96,7 @@ def regime_variant(train, accelerator, scheduler, clean, resolution, widths, fla
     regime = build_regime(run_args, scheduler)
     torch.manual_seed(0)
     model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(resolution, 1, block_out_channels=run_args.block_out_channels)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = make_optimizer(run_args, model.parameters(), 1e-4, accelerator.device)  # as the script builds it
     model, optimizer = accelerator.prepare(model, optimizer)
     regime.attach(optimizer=optimizer)
     return partial(regime_step, accelerator, model, optimizer, scheduler, clean, regime, count(1))
@@ -107,6 +109,7 @@ def arm_variants(args, accelerator, scheduler, clean):
     steps = 10 ** 6  # long enough that no curriculum stage or TDC base stage ends while timed
     flags = {arm: f for arm, f in arms(steps).items() if f is not None}
     flags["tdc_stage2"] = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "1"]  # branches in warm-up
+    flags["tdc_stage2_per_group"] = [*flags["tdc_stage2"], "--experts_forward", "per_group"]  # the fallback path
     return {arm: (f"arm {arm}", regime_variant(train, accelerator, scheduler, clean, args.resolution, widths, arm_flags, steps))
             for arm, arm_flags in flags.items()}
 
@@ -125,6 +128,8 @@ def main(argv=None):
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--output", type=str, default="benchmarks/results/overhead.json")
     parser.add_argument("--arms", action="store_true", help="Also time every compare_regimes.py arm's regime.")
+    parser.add_argument("--only", type=str, default=None,
+                        help="With --arms: time only these arms (comma-separated, e.g. uniform,tdc,tdc_stage2) and the plain steps.")
     parser.add_argument("--block_out_channels", type=str, default=None,
                         help="UNet widths for the --arms variants (default: compare_regimes.py's).")
     args = parser.parse_args(argv)
@@ -136,21 +141,24 @@ def main(argv=None):
     clean = torch.stack([clean[i]["pixel_values"] for i in range(args.batch_size)]).to(accelerator.device)
     base = UNet2DModel.from_config(tiny_unet_config(args.resolution, 1))
 
+    train = load_script("train_unconditional")
+
     def make(step_fn, **kwargs):
         model = copy.deepcopy(base)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        optimizer = make_optimizer(train.parse_args(["--output_dir", "unused"]), model.parameters(), 1e-4, accelerator.device)
         model, optimizer = accelerator.prepare(model, optimizer)
         return lambda: step_fn(accelerator, model, optimizer, scheduler, clean, **kwargs)
 
-    train = load_script("train_unconditional")
     widths = ",".join(str(w) for w in base.config.block_out_channels)
     variants = {"plain diffusers step": make(plain_step), "plain diffusers step + Min-SNR": make(plain_step, snr_gamma=5.0)}
-    for name, flags in AXIS_VARIANTS.items():
-        variants[name] = regime_variant(train, accelerator, scheduler, clean, args.resolution, widths, flags, 10 ** 6)
+    if not args.only:
+        for name, flags in AXIS_VARIANTS.items():
+            variants[name] = regime_variant(train, accelerator, scheduler, clean, args.resolution, widths, flags, 10 ** 6)
     arm_of = {}
     if args.arms:
         for arm, (name, step) in arm_variants(args, accelerator, scheduler, clean).items():
-            variants[name], arm_of[name] = step, arm
+            if not args.only or arm in args.only.split(","):
+                variants[name], arm_of[name] = step, arm
     sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
     times = {name: [] for name in variants}
     for i in range(args.warmup + args.steps):

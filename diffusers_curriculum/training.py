@@ -14,6 +14,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
+from packaging.version import Version
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.training_utils import EMAModel
 
@@ -56,15 +57,22 @@ def check_run_flags(args) -> None:
             raise UsageError("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit optimizers); this run is on the CPU")
 
 
-def make_optimizer(args, parameters, learning_rate: float) -> torch.optim.Optimizer:
-    """AdamW with the script's betas, weight decay and epsilon; bitsandbytes' ``AdamW8bit`` with ``--use_8bit_adam``."""
-    optimizer_cls = torch.optim.AdamW
+# Devices whose fused AdamW kernel torch ships (CPU since torch 2.4).
+FUSED_ADAM_DEVICES = ("cpu", "cuda")
+
+
+def make_optimizer(args, parameters, learning_rate: float, device: Optional[torch.device] = None) -> torch.optim.Optimizer:
+    """AdamW with the script's betas, weight decay and epsilon; bitsandbytes' ``AdamW8bit`` with ``--use_8bit_adam``.
+
+    On a CPU or CUDA ``device`` (torch >= 2.4) AdamW runs fused: one kernel over all parameters instead of a loop
+    over them (on this CPU 5x faster for a tiny UNet; TDC's k experts make it k times the work)."""
+    hyper = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     if getattr(args, "use_8bit_adam", False):
         import bitsandbytes as bnb
 
-        optimizer_cls = bnb.optim.AdamW8bit
-    return optimizer_cls(parameters, lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+        return bnb.optim.AdamW8bit(parameters, **hyper)
+    fused = device is not None and torch.device(device).type in FUSED_ADAM_DEVICES and Version(torch.__version__).release[:2] >= (2, 4)
+    return torch.optim.AdamW(parameters, fused=fused or None, **hyper)
 
 
 def configure_logging(accelerator, logger) -> None:

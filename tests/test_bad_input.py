@@ -122,6 +122,7 @@ CASES = [
     (("unconditional",), ["--regime", "tdc"], "--regime tdc needs --tdc_base_steps >= 1"),
     (("unconditional",), ["--regime", "tdc", "--tdc_base_steps", "4"], "--tdc_base_steps 4 leaves no stage-2 steps"),
     (("unconditional",), ["--regime", "tdc", "--tdc_base_steps", "1", "--tdc_groups", "1"], "--tdc_groups must be in [2, 100]"),
+    (("unconditional",), ["--experts_forward", "per_group"], "--experts_forward needs --experts K"),
     (("unconditional",), ["--image_mode", "CMYK"], "argument --image_mode: invalid choice"),
     (("unconditional",), ["--resolution", "33"], "--resolution 33 is not divisible by 2"),
     (("unconditional",), ["--resume_from_checkpoint", "{root}/bad/checkpoint-2"], "cannot load it"),

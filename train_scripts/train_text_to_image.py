@@ -290,7 +290,7 @@ def main(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
     trainable = [p for p in unet.parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, trainable, learning_rate)
+    optimizer = make_optimizer(args, trainable, learning_rate, accelerator.device)
     train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
                                                    collate_fn=collate(tokenizer), num_workers=args.dataloader_num_workers,
                                                    drop_last=True)

@@ -227,7 +227,7 @@ def main(args, evaluate=None):
         model.enable_xformers_memory_efficient_attention()
     model = regime.wrap_model(model)  # e.g. TDC trains a timestep-routed copy per group
     ema_model = make_ema(args, model)
-    optimizer = make_optimizer(args, model.parameters(), args.learning_rate)
+    optimizer = make_optimizer(args, model.parameters(), args.learning_rate, accelerator.device)
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers, drop_last=True
     )

@@ -90,6 +90,10 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         self.experts = nn.ModuleList(experts)
         # When set, every sample goes to this expert (TDC stage 1 trains the base model only).
         self.route_all_to: Optional[int] = None
+        # Training may set a batched step here (diffusers_curriculum.wide_experts): called as
+        # batched(self, sample, t, groups, *args, **kwargs), it returns the model output or None to fall back to
+        # one forward per group.
+        self.batched = None
         # Moves with the model, so routing a batch copies nothing to the device.
         self.register_buffer("_boundaries", torch.tensor(boundaries, dtype=torch.long), persistent=False)
         # Pipelines read e.g. unet.config.sample_size / in_channels: mirror the first expert's config.
@@ -122,6 +126,10 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         groups = self.group_of(t.long())
         if bool((groups == groups[0]).all()):  # sampling: one timestep, one expert
             return self.experts[int(groups[0])](sample, timestep, *args, return_dict=return_dict, **kwargs)
+        if self.batched is not None:
+            result = self.batched(self, sample, t, groups, *args, **kwargs)
+            if result is not None:
+                return result if return_dict else (result.sample,)
 
         output, output_type = None, None
         for group in groups.unique().tolist():

@@ -62,6 +62,10 @@ def add_regime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--experts", type=int, default=None, help="TDC: one routed expert per cluster (K >= 2).")
     group.add_argument("--experts_base_steps", type=int, default=None,
                        help="TDC: optimizer steps of the base model on all timesteps before it branches into the experts.")
+    group.add_argument("--experts_forward", type=str, default=None, choices=["batched", "per_group"],
+                       help="TDC stage 2: run the experts as one wide model with grouped convolutions (batched, the "
+                            "default with --experts; same results to float tolerance, falls back per batch) or one "
+                            "forward per group.")
     group.add_argument("--clusters", type=int, default=None,
                        help="Number of timestep clusters shared by stratified sampling, the curriculum, the balancer and the experts.")
     group.add_argument("--cluster_cost", type=str, default=None, choices=PARTITIONS,
@@ -234,6 +238,8 @@ def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional
             check_schedule(args, args.max_train_steps)
     elif axes["experts_base_steps"][0] is not None:
         raise UsageError(f"{flag(axes, 'experts_base_steps')} needs --experts K")
+    if experts is None and getattr(args, "experts_forward", None) is not None:
+        raise UsageError("--experts_forward needs --experts K (or --regime tdc)")
     check_launch(args, getattr(args, "mixed_precision", None))
     affinity_path = axes["affinity_path"][0]
     if cost == "affinity":
@@ -311,7 +317,8 @@ def build_regime(args: argparse.Namespace, noise_scheduler, accelerator=None) ->
         noise_scheduler, sampler,
         weighting=Weighting(args.weighting, args.snr_gamma, args.p2_gamma, args.p2_k, args.learned_weighting_lr, seed),
         balancer=build_balancer(axes["balancer"][0], k, args.uw_lr, args.nash_update_every, seed) if k else None,
-        experts=ExpertLayout(T, boundaries, axes["experts_base_steps"][0], seed) if experts is not None else None,
+        experts=(ExpertLayout(T, boundaries, axes["experts_base_steps"][0], seed, batched=getattr(args, "experts_forward", None) != "per_group")
+                 if experts is not None else None),
         boundaries=boundaries, cluster_cost=cost, timestep_sampling=sampling, name=regime_name(args, axes), seed=seed,
         process_index=accelerator.process_index if accelerator is not None else 0,
         num_processes=accelerator.num_processes if accelerator is not None else 1,

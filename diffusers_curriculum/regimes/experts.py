@@ -8,7 +8,9 @@ the UNet per cluster:
 * at the end of step ``base_steps`` the base *branches*: its weights, optimizer state and EMA weights are
   copied into every other expert;
 * stage 2: batches are stratified over the experts' clusters and each sample is routed to its cluster's
-  expert, so each copy is fine-tuned on its own timesteps (``loss/group_<i>`` in the logs).
+  expert, so each copy is fine-tuned on its own timesteps (``loss/group_<i>`` in the logs). With ``batched``
+  (``--experts_forward batched``, the default) the k experts run as one wide model
+  (:mod:`diffusers_curriculum.wide_experts`) instead of one forward per group.
 
 One model, one optimizer and one EMA across both stages: checkpoints of either stage have the same layout.
 """
@@ -22,6 +24,7 @@ import torch
 from ..clustering import bucketize
 from ..experts import TimestepRoutedExperts, count_flops, count_params
 from ..sampling import StratifiedSampler
+from ..wide_experts import BatchedExpertStep
 
 # Salt of the stage-2 sampler's seed, away from the timestep axis' generator.
 GROUP_SEED_SALT = 1
@@ -30,11 +33,13 @@ GROUP_SEED_SALT = 1
 class ExpertLayout:
     """``len(boundaries) - 1`` experts, a base stage of ``base_steps`` optimizer steps, then routed training."""
 
-    def __init__(self, num_train_timesteps: int, boundaries: Sequence[int], base_steps: int, seed: int = 0):
+    def __init__(self, num_train_timesteps: int, boundaries: Sequence[int], base_steps: int, seed: int = 0,
+                 batched: bool = True):
         if base_steps < 1:
             raise ValueError(f"base_steps must be >= 1, got {base_steps}")
         self.boundaries: List[int] = [int(b) for b in boundaries]
         self.base_steps = base_steps
+        self.batched = batched
         self.group_sampler = StratifiedSampler(num_train_timesteps, self.boundaries, seed=seed + GROUP_SEED_SALT)
         self.stage = 1
         self.experts: Optional[TimestepRoutedExperts] = None
@@ -51,6 +56,7 @@ class ExpertLayout:
         """One copy of ``model`` per group, all routed to the base until branching."""
         self.experts = TimestepRoutedExperts.from_model(model, self.boundaries)
         self.experts.route_all_to = 0 if self.stage == 1 else None
+        self.experts.batched = BatchedExpertStep() if self.batched else None
         return self.experts
 
     def attach(self, optimizer=None, ema_model=None) -> None:
