@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -74,17 +75,66 @@ def _local_roots(block: nn.Module) -> List[nn.Module]:
     return roots
 
 
+def norm_groups(model: nn.Module) -> int:
+    """The number of groups of the model's GroupNorms (its ``norm_num_groups``; 1 without GroupNorms)."""
+    groups = {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)}
+    return max(groups) if groups else 1
+
+
+def ratio_step(model: nn.Module) -> float:
+    """The pruning granularity: the smallest ratio that removes whole GroupNorm groups, ``1 / norm_num_groups``.
+
+    A ratio m/G removes m of the G groups of every stream and every ResNet block's inner channels (each a whole
+    group of ``C / G`` channels): for the default tiny UNet (widths 16, 32, 32; 8 groups) a step is 2 of 16 or 4
+    of 32 channels; attention projections lose m/G of every head's dims, the heads stay.
+    """
+    return 1.0 / norm_groups(model)
+
+
+def quantize(config: Config, step: float) -> Config:
+    """Every ratio rounded down to a multiple of ``step``."""
+    return {name: math.floor(ratio / step + 1e-6) * step for name, ratio in config.items()}
+
+
+def _group_size_importance(group_sizes: Dict[nn.Module, int]):
+    """torch-pruning's L2 magnitude importance, averaged over each GroupNorm group of a dependency group's
+    channels: channels of one group rank together, so pruning ``m × size`` channels removes m whole groups."""
+    import torch_pruning as tp
+
+    class WholeGroups(tp.importance.MagnitudeImportance):
+        def __call__(self, group):
+            importance = super().__call__(group)
+            if importance is None:
+                return None
+            sizes = [group_sizes[dep.target.module] for dep, _ in group
+                     if dep.target.module in group_sizes and dep.target.module.num_channels == len(importance)]
+            size = sizes[0] if sizes else 1
+            if size > 1 and len(importance) % size == 0:
+                blocks = importance.view(-1, size).mean(dim=1)
+                blocks = blocks + torch.arange(len(blocks), device=blocks.device) * 1e-9 * blocks.abs().mean()  # no ties
+                importance = blocks.repeat_interleave(size)
+            return importance
+
+    return WholeGroups(p=2)
+
+
 def prune_model(model: nn.Module, config: Config) -> nn.Module:
     """Prunes ``model`` in place: stream channels by ``config["stream"]``, each block's local channels by its ratio.
 
-    Coupled channels (residual streams, skip concatenations, GroupNorm groups, attention heads) are
-    handled by torch-pruning's dependency graph; the output convolution keeps its channels.
+    Ratios are multiples of :func:`ratio_step` (others are rounded down): channels go in whole GroupNorm groups
+    and every GroupNorm keeps its group size (its number of groups shrinks), so a step is one group, not one
+    channel of every group. Coupled channels (residual streams, skip concatenations, attention heads) are handled
+    by torch-pruning's dependency graph; the output convolution keeps its channels.
     """
     import torch_pruning as tp
 
+    step = ratio_step(model)
+    config = quantize(config, step)
     if not any(ratio > 0 for ratio in config.values()):
         return model
-    ratios = {root: ratio for name, ratio in config.items() if name != STREAM
+    # A ratio m/G of C channels removes exactly m·C/G of them (int() in torch-pruning would round m/G·C up).
+    eps = 1e-9
+    ratios = {root: max(ratio - eps, 0.0) for name, ratio in config.items() if name != STREAM
               for root in _local_roots(model.get_submodule(name))}
     from diffusers.models.attention_processor import Attention
 
@@ -93,13 +143,23 @@ def prune_model(model: nn.Module, config: Config) -> nn.Module:
     for module in model.modules():
         if isinstance(module, Attention):
             num_heads.update({layer: module.heads for layer in (module.to_q, module.to_k, module.to_v)})
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    group_sizes = {norm: norm.num_channels // norm.num_groups for norm in norms}
     was_training = model.training
     model.eval()
     pruner = tp.pruner.MetaPruner(
-        model, example_inputs(model), importance=tp.importance.MagnitudeImportance(p=2),
-        pruning_ratio=config.get(STREAM, 0.0), pruning_ratio_dict=ratios, ignored_layers=[model.conv_out], num_heads=num_heads,
+        model, example_inputs(model), importance=_group_size_importance(group_sizes),
+        pruning_ratio=max(config.get(STREAM, 0.0) - eps, 0.0), pruning_ratio_dict=ratios, ignored_layers=[model.conv_out],
+        num_heads=num_heads,
     )
+    for norm in norms:  # whole groups, not the same position in every group
+        pruner.in_channel_groups.pop(norm, None)
+        pruner.out_channel_groups.pop(norm, None)
     pruner.step()
+    for norm, size in group_sizes.items():
+        if norm.num_channels % size:
+            raise RuntimeError(f"pruning left {norm.num_channels} channels in a GroupNorm of groups of {size}")
+        norm.num_groups = norm.num_channels // size
     sync_sampler_widths(model)
     model.train(was_training)
     return model
@@ -174,16 +234,18 @@ class ValidationSet:
         self.timesteps = torch.randint(*t_range, (images.shape[0],), generator=generator)
 
     @torch.no_grad()
-    def loss(self, model, noise_scheduler) -> float:
+    def loss(self, model, noise_scheduler, teacher: Optional[nn.Module] = None, distill_weight: float = 0.0) -> float:
+        """The batch's denoising loss (plus ``distill_weight`` × the distillation loss against ``teacher``)."""
         device = next(model.parameters()).device
         model.eval()
         return float(proxy_loss(model, noise_scheduler, self.images.to(device), self.noise.to(device),
-                                    self.timesteps.to(device)))
+                                self.timesteps.to(device), teacher, distill_weight))
 
 
 @dataclass
 class Proxy:
-    """Scores a pruned candidate: ``steps`` fine-tuning steps on the group, then the validation loss."""
+    """Scores a pruned candidate: ``steps`` fine-tuning steps on the group, then the validation loss under the
+    fine-tuning's own objective (with a teacher: denoising + ``distill_weight`` × distillation)."""
 
     batches: Iterator[torch.Tensor]
     noise_scheduler: object
@@ -198,7 +260,7 @@ class Proxy:
     def __call__(self, candidate: nn.Module) -> float:
         finetune(candidate, self.batches, self.noise_scheduler, self.t_range, self.steps, self.learning_rate, self.seed,
                  teacher=self.teacher, distill_weight=self.distill_weight)
-        return self.validation.loss(candidate, self.noise_scheduler)
+        return self.validation.loss(candidate, self.noise_scheduler, self.teacher, self.distill_weight)
 
 
 # ---- the search ----------------------------------------------------------------------------------------
@@ -225,10 +287,11 @@ class Proposer:
 @dataclass
 class CoordinateSearchProposer(Proposer):
     """Deterministic default. Round 0: one ratio for every block. Later rounds: start from the best
-    configuration in the memory bank, prune one block by ``step`` less (blocks taken in turn) and let the
-    others absorb the FLOPs; configurations already in the bank are skipped."""
+    configuration in the memory bank, prune one block by ``step`` less (blocks taken in turn; default one
+    GroupNorm group, :func:`ratio_step`) and let the others absorb the FLOPs; configurations already in the
+    bank are skipped."""
 
-    step: float = 0.15
+    step: Optional[float] = None
     _cursor: int = field(default=0, repr=False)
 
     def propose(self, memory, blocks, fit):
@@ -253,28 +316,29 @@ def _same(a: Config, b: Config, tol: float = 1e-3) -> bool:
 
 
 def fit_to_budget(model: nn.Module, blocks: Sequence[str], fixed: Config, budget_flops: float,
-                  max_ratio: float = 0.75, iterations: int = 7) -> Optional[Config]:
+                  max_ratio: float = 0.75) -> Optional[Config]:
     """The configuration that keeps ``fixed`` and prunes the other blocks by one shared ratio, the smallest
-    (by bisection) whose counted FLOPs meet ``budget_flops``; ``None`` when even ``max_ratio`` does not."""
+    multiple of :func:`ratio_step` (by bisection) whose counted FLOPs meet ``budget_flops``; ``None`` when even
+    ``max_ratio`` does not."""
+    step = ratio_step(model)
     free = [b for b in blocks if b not in fixed]
 
-    def config_for(ratio: float) -> Config:
-        return {b: fixed.get(b, ratio) for b in blocks}
+    def config_for(m: int) -> Config:
+        return {b: round(fixed.get(b, m * step), 6) for b in blocks}
 
-    def flops(ratio: float) -> int:
-        return count_flops(pruned_copy(model, config_for(ratio)))
+    def fits(m: int) -> bool:
+        return count_flops(pruned_copy(model, config_for(m))) <= budget_flops
 
-    if not free:
-        return config_for(0.0) if flops(0.0) <= budget_flops else None
-    if flops(0.0) <= budget_flops:
-        return config_for(0.0)
-    if flops(max_ratio) > budget_flops:
+    if fits(0):
+        return config_for(0)
+    top = math.floor(max_ratio / step + 1e-6)
+    if not free or not fits(top):
         return None
-    low, high = 0.0, max_ratio
-    for _ in range(iterations):
-        middle = (low + high) / 2
-        low, high = (low, middle) if flops(middle) <= budget_flops else (middle, high)
-    return {b: round(v, 4) for b, v in config_for(high).items()}
+    low, high = 0, top  # fits(high), not fits(low)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return config_for(high)
 
 
 @dataclass
@@ -291,6 +355,8 @@ def search_pruning(model: nn.Module, budget_fraction: float, proxy: Callable[[nn
     if not 0 < budget_fraction <= 1:
         raise ValueError(f"budget fraction must be in (0, 1], got {budget_fraction}")
     proposer = CoordinateSearchProposer() if proposer is None else proposer
+    if getattr(proposer, "step", 0.0) is None:
+        proposer.step = ratio_step(model)
     blocks = prunable_blocks(model)
     base_flops = count_flops(model)
     budget = budget_fraction * base_flops
@@ -337,38 +403,64 @@ def flops_report(experts_model, timesteps: Sequence[int]) -> Dict[str, object]:
 def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, rounds: int = 4, proxy_steps: int = 20,
                   finetune_steps: int = 200, batch_size: int = 16, learning_rate: float = 1e-4, validation_size: int = 64,
                   seed: int = 0, proposer_factory: Callable[[], Proposer] = CoordinateSearchProposer,
-                  log: Callable[[str], None] = print, distill_weight: float = 0.0):
-    """Searches, prunes and fine-tunes every expert of a :class:`TimestepRoutedExperts` in place. With
-    ``distill_weight`` > 0 the proxy's and the final fine-tuning's loss add output distillation from the expert
-    as it was before pruning (a frozen copy).
+                  log: Callable[[str], None] = print, distill_weight: float = 0.0,
+                  max_loss_increase: Optional[float] = None, relaxations: int = 2):
+    """Searches, prunes and fine-tunes every expert of a :class:`TimestepRoutedExperts` (its ``experts`` are
+    replaced by the pruned ones). With ``distill_weight`` > 0 the proxy's score and every fine-tuning add output
+    distillation from the expert as it was before pruning (a frozen copy).
+
+    With ``max_loss_increase`` (e.g. 0.1) a pruned expert whose validation denoising loss ends more than that
+    fraction above the unpruned expert's is not shipped: the search runs again under a budget half-way to the
+    unpruned FLOPs (up to ``relaxations`` times), and an expert no budget keeps good stays unpruned. The record
+    says which budgets were tried and what each kept.
 
     Returns one dict per expert (budget, chosen configuration, memory bank, params and FLOPs before/after).
     """
     budgets = group_budgets(len(experts_model.experts), prune_ratio)
     validation_images = torch.stack([dataset[i]["pixel_values"] for i in range(min(validation_size, len(dataset)))])
     reports = []
-    for index, (expert, budget) in enumerate(zip(experts_model.experts, budgets)):
+    for index, (original, budget) in enumerate(zip(list(experts_model.experts), budgets)):
         t_range = (experts_model.boundaries[index], experts_model.boundaries[index + 1])
         batches = infinite_batches(dataset, batch_size, seed + index)
-        teacher = copy.deepcopy(expert).eval().requires_grad_(False) if distill_weight > 0 else None
-        proxy = Proxy(batches, noise_scheduler, ValidationSet(validation_images, t_range, seed + index), t_range,
-                      proxy_steps, learning_rate, seed + index, teacher, distill_weight)
-        log(f"expert {index} (t in [{t_range[0]}, {t_range[1]})): FLOPs budget {budget:.3f} of the base")
-        params_before, flops_before = count_params(expert), count_flops(expert)
-        loss_before = proxy.validation.loss(expert, noise_scheduler)
-        result = search_pruning(expert, budget, proxy, proposer_factory(), rounds, log=lambda m: log(f"  {m}"))
-        prune_model(expert, result.config)
-        finetune(expert, batches, noise_scheduler, t_range, finetune_steps, learning_rate, seed + index,
-                 teacher=teacher, distill_weight=distill_weight)
+        teacher = copy.deepcopy(original).eval().requires_grad_(False)
+        validation = ValidationSet(validation_images, t_range, seed + index)
+        proxy = Proxy(batches, noise_scheduler, validation, t_range, proxy_steps, learning_rate, seed + index,
+                      teacher if distill_weight > 0 else None, distill_weight)
+        params_before, flops_before = count_params(original), count_flops(original)
+        loss_before = validation.loss(original, noise_scheduler)
+        limit = None if max_loss_increase is None else loss_before * (1 + max_loss_increase)
+        attempts, expert, result = [], None, None
+        for attempt in range(relaxations + 1 if limit is not None else 1):
+            log(f"expert {index} (t in [{t_range[0]}, {t_range[1]})): FLOPs budget {budget:.3f} of the base")
+            result = search_pruning(original, budget, proxy, proposer_factory(), rounds, log=lambda m: log(f"  {m}"))
+            candidate = pruned_copy(original, result.config)
+            finetune(candidate, batches, noise_scheduler, t_range, finetune_steps, learning_rate, seed + index,
+                     teacher=proxy.teacher, distill_weight=distill_weight)
+            loss = validation.loss(candidate, noise_scheduler)
+            attempts.append({"flops_budget_fraction": budget, "config": result.config, "validation_loss": loss,
+                             "flops_fraction": count_flops(candidate) / flops_before})
+            if limit is None or loss <= limit:
+                expert = candidate
+                break
+            log(f"  validation loss {loss:.5f} is over {limit:.5f} (unpruned {loss_before:.5f} + {max_loss_increase:.0%}): "
+                f"the budget {budget:.3f} is too aggressive for this expert")
+            budget = (budget + 1) / 2
+        kept_unpruned = expert is None
+        if kept_unpruned:
+            log(f"  no budget tried keeps the validation loss within {max_loss_increase:.0%}: expert {index} stays unpruned")
+            expert = original
         expert.pruning_record = {
-            "flops_budget_fraction": budget, "config": result.config,
+            "flops_budget_fraction": attempts[-1]["flops_budget_fraction"], "config": {} if kept_unpruned else result.config,
             "memory_bank": [vars(r) for r in result.memory],
             "params_before": params_before, "params": count_params(expert),
             "flops_before": flops_before, "flops": count_flops(expert),
             "validation_loss_before": loss_before,
-            "validation_loss": proxy.validation.loss(expert, noise_scheduler),
+            "validation_loss": validation.loss(expert, noise_scheduler),
             "finetune_steps": finetune_steps, "distill_weight": distill_weight,
+            "max_loss_increase": max_loss_increase, "attempts": attempts,
+            "kept_unpruned": kept_unpruned,
         }
+        experts_model.experts[index] = expert
         log(f"  kept {expert.pruning_record['flops'] / flops_before:.3f} of the FLOPs; validation loss "
             f"{loss_before:.5f} -> {expert.pruning_record['validation_loss']:.5f}")
         reports.append({"expert": index, **expert.pruning_record})

@@ -102,6 +102,7 @@ def test_pruned_experts_save_and_reload_with_identical_outputs(tmp_path):
     x, t = torch.randn(4, 1, 16, 16), torch.tensor([0, 399, 400, 999])
     with torch.no_grad():
         torch.testing.assert_close(loaded(x, t).sample, experts.eval()(x, t).sample)
+    assert loaded.experts[1].conv_norm_out.num_groups == experts.experts[1].conv_norm_out.num_groups == 4  # of 8
     report = pruning.flops_report(loaded, [999, 500, 10])
     assert report["flops_per_sample"] == report["experts"][1]["flops"] * 2 + report["experts"][0]["flops"]
 
@@ -124,6 +125,7 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
         "--pretrained_model_name_or_path", str(tdc_pipeline), "--output_dir", str(out), "--prune_ratio", "0.5",
         "--search_rounds", "2", "--proxy_steps", "1", "--finetune_steps", "1", "--max_train_samples", "32",
         "--validation_size", "8", "--train_batch_size", "8", "--num_inference_steps", "10", "--distill_weight", "1",
+        "--max_loss_increase", "inf",
     ]))
     assert summary["flops_per_sample"] < summary["flops_per_sample_before"]
     assert json.loads((out / "unet" / "expert_0" / "pruning.json").read_text())["distill_weight"] == 1.0
@@ -140,6 +142,8 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
     (["--prune_ratio", "0"], "--prune_ratio must be in (0, 1), got 0.0"),
     (["--search_rounds", "0"], "--search_rounds must be >= 1, got 0"),
     (["--distill_weight", "-1"], "--distill_weight must be >= 0, got -1.0"),
+    (["--max_loss_increase", "-0.1"], "--max_loss_increase must be >= 0 (inf: no limit), got -0.1"),
+    (["--relaxations", "-1"], "--relaxations must be >= 0, got -1"),
 ])
 def test_prune_script_bad_flags_are_one_line_errors(tmp_path, extra, message):
     proc = subprocess.run([sys.executable, str(ROOT / "train_scripts" / "prune_experts.py"), "--pretrained_model_name_or_path",
@@ -153,3 +157,64 @@ def test_prune_script_refuses_a_pipeline_without_experts(tmp_path):
     args = prune.parse_args(["--pretrained_model_name_or_path", str(tmp_path / "plain"), "--output_dir", str(tmp_path / "o")])
     with pytest.raises(diffusers_curriculum.errors.UsageError, match="not the TimestepRoutedExperts"):
         prune.main(args)
+
+
+def default_unet():
+    """The benchmark's UNet: widths 16, 32, 32 and GroupNorms of 8 groups (2 or 4 channels each)."""
+    torch.manual_seed(0)
+    return UNet2DModel.from_config(tiny_unet_config(32, 1, (16, 32, 32))).eval()
+
+
+def test_pruning_removes_whole_groupnorm_groups_a_step_of_one_group():
+    model = default_unet()
+    assert pruning.ratio_step(model) == 1 / 8
+    pruned = pruning.pruned_copy(model, {"stream": 1 / 8})  # one step: 2 of 16 and 4 of 32 channels
+    assert pruned.conv_in.out_channels == 14 and pruned.down_blocks[1].resnets[0].conv2.out_channels == 28
+    for name, norm in pruned.named_modules():
+        if isinstance(norm, nn.GroupNorm):  # group sizes kept, groups fewer
+            original = model.get_submodule(name)
+            assert norm.num_channels // norm.num_groups == original.num_channels // original.num_groups, name
+    assert 0.7 < pruning.count_flops(pruned) / pruning.count_flops(model) < 0.8  # ~ (7/8)^2
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 900])
+    assert pruned(x, t).sample.shape == x.shape
+    # ratios between steps round down to whole groups
+    assert pruning.pruned_copy(model, {"stream": 0.2}).conv_in.out_channels == 14
+
+
+def test_fit_to_budget_gives_whole_group_ratios_that_meet_the_budget():
+    model = default_unet()
+    blocks = pruning.prunable_blocks(model)
+    base = pruning.count_flops(model)
+    config = pruning.fit_to_budget(model, blocks, {}, 0.8 * base)
+    assert all(abs(ratio * 8 - round(ratio * 8)) < 1e-6 for ratio in config.values())
+    assert pruning.count_flops(pruning.pruned_copy(model, config)) <= 0.8 * base
+    assert pruning.fit_to_budget(model, blocks, {}, 0.01 * base) is None  # past max_ratio
+
+
+def test_the_proxy_scores_with_its_fine_tuning_objective():
+    model, teacher = tiny_unet(seed=0), tiny_unet(seed=1)
+    validation = pruning.ValidationSet(torch.randn(4, 1, 16, 16), (0, 500))
+    scheduler = DDPMScheduler()
+    plain = pruning.Proxy(iter(()), scheduler, validation, (0, 500), steps=0)(model)
+    distilled = pruning.Proxy(iter(()), scheduler, validation, (0, 500), steps=0, teacher=teacher, distill_weight=2.0)(model)
+    assert plain == pytest.approx(validation.loss(model, scheduler))
+    assert distilled > plain and distilled == pytest.approx(validation.loss(model, scheduler, teacher, 2.0))
+
+
+def test_a_budget_that_breaks_quality_is_relaxed_then_refused(monkeypatch):
+    """The validation loss here grows as FLOPs shrink: no pruned expert stays within 5 %, so the search relaxes
+    the budget twice and keeps the expert unpruned; with no limit the pruned expert ships."""
+    base_flops = pruning.count_flops(tiny_unet())
+    monkeypatch.setattr(pruning.ValidationSet, "loss", lambda self, model, scheduler, *a: base_flops / pruning.count_flops(model))
+    dataset = build_dataset("fashion_mnist", resolution=16, max_train_samples=16)
+    kwargs = dict(rounds=1, proxy_steps=0, finetune_steps=0, batch_size=8, validation_size=4, log=lambda _: None)
+    experts = TimestepRoutedExperts.from_model(tiny_unet(), [0, 500, 1000])
+    reports = pruning.prune_experts(experts, dataset, DDPMScheduler(), 0.5, max_loss_increase=0.05, relaxations=2, **kwargs)
+    last = reports[-1]  # the easiest expert: budget 0.5
+    assert last["kept_unpruned"] and last["config"] == {} and last["flops"] == last["flops_before"]
+    assert [a["flops_budget_fraction"] for a in last["attempts"]] == pytest.approx([0.5, 0.75, 0.875])
+    assert all(a["validation_loss"] > 1.05 for a in last["attempts"])
+    experts = TimestepRoutedExperts.from_model(tiny_unet(), [0, 500, 1000])
+    shipped = pruning.prune_experts(experts, dataset, DDPMScheduler(), 0.5, **kwargs)[-1]
+    assert not shipped["kept_unpruned"] and shipped["flops"] <= 0.5 * shipped["flops_before"]
+    assert experts.experts[1].conv_in.out_channels < 16

@@ -13,6 +13,7 @@ by ``--proxy_steps`` of fine-tuning plus a validation loss, then ``--finetune_st
 import argparse
 import functools
 import json
+import math
 import os
 
 import torch
@@ -45,6 +46,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--distill_weight", type=float, default=0.0,
                         help="Weight of output distillation from each expert's unpruned self, added to the denoising loss "
                              "in the proxy's and the final fine-tuning (0: off; not yet measured, see the README).")
+    parser.add_argument("--max_loss_increase", type=float, default=0.1,
+                        help="Largest accepted rise of a pruned expert's validation denoising loss over the unpruned "
+                             "expert's (0.1 = 10%%); above it the search retries under a budget half-way to the unpruned "
+                             "FLOPs (--relaxations times), then keeps the expert unpruned. inf: ship whatever the budgets give.")
+    parser.add_argument("--relaxations", type=int, default=2, help="Budget relaxations per expert under --max_loss_increase.")
     parser.add_argument("--validation_size", type=int, default=64, help="Images in each expert's validation batch.")
     parser.add_argument("--dataset_name", type=str, default="fashion_mnist", help=f"Hub id or one of {BUILTIN_DATASETS}.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="A folder of training images (overrides --dataset_name).")
@@ -78,6 +84,10 @@ def validate_args(args):
             raise UsageError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.distill_weight < 0:
         raise UsageError(f"--distill_weight must be >= 0, got {args.distill_weight}")
+    if not args.max_loss_increase >= 0:
+        raise UsageError(f"--max_loss_increase must be >= 0 (inf: no limit), got {args.max_loss_increase}")
+    if args.relaxations < 0:
+        raise UsageError(f"--relaxations must be >= 0, got {args.relaxations}")
     if not args.learning_rate > 0:
         raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if os.path.abspath(args.output_dir) == os.path.abspath(args.pretrained_model_name_or_path):
@@ -130,6 +140,7 @@ def main(args):
         experts, dataset, scheduler, args.prune_ratio, rounds=args.search_rounds, proxy_steps=args.proxy_steps,
         finetune_steps=args.finetune_steps, batch_size=args.train_batch_size, learning_rate=args.learning_rate,
         validation_size=args.validation_size, seed=args.seed, distill_weight=args.distill_weight,
+        max_loss_increase=None if math.isinf(args.max_loss_increase) else args.max_loss_increase, relaxations=args.relaxations,
     )
     after = flops_report(experts, scheduler.timesteps.tolist())
     summary = {
@@ -144,7 +155,8 @@ def main(args):
     save_pipeline(pipeline, args.output_dir, training_regime=regime)
     with open(os.path.join(args.output_dir, REPORT_FILE), "w") as f:
         json.dump({**summary, "search": reports}, f, indent=2)
-    settings = {k: getattr(args, k) for k in ("prune_ratio", "search_rounds", "proxy_steps", "finetune_steps", "distill_weight", "seed")}
+    settings = {k: getattr(args, k) for k in ("prune_ratio", "search_rounds", "proxy_steps", "finetune_steps", "distill_weight",
+                                         "max_loss_increase", "relaxations", "seed")}
     write_card = functools.partial(
         write_model_card, args.output_dir, "unconditional", regime=regime, settings=settings,
         pipeline_class=type(pipeline).__name__, pipeline_tag="unconditional-image-generation",

@@ -155,8 +155,10 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
                                    safe_serialization=kwargs.get("safe_serialization", True), variant=kwargs.get("variant"))
             record = getattr(expert, "pruning_record", None)
             if record is not None and is_main_process:
+                # GroupNorms may have lost whole groups: their widths are in the weights, their group counts here.
+                groups = {name: m.num_groups for name, m in expert.named_modules() if isinstance(m, nn.GroupNorm)}
                 with open(os.path.join(folder, PRUNING_FILE), "w") as f:
-                    json.dump(record, f, indent=2)
+                    json.dump({**record, "group_norm_groups": groups}, f, indent=2)
         if is_main_process:
             self.save_config(save_directory)  # last: a folder with config.json is complete
 
@@ -193,6 +195,9 @@ def _load_expert(expert_cls, folder: str, load_kwargs) -> nn.Module:
     expert = expert_cls.from_config(expert_cls.load_config(folder))
     state = load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
     resize_to_state_dict(expert, state)
+    # Pruning removes whole GroupNorm groups: the number of groups left is in the record (older records: unchanged).
+    for name, groups in record.get("group_norm_groups", {}).items():
+        expert.get_submodule(name).num_groups = groups
     expert.load_state_dict(state, strict=True)
     expert.pruning_record = record
     dtype = load_kwargs.get("torch_dtype")
