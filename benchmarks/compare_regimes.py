@@ -76,6 +76,8 @@ def parse_args(argv=None):
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--prune_ratio", type=float, default=0.5)
     parser.add_argument("--prune_finetune_steps", type=int, default=50)
+    parser.add_argument("--prune_distill_weight", type=float, default=1.0,
+                        help="tdc_pruned: prune_experts.py --distill_weight (output distillation from each unpruned expert).")
     parser.add_argument("--target_fid", type=float, default=None,
                         help="FID for 'steps to reach'; default: the uniform arm's mean final FID.")
     parser.add_argument("--inception_weights", type=str, default=None,
@@ -171,7 +173,7 @@ def prune_arm(args, tdc_dir, seed, real, extractor, record):
         "--prune_ratio", str(args.prune_ratio), "--search_rounds", "3", "--proxy_steps", str(max(1, args.prune_finetune_steps // 5)),
         "--finetune_steps", str(args.prune_finetune_steps), "--train_batch_size", str(args.train_batch_size),
         "--learning_rate", str(args.learning_rate / 4), "--num_inference_steps", str(args.num_inference_steps),
-        "--validation_size", "64", "--seed", str(seed),
+        "--validation_size", "64", "--seed", str(seed), "--distill_weight", str(args.prune_distill_weight),
     ]))
     pipeline = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     fake = fid_images(pipeline, args.num_fid_images, args.num_inference_steps, seed)

@@ -32,6 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--finetune_steps", type=int, default=50, help="F: fine-tuning steps per pruned expert.")
     parser.add_argument("--distill_weights", type=str, default="0,1", help="One pruned model per weight.")
     parser.add_argument("--prune_ratio", type=float, default=0.5)
+    parser.add_argument("--prune_learning_rate", type=float, default=None,
+                        help="Learning rate of the pruned experts' fine-tuning (default: --learning_rate / 4).")
     parser.add_argument("--max_loss_increase", type=str, default="0.1")
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
@@ -39,7 +41,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_fid_images", type=int, default=500)
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.set_defaults(quick=False)  # compare_regimes.real_images reads it
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.prune_learning_rate = args.prune_learning_rate or args.learning_rate / 4
+    return args
 
 
 def train_tdc(args, out, seed, steps, resume):
@@ -61,7 +65,7 @@ def prune(args, source, out, seed, weight):
         "--pretrained_model_name_or_path", str(source), "--output_dir", str(out), "--overwrite_output_dir",
         "--prune_ratio", str(args.prune_ratio), "--search_rounds", "3", "--proxy_steps", str(max(1, args.finetune_steps // 5)),
         "--finetune_steps", str(args.finetune_steps), "--train_batch_size", str(args.train_batch_size),
-        "--learning_rate", str(args.learning_rate / 4), "--num_inference_steps", str(args.num_inference_steps),
+        "--learning_rate", str(args.prune_learning_rate), "--num_inference_steps", str(args.num_inference_steps),
         "--validation_size", "64", "--seed", str(seed), "--distill_weight", str(weight),
         "--max_loss_increase", args.max_loss_increase,
     ]))
@@ -128,10 +132,10 @@ def main(argv=None):
         if (seed, f"tdc@{n}") not in done:
             record({"seed": seed, "model": f"tdc@{n}", "steps": n, "seconds": round(base_seconds, 1), **score(args, snapshot, seed, real, extractor)})
         for weight in weights:
-            name = f"pruned(distill={weight:g})"
+            name = f"pruned(distill={weight:g},lr={args.prune_learning_rate:g})"
             if (seed, name) not in done:
                 started = time.perf_counter()
-                target = out / "runs" / f"pruned-distill{weight:g}-seed{seed}"
+                target = out / "runs" / f"pruned-distill{weight:g}-lr{args.prune_learning_rate:g}-seed{seed}"
                 prune(args, snapshot, target, seed, weight)
                 seconds = base_seconds + time.perf_counter() - started
                 report = json.loads((target / "pruning_report.json").read_text())
@@ -147,11 +151,11 @@ def main(argv=None):
     table = summarize(rows, args)
     (out / "settings.json").write_text(json.dumps(vars(args), indent=2))
     (out / "summary.json").write_text(json.dumps(table, indent=2))
-    print(f"{'model':22s} {'FID mean ± std':>18s} {'MFLOPs/sample':>14s} {'FLOPs saved':>12s} {'goal':>5s}")
+    print(f"{'model':30s} {'FID mean ± std':>18s} {'MFLOPs/sample':>14s} {'FLOPs saved':>12s} {'goal':>5s}")
     for model, e in table.items():
         saved = f"{e['flops_saved']:.1%}" if "flops_saved" in e else ""
         goal = {True: "met", False: "no"}.get(e.get("goal_met"), "")
-        print(f"{model:22s} {e['fid_mean']:9.1f} ± {e['fid_std']:6.1f} {e['flops_per_sample'] / 1e6:14.1f} {saved:>12s} {goal:>5s}")
+        print(f"{model:30s} {e['fid_mean']:9.1f} ± {e['fid_std']:6.1f} {e['flops_per_sample'] / 1e6:14.1f} {saved:>12s} {goal:>5s}")
     return table
 
 

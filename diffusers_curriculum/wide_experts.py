@@ -7,13 +7,15 @@ group), and every layer with weights works on its own expert's block:
 
 * ``Conv2d`` → one grouped convolution (``groups × k``) over the experts' concatenated kernels;
 * ``GroupNorm`` → one group norm with ``k ×`` the groups (the groups are the experts' own channel blocks);
-* ``Linear`` → the experts' weights as one block-diagonal matrix; ``Embedding`` → per-expert look-ups;
+* ``Linear`` → one batched matmul over the experts' weights (a block-diagonal layer); ``Embedding`` → per-expert
+  look-ups;
 * attention: ``k ×`` the heads (each head lies inside one expert's block); samplers: ``k ×`` their width;
 * skip connections: an up-block resnet's input is ``cat([h, skip])``, i.e. ``[h_1 … h_k, s_1 … s_k]``; it is
   permuted back to ``[h_1 s_1 … h_k s_k]`` on entry.
 
-The wide model holds no weights of its own: its layers concatenate the experts' parameters at every call, so
-gradients land on the experts' own parameters and checkpoints, optimizer state and EMA keep their layout. It is
+The wide model holds no weights of its own: every call concatenates the experts' parameters (one autograd node
+for all of them), so gradients land on the experts' own parameters and checkpoints, optimizer state and EMA keep
+their layout. It is
 built only for the models it covers (``UNet2DModel`` made of those layers) and checked once against the routed
 forward on the first batch it gets; :meth:`TimestepRoutedExperts.forward` falls back to one forward per group
 when it is not built, the experts' widths differ (after pruning) or a batch does not split evenly.
@@ -134,16 +136,8 @@ class WideExperts:
     def __init__(self, experts: Sequence[nn.Module]):
         self.k = len(experts)
         self.experts = list(experts)
-        self.parameter_ids = self._parameter_ids()
         self.model = self._build()
         self.checked = False
-
-    def _parameter_ids(self) -> List[int]:
-        return [id(p) for e in self.experts for p in e.parameters()]
-
-    def is_current(self, experts: Sequence[nn.Module]) -> bool:
-        """Whether ``experts`` are still the modules and parameters this wide model was built over."""
-        return list(experts) == self.experts and self._parameter_ids() == self.parameter_ids
 
     def _build(self) -> nn.Module:
         k, experts = self.k, self.experts

@@ -123,13 +123,18 @@ TDC4 = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "2", "--max_
         "--max_train_steps", "6", "--checkpointing_steps", "4"]
 
 
-def test_training_with_the_batched_step_matches_the_per_group_step(train_unconditional, tmp_path, tiny_flags):
+def test_training_with_the_batched_step_matches_the_per_group_step(train_unconditional, tmp_path, tiny_flags, monkeypatch):
     """Batch 8 over 4 groups: every stage-2 batch runs wide; same losses and weights as --experts_forward per_group."""
-    runs = {}
+    runs, calls = {}, []
+    original = WideExperts.__call__
+    monkeypatch.setattr(WideExperts, "__call__", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
     for forward in ("batched", "per_group"):
         args = train_unconditional.parse_args(["--output_dir", str(tmp_path / forward), *tiny_flags, *TDC4,
                                                "--experts_forward", forward])
         runs[forward] = train_unconditional.main(args)
+        # stage 2 is steps 3-6: four wide steps plus the first batch's check, none with per_group
+        assert len(calls) == 5
+    assert runs["batched"]["regime_state"]["experts"]["stage"] == 2
     assert runs["batched"]["losses"] == pytest.approx(runs["per_group"]["losses"], rel=1e-4)
     a = load_file(tmp_path / "batched" / "checkpoint-6" / "model.safetensors")
     b = load_file(tmp_path / "per_group" / "checkpoint-6" / "model.safetensors")
