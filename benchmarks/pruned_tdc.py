@@ -35,6 +35,7 @@ def parse_args(argv=None):
     parser.add_argument("--prune_learning_rate", type=float, default=None,
                         help="Learning rate of the pruned experts' fine-tuning (default: --learning_rate / 4).")
     parser.add_argument("--max_loss_increase", type=str, default="0.1")
+    parser.add_argument("--prune_ema", action="store_true", help="prune_experts.py --use_ema --ema_max_decay 0.999.")
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--block_out_channels", type=str, default="16,32,32")
@@ -67,7 +68,7 @@ def prune(args, source, out, seed, weight):
         "--finetune_steps", str(args.finetune_steps), "--train_batch_size", str(args.train_batch_size),
         "--learning_rate", str(args.prune_learning_rate), "--num_inference_steps", str(args.num_inference_steps),
         "--validation_size", "64", "--seed", str(seed), "--distill_weight", str(weight),
-        "--max_loss_increase", args.max_loss_increase,
+        "--max_loss_increase", args.max_loss_increase, *(["--use_ema", "--ema_max_decay", "0.999"] if args.prune_ema else []),
     ]))
 
 
@@ -132,10 +133,10 @@ def main(argv=None):
         if (seed, f"tdc@{n}") not in done:
             record({"seed": seed, "model": f"tdc@{n}", "steps": n, "seconds": round(base_seconds, 1), **score(args, snapshot, seed, real, extractor)})
         for weight in weights:
-            name = f"pruned(distill={weight:g},lr={args.prune_learning_rate:g})"
+            name = f"pruned(distill={weight:g},lr={args.prune_learning_rate:g}{',ema' if args.prune_ema else ''})"
             if (seed, name) not in done:
                 started = time.perf_counter()
-                target = out / "runs" / f"pruned-distill{weight:g}-lr{args.prune_learning_rate:g}-seed{seed}"
+                target = out / "runs" / f"pruned-distill{weight:g}-lr{args.prune_learning_rate:g}{'-ema' if args.prune_ema else ''}-seed{seed}"
                 prune(args, snapshot, target, seed, weight)
                 seconds = base_seconds + time.perf_counter() - started
                 report = json.loads((target / "pruning_report.json").read_text())

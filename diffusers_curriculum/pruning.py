@@ -201,13 +201,18 @@ def proxy_loss(model, noise_scheduler, clean, noise, timesteps, teacher: Optiona
 
 def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: Tuple[int, int], steps: int,
              learning_rate: float, seed: int = 0, progress: Optional[Callable[[int, float], None]] = None,
-             teacher: Optional[nn.Module] = None, distill_weight: float = 0.0) -> nn.Module:
+             teacher: Optional[nn.Module] = None, distill_weight: float = 0.0, ema_decay: Optional[float] = None) -> nn.Module:
     """``steps`` AdamW steps on timesteps drawn uniformly from ``t_range`` = [low, high); with a ``teacher``
-    (the unpruned expert) and ``distill_weight`` > 0 the loss adds output distillation."""
+    (the unpruned expert) and ``distill_weight`` > 0 the loss adds output distillation. With ``ema_decay`` the
+    model ends with the EMA of its fine-tuning weights (diffusers' ``EMAModel`` with the warm-up schedule of the
+    training scripts, ``decay`` capped at ``ema_decay``), as trained pipelines ship EMA weights."""
     if steps <= 0:
         return model
+    from diffusers.training_utils import EMAModel
+
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    ema = EMAModel(model.parameters(), decay=ema_decay, use_ema_warmup=True) if ema_decay else None
     device = next(model.parameters()).device
     model.train()
     for step in range(steps):
@@ -218,8 +223,12 @@ def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: T
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.step(model.parameters())
         if progress is not None:
             progress(step, float(loss))
+    if ema is not None:
+        ema.copy_to(model.parameters())
     model.eval()
     return model
 
@@ -404,10 +413,11 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
                   finetune_steps: int = 200, batch_size: int = 16, learning_rate: float = 1e-4, validation_size: int = 64,
                   seed: int = 0, proposer_factory: Callable[[], Proposer] = CoordinateSearchProposer,
                   log: Callable[[str], None] = print, distill_weight: float = 0.0,
-                  max_loss_increase: Optional[float] = None, relaxations: int = 2):
+                  max_loss_increase: Optional[float] = None, relaxations: int = 2, ema_decay: Optional[float] = None):
     """Searches, prunes and fine-tunes every expert of a :class:`TimestepRoutedExperts` (its ``experts`` are
     replaced by the pruned ones). With ``distill_weight`` > 0 the proxy's score and every fine-tuning add output
-    distillation from the expert as it was before pruning (a frozen copy).
+    distillation from the expert as it was before pruning (a frozen copy); with ``ema_decay`` each shipped expert
+    holds the EMA of its final fine-tuning.
 
     With ``max_loss_increase`` (e.g. 0.1) a pruned expert whose validation denoising loss ends more than that
     fraction above the unpruned expert's is not shipped: the search runs again under a budget half-way to the
@@ -435,7 +445,7 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
             result = search_pruning(original, budget, proxy, proposer_factory(), rounds, log=lambda m: log(f"  {m}"))
             candidate = pruned_copy(original, result.config)
             finetune(candidate, batches, noise_scheduler, t_range, finetune_steps, learning_rate, seed + index,
-                     teacher=proxy.teacher, distill_weight=distill_weight)
+                     teacher=proxy.teacher, distill_weight=distill_weight, ema_decay=ema_decay)
             loss = validation.loss(candidate, noise_scheduler)
             attempts.append({"flops_budget_fraction": budget, "config": result.config, "validation_loss": loss,
                              "flops_fraction": count_flops(candidate) / flops_before})
@@ -456,7 +466,7 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
             "flops_before": flops_before, "flops": count_flops(expert),
             "validation_loss_before": loss_before,
             "validation_loss": validation.loss(expert, noise_scheduler),
-            "finetune_steps": finetune_steps, "distill_weight": distill_weight,
+            "finetune_steps": finetune_steps, "distill_weight": distill_weight, "ema_decay": ema_decay,
             "max_loss_increase": max_loss_increase, "attempts": attempts,
             "kept_unpruned": kept_unpruned,
         }

@@ -144,6 +144,7 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
     (["--distill_weight", "-1"], "--distill_weight must be >= 0, got -1.0"),
     (["--max_loss_increase", "-0.1"], "--max_loss_increase must be >= 0 (inf: no limit), got -0.1"),
     (["--relaxations", "-1"], "--relaxations must be >= 0, got -1"),
+    (["--ema_max_decay", "1"], "--ema_max_decay must be in (0, 1), got 1.0"),
 ])
 def test_prune_script_bad_flags_are_one_line_errors(tmp_path, extra, message):
     proc = subprocess.run([sys.executable, str(ROOT / "train_scripts" / "prune_experts.py"), "--pretrained_model_name_or_path",
@@ -218,3 +219,16 @@ def test_a_budget_that_breaks_quality_is_relaxed_then_refused(monkeypatch):
     shipped = pruning.prune_experts(experts, dataset, DDPMScheduler(), 0.5, **kwargs)[-1]
     assert not shipped["kept_unpruned"] and shipped["flops"] <= 0.5 * shipped["flops_before"]
     assert experts.experts[1].conv_in.out_channels < 16
+
+
+def test_fine_tuning_with_ema_ships_the_average_of_its_weights():
+    dataset = build_dataset("fashion_mnist", resolution=16, max_train_samples=16)
+    runs = {}
+    for ema_decay in (None, 0.999):
+        model = tiny_unet()
+        pruning.finetune(model, pruning.infinite_batches(dataset, 8, 0), DDPMScheduler(), (0, 500), 6, 1e-2, ema_decay=ema_decay)
+        runs[ema_decay] = model.conv_in.weight.detach().clone()
+    start = tiny_unet().conv_in.weight.detach()
+    # same seeded steps; the EMA lags behind the raw weights, between them and the start
+    assert not torch.equal(runs[None], runs[0.999])
+    assert (runs[0.999] - start).norm() < (runs[None] - start).norm()

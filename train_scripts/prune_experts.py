@@ -51,6 +51,9 @@ def build_parser() -> ArgumentParser:
                              "expert's (0.1 = 10%%); above it the search retries under a budget half-way to the unpruned "
                              "FLOPs (--relaxations times), then keeps the expert unpruned. inf: ship whatever the budgets give.")
     parser.add_argument("--relaxations", type=int, default=2, help="Budget relaxations per expert under --max_loss_increase.")
+    parser.add_argument("--use_ema", action="store_true",
+                        help="Ship each pruned expert's EMA of its fine-tuning (warm-up schedule as the training scripts').")
+    parser.add_argument("--ema_max_decay", type=float, default=0.9999, help="The EMA's decay cap with --use_ema.")
     parser.add_argument("--validation_size", type=int, default=64, help="Images in each expert's validation batch.")
     parser.add_argument("--dataset_name", type=str, default="fashion_mnist", help=f"Hub id or one of {BUILTIN_DATASETS}.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="A folder of training images (overrides --dataset_name).")
@@ -88,6 +91,8 @@ def validate_args(args):
         raise UsageError(f"--max_loss_increase must be >= 0 (inf: no limit), got {args.max_loss_increase}")
     if args.relaxations < 0:
         raise UsageError(f"--relaxations must be >= 0, got {args.relaxations}")
+    if not 0 < args.ema_max_decay < 1:
+        raise UsageError(f"--ema_max_decay must be in (0, 1), got {args.ema_max_decay}")
     if not args.learning_rate > 0:
         raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if os.path.abspath(args.output_dir) == os.path.abspath(args.pretrained_model_name_or_path):
@@ -141,6 +146,7 @@ def main(args):
         finetune_steps=args.finetune_steps, batch_size=args.train_batch_size, learning_rate=args.learning_rate,
         validation_size=args.validation_size, seed=args.seed, distill_weight=args.distill_weight,
         max_loss_increase=None if math.isinf(args.max_loss_increase) else args.max_loss_increase, relaxations=args.relaxations,
+        ema_decay=args.ema_max_decay if args.use_ema else None,
     )
     after = flops_report(experts, scheduler.timesteps.tolist())
     summary = {
@@ -156,7 +162,7 @@ def main(args):
     with open(os.path.join(args.output_dir, REPORT_FILE), "w") as f:
         json.dump({**summary, "search": reports}, f, indent=2)
     settings = {k: getattr(args, k) for k in ("prune_ratio", "search_rounds", "proxy_steps", "finetune_steps", "distill_weight",
-                                         "max_loss_increase", "relaxations", "seed")}
+                                         "max_loss_increase", "relaxations", "use_ema", "ema_max_decay", "seed")}
     write_card = functools.partial(
         write_model_card, args.output_dir, "unconditional", regime=regime, settings=settings,
         pipeline_class=type(pipeline).__name__, pipeline_tag="unconditional-image-generation",
