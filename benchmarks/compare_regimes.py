@@ -3,7 +3,8 @@
 Every arm trains the same tiny UNet with ``train_scripts/train_unconditional.py`` (same data, batch,
 optimizer, steps); only the regime flags differ. Every ``--eval_every`` steps the EMA pipeline generates
 ``--num_fid_images`` images (DDIM, ``--num_inference_steps``) whose feature-FID against held-out test
-images is recorded with the wall-clock time. ``tdc_pruned`` prunes the finished ``tdc`` run's experts
+images is recorded with the wall-clock time. Arms are single regimes or compositions named by their parts
+(``ant_uw+p2``); ``--curriculum_share`` sets how much of the run the curriculum arms may spend in their stages. ``tdc_pruned`` prunes the finished ``tdc`` run's experts
 (``train_scripts/prune_experts.py``; its extra fine-tuning steps are reported). Results are appended to
 ``results.jsonl`` as they come, so an interrupted run continues where it stopped; then a table
 (mean ± std over seeds, steps to reach ``--target_fid``) and plots are written.
@@ -43,23 +44,42 @@ def load_script(name):
     return module
 
 
-def arms(total_steps):
-    """Regime flags per arm, for a run of ``total_steps`` optimizer steps."""
-    return {
+def curriculum_flags(total_steps, share=0.5, clusters=5):
+    """The curriculum as a warm-up of at most ``share`` of the run: ``clusters`` stages under adaptive pacing,
+    each capped at share · total / clusters steps, then the full range."""
+    cap = max(1, int(share * total_steps / clusters))
+    return ["--curriculum_check_every", str(max(1, min(cap, total_steps // 50))), "--curriculum_max_stage_steps", str(cap)]
+
+
+def arms(total_steps, curriculum_share=0.5, curriculum_clusters=5):
+    """Regime flags per arm, for a run of ``total_steps`` optimizer steps. A composed arm is named by its parts
+    (``ant_uw+p2``: the ant_uw arm with P2 weighting)."""
+    curriculum = curriculum_flags(total_steps, curriculum_share, curriculum_clusters)
+    single = {
         "uniform": [],
         "min_snr": ["--snr_gamma", "5"],
         "p2": ["--weighting", "p2"],
+        "learned": ["--weighting", "learned"],
         "logit_normal": ["--timestep_sampling", "logit_normal"],
         "speed": ["--timestep_sampling", "speed"],
         "loss_aware": ["--timestep_sampling", "loss_aware"],
         "timestep_bias": ["--timestep_sampling", "timestep_bias", "--timestep_bias_strategy", "earlier"],
-        # 5 stages, each at most a tenth of the run: the curriculum takes at most half the budget
-        "curriculum": ["--regime", "curriculum", "--curriculum_clusters", "5", "--curriculum_check_every",
-                       str(max(1, total_steps // 50)), "--curriculum_max_stage_steps", str(max(1, total_steps // 10))],
+        # by default 5 stages, each at most a tenth of the run: the curriculum takes at most half the budget
+        "curriculum": ["--regime", "curriculum", "--curriculum_clusters", str(curriculum_clusters), *curriculum],
         "ant_uw": ["--regime", "ant", "--ant_method", "uw"],
         "tdc": ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", str(total_steps // 2)],
-        "tdc_pruned": None,  # prunes the tdc run
     }
+    composed = {
+        "ant_uw+p2": [*single["ant_uw"], *single["p2"]],
+        "ant_uw+min_snr": [*single["ant_uw"], *single["min_snr"]],
+        "curriculum+p2": [*single["curriculum"], *single["p2"]],
+        # the curriculum's stages over ANT's clusters, their losses balanced by UW
+        "curriculum+ant_uw": [*single["ant_uw"], "--timestep_sampling", "curriculum", "--ant_clusters", str(curriculum_clusters),
+                              *curriculum],
+        "learned+logit_normal": [*single["learned"], *single["logit_normal"]],
+        "tdc+p2": [*single["tdc"], *single["p2"]],
+    }
+    return {**single, **composed, "tdc_pruned": None}  # tdc_pruned prunes the tdc run
 
 
 def parse_args(argv=None):
@@ -76,6 +96,9 @@ def parse_args(argv=None):
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--prune_ratio", type=float, default=0.5)
     parser.add_argument("--prune_finetune_steps", type=int, default=50)
+    parser.add_argument("--curriculum_share", type=float, default=0.5,
+                        help="Most of the run the curriculum arms spend in their stages (each stage capped at share/clusters).")
+    parser.add_argument("--curriculum_clusters", type=int, default=5, help="Stages of the curriculum arms.")
     parser.add_argument("--prune_distill_weight", type=float, default=1.0,
                         help="tdc_pruned: prune_experts.py --distill_weight (output distillation from each unpruned expert).")
     parser.add_argument("--target_fid", type=float, default=None,
@@ -93,6 +116,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if not 0 < args.curriculum_share <= 1:
+        parser.error(f"--curriculum_share must be in (0, 1], got {args.curriculum_share}")
+    if args.curriculum_clusters < 1:
+        parser.error(f"--curriculum_clusters must be at least 1, got {args.curriculum_clusters}")
     if args.quick:
         args.seeds, args.max_train_steps, args.eval_every = "0", 8, 4
         args.num_fid_images, args.num_inference_steps, args.prune_finetune_steps = 32, 2, 2
@@ -345,7 +372,8 @@ def real_images(args):
 def run_job(args, seed, job_arms, record):
     from diffusers_curriculum.metrics import fashion_feature_extractor
 
-    extractor, real, all_arms = fashion_feature_extractor(), real_images(args), arms(args.max_train_steps)
+    extractor, real = fashion_feature_extractor(), real_images(args)
+    all_arms = arms(args.max_train_steps, args.curriculum_share, args.curriculum_clusters)
     for arm in job_arms:
         if arm == "tdc_pruned":
             tdc_dir = Path(args.output_dir) / "runs" / f"tdc-seed{seed}"
@@ -418,7 +446,7 @@ def main(argv=None):
     if rows and json.loads(settings_file.read_text()) != settings:
         sys.exit(f"error: {results} holds results of other settings; use another --output_dir")
     settings_file.write_text(json.dumps(settings, indent=2))
-    all_arms = arms(args.max_train_steps)
+    all_arms = arms(args.max_train_steps, args.curriculum_share, args.curriculum_clusters)
     chosen = args.regimes.split(",") if args.regimes else list(all_arms)
     unknown = [a for a in chosen if a not in all_arms]
     if unknown:

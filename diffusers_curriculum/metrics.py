@@ -99,6 +99,19 @@ def classifier_accuracy(model: FashionFeatures, images: torch.Tensor, labels: to
 
 
 @torch.no_grad()
+def class_agreement(model: FashionFeatures, images: torch.Tensor, requested: torch.Tensor, num_classes: int = 10,
+                    batch_size: int = 500) -> dict:
+    """How often the classifier assigns generated ``images`` to the class they were ``requested`` for: the share
+    per requested class (None for a class not requested) and its mean over the requested classes. Measures
+    conditioning, next to the FID that measures quality."""
+    predicted = torch.cat([model.classify(images[i : i + batch_size]).argmax(1) for i in range(0, images.shape[0], batch_size)])
+    hits = (predicted == requested).float()
+    per_class = [float(hits[requested == c].mean()) if bool((requested == c).any()) else None for c in range(num_classes)]
+    shares = [share for share in per_class if share is not None]
+    return {"per_class": per_class, "mean": sum(shares) / len(shares) if shares else float("nan")}
+
+
+@torch.no_grad()
 def feature_fid(real: torch.Tensor, fake: torch.Tensor, extractor: nn.Module, batch_size: int = 500) -> float:
     """FID between two image sets, (N, C, H, W) floats in [0, 1], on ``extractor``'s features."""
     from torchmetrics.image.fid import FrechetInceptionDistance

@@ -113,3 +113,40 @@ def test_a_run_slower_only_by_timing_noise_keeps_its_last_evaluation():
     entry = {e["arm"]: e for e in bench.summarize(rows, args)[0]}
     assert bench.WALL_CLOCK_TOLERANCE == 0.02
     assert entry["noisy"]["equal_wall_clock"][:2] == (20, 29.0) and entry["slower"]["equal_wall_clock"][:2] == (10, 48.0)
+
+
+# The axis each part of an arm's name sets (regime.axes()), to check composed arms against their names.
+ARM_PARTS = {
+    "min_snr": ("weighting", "min_snr"), "p2": ("weighting", "p2"), "learned": ("weighting", "learned"),
+    "logit_normal": ("timestep_sampling", "logit_normal"), "curriculum": ("timestep_sampling", "curriculum"),
+    "ant_uw": ("balancer", "uw"), "tdc": ("experts", 4),
+}
+
+
+def test_every_arm_builds_the_regime_its_name_says(train_unconditional):
+    from diffusers import DDPMScheduler
+
+    from diffusers_curriculum.regimes import build_regime
+
+    bench = load_benchmark()
+    all_arms = bench.arms(300)
+    assert {"ant_uw+p2", "ant_uw+min_snr", "curriculum+p2", "curriculum+ant_uw", "learned", "learned+logit_normal",
+            "tdc+p2"} <= set(all_arms)
+    for arm, flags in all_arms.items():
+        if flags is None:
+            continue
+        args = train_unconditional.parse_args(["--output_dir", "unused", "--max_train_steps", "300", *flags])
+        axes = build_regime(args, DDPMScheduler(num_train_timesteps=1000)).axes()
+        found = {"weighting": axes["weighting"]["weighting"], "timestep_sampling": axes["timestep_sampling"],
+                 "balancer": axes["balancer"]["method"], "experts": (axes["experts"] or {}).get("num_experts")}
+        for part in arm.split("+"):
+            if part in ARM_PARTS:
+                axis, value = ARM_PARTS[part]
+                assert found[axis] == value, (arm, axis, found)
+
+
+@pytest.mark.parametrize("share, cap", [(0.5, 30), (0.05, 3), (0.2, 12)])
+def test_the_curriculum_share_caps_its_stages(share, cap):
+    flags = load_benchmark().arms(300, curriculum_share=share, curriculum_clusters=5)["curriculum"]
+    assert flags[flags.index("--curriculum_max_stage_steps") + 1] == str(cap)
+    assert int(flags[flags.index("--curriculum_check_every") + 1]) <= cap

@@ -69,3 +69,15 @@ def test_inception_fid_needs_local_weights(tmp_path):
     images = torch.rand(4, 1, 28, 28)
     with pytest.raises(FileNotFoundError, match="Inception weights .* do not exist"):
         metrics.inception_fid(images, images, str(tmp_path / "pt_inception.pth"))
+
+
+def test_class_agreement_of_real_images_is_high_and_of_wrong_requests_low(extractor, data):
+    _, _, test_x, test_y = data
+    images, labels = test_x[:1000], test_y[:1000]
+    right = metrics.class_agreement(extractor, images, labels)
+    assert right["mean"] > 0.7 and len(right["per_class"]) == 10 and all(0 <= s <= 1 for s in right["per_class"])
+    wrong = metrics.class_agreement(extractor, images, (labels + 1) % 10)
+    assert wrong["mean"] < 0.2
+    only_sneakers = labels == 7
+    partial = metrics.class_agreement(extractor, images[only_sneakers], labels[only_sneakers])
+    assert partial["per_class"][7] == partial["mean"] and partial["per_class"][0] is None
