@@ -82,6 +82,21 @@ def arms(total_steps, curriculum_share=0.5, curriculum_clusters=5):
     return {**single, **composed, "tdc_pruned": None}  # tdc_pruned prunes the tdc run
 
 
+def sweep_arm(share, clusters):
+    """The name of the curriculum arm with ``share`` of the run in ``clusters`` stages (e.g. ``curriculum_s10_c5``)."""
+    return f"curriculum_s{round(share * 100):g}_c{clusters}"
+
+
+def arms_of(args):
+    """Every arm of this run: :func:`arms`, plus the curriculum arms of the ``--sweep_shares`` × ``--sweep_clusters`` grid."""
+    table = arms(args.max_train_steps, args.curriculum_share, args.curriculum_clusters)
+    for share in args.sweep_shares:
+        for clusters in args.sweep_clusters:
+            table[sweep_arm(share, clusters)] = ["--regime", "curriculum", "--curriculum_clusters", str(clusters),
+                                                 *curriculum_flags(args.max_train_steps, share, clusters)]
+    return table
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", type=str, default="benchmarks/results/compare")
@@ -99,6 +114,9 @@ def parse_args(argv=None):
     parser.add_argument("--curriculum_share", type=float, default=0.5,
                         help="Most of the run the curriculum arms spend in their stages (each stage capped at share/clusters).")
     parser.add_argument("--curriculum_clusters", type=int, default=5, help="Stages of the curriculum arms.")
+    parser.add_argument("--sweep_shares", type=str, default="",
+                        help="Adds a curriculum arm per share × --sweep_clusters value, named curriculum_s<percent>_c<clusters>.")
+    parser.add_argument("--sweep_clusters", type=str, default="5", help="Stage counts of the --sweep_shares arms.")
     parser.add_argument("--prune_distill_weight", type=float, default=1.0,
                         help="tdc_pruned: prune_experts.py --distill_weight (output distillation from each unpruned expert).")
     parser.add_argument("--target_fid", type=float, default=None,
@@ -116,8 +134,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    if not 0 < args.curriculum_share <= 1:
-        parser.error(f"--curriculum_share must be in (0, 1], got {args.curriculum_share}")
+    try:
+        args.sweep_shares = [float(v) for v in args.sweep_shares.split(",") if v]
+        args.sweep_clusters = [int(v) for v in args.sweep_clusters.split(",") if v]
+    except ValueError as e:
+        parser.error(f"--sweep_shares/--sweep_clusters: {e}")
+    for share in [args.curriculum_share, *args.sweep_shares]:
+        if not 0 < share <= 1:
+            parser.error(f"--curriculum_share/--sweep_shares must be in (0, 1], got {share}")
+    if any(c < 1 for c in args.sweep_clusters):
+        parser.error(f"--sweep_clusters must be at least 1, got {args.sweep_clusters}")
     if args.curriculum_clusters < 1:
         parser.error(f"--curriculum_clusters must be at least 1, got {args.curriculum_clusters}")
     if args.quick:
@@ -372,8 +398,7 @@ def real_images(args):
 def run_job(args, seed, job_arms, record):
     from diffusers_curriculum.metrics import fashion_feature_extractor
 
-    extractor, real = fashion_feature_extractor(), real_images(args)
-    all_arms = arms(args.max_train_steps, args.curriculum_share, args.curriculum_clusters)
+    extractor, real, all_arms = fashion_feature_extractor(), real_images(args), arms_of(args)
     for arm in job_arms:
         if arm == "tdc_pruned":
             tdc_dir = Path(args.output_dir) / "runs" / f"tdc-seed{seed}"
@@ -446,7 +471,7 @@ def main(argv=None):
     if rows and json.loads(settings_file.read_text()) != settings:
         sys.exit(f"error: {results} holds results of other settings; use another --output_dir")
     settings_file.write_text(json.dumps(settings, indent=2))
-    all_arms = arms(args.max_train_steps, args.curriculum_share, args.curriculum_clusters)
+    all_arms = arms_of(args)
     chosen = args.regimes.split(",") if args.regimes else list(all_arms)
     unknown = [a for a in chosen if a not in all_arms]
     if unknown:

@@ -432,10 +432,10 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
     for index, (original, budget) in enumerate(zip(list(experts_model.experts), budgets)):
         t_range = (experts_model.boundaries[index], experts_model.boundaries[index + 1])
         batches = infinite_batches(dataset, batch_size, seed + index)
-        teacher = copy.deepcopy(original).eval().requires_grad_(False)
+        teacher = copy.deepcopy(original).eval().requires_grad_(False) if distill_weight > 0 else None
         validation = ValidationSet(validation_images, t_range, seed + index)
         proxy = Proxy(batches, noise_scheduler, validation, t_range, proxy_steps, learning_rate, seed + index,
-                      teacher if distill_weight > 0 else None, distill_weight)
+                      teacher, distill_weight)
         params_before, flops_before = count_params(original), count_flops(original)
         loss_before = validation.loss(original, noise_scheduler)
         limit = None if max_loss_increase is None else loss_before * (1 + max_loss_increase)
@@ -445,7 +445,7 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
             result = search_pruning(original, budget, proxy, proposer_factory(), rounds, log=lambda m: log(f"  {m}"))
             candidate = pruned_copy(original, result.config)
             finetune(candidate, batches, noise_scheduler, t_range, finetune_steps, learning_rate, seed + index,
-                     teacher=proxy.teacher, distill_weight=distill_weight, ema_decay=ema_decay)
+                     teacher=teacher, distill_weight=distill_weight, ema_decay=ema_decay)
             loss = validation.loss(candidate, noise_scheduler)
             attempts.append({"flops_budget_fraction": budget, "config": result.config, "validation_loss": loss,
                              "flops_fraction": count_flops(candidate) / flops_before})

@@ -14,9 +14,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
-from packaging.version import Version
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.training_utils import EMAModel
+from packaging.version import Version
 
 from .checkpointing import (
     check_resume, checkpoint_step, clean_leftovers, finished_at, load_checkpoint, resolve_resume_path, save_checkpoint,

@@ -150,3 +150,15 @@ def test_the_curriculum_share_caps_its_stages(share, cap):
     flags = load_benchmark().arms(300, curriculum_share=share, curriculum_clusters=5)["curriculum"]
     assert flags[flags.index("--curriculum_max_stage_steps") + 1] == str(cap)
     assert int(flags[flags.index("--curriculum_check_every") + 1]) <= cap
+
+
+def test_the_curriculum_sweep_adds_one_arm_per_share_and_stage_count():
+    bench = load_benchmark()
+    args = bench.parse_args(["--max_train_steps", "300", "--sweep_shares", "0.05,0.4", "--sweep_clusters", "3,10"])
+    table = bench.arms_of(args)
+    swept = {name: flags for name, flags in table.items() if name.startswith("curriculum_s")}
+    assert set(swept) == {"curriculum_s5_c3", "curriculum_s5_c10", "curriculum_s40_c3", "curriculum_s40_c10"}
+    flags = swept["curriculum_s40_c3"]
+    assert flags[flags.index("--curriculum_clusters") + 1] == "3" and flags[flags.index("--curriculum_max_stage_steps") + 1] == "40"
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sweep_shares", "0,0.5"])
