@@ -54,7 +54,7 @@ class _WideLayer(nn.Module):
         object.__setattr__(self, "layers", list(layers))
         self.__dict__.update(weight=None, bias=None)
 
-    def sources(self) -> List[Optional[torch.Tensor]]:
+    def sources(self) -> List[List[Optional[torch.Tensor]]]:
         """The experts' weights then biases (None where the layer has no bias)."""
         return [[getattr(layer, name, None) for layer in self.layers] for name in ("weight", "bias")]
 
@@ -111,6 +111,8 @@ def why_not_wide(experts: Sequence[nn.Module]) -> Optional[str]:
         return f"experts of type {type(experts[0]).__name__} (only UNet2DModel is covered)"
     if experts[0].config.time_embedding_type != "positional" or experts[0].config.class_embed_type is not None:
         return "a Fourier time embedding or a class embedding type other than the default"
+    if any(e.is_gradient_checkpointing for e in experts):  # recomputation would run after the gathered weights are gone
+        return "gradient checkpointing"
     shapes = [[(tuple(p.shape), p.dtype, p.device) for p in e.parameters()] for e in experts]
     if any(s != shapes[0] for s in shapes[1:]):
         return "experts of different widths (pruned), dtypes or devices"

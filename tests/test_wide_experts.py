@@ -86,6 +86,9 @@ def test_experts_it_cannot_cover_are_named():
                                        cross_attention_dim=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
                                        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=2)
     assert "only UNet2DModel" in why_not_wide([conditional, copy.deepcopy(conditional)])
+    checkpointed = [copy.deepcopy(e) for e in model.experts]
+    checkpointed[0].enable_gradient_checkpointing()
+    assert why_not_wide(checkpointed) == "gradient checkpointing"
     step = BatchedExpertStep()
     x, t = batch()
     model.experts[1] = pruned[1]
