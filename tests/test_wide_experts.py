@@ -95,6 +95,18 @@ def test_experts_it_cannot_cover_are_named():
     assert step(model, x, t, model.group_of(t)) is None and "different widths" in step.reason
 
 
+def test_the_batched_step_stays_on_under_bf16_autocast():
+    model = routed()
+    model.batched = BatchedExpertStep()
+    reference = copy.deepcopy(model)
+    reference.batched = None
+    x, t = batch()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, expected = model(x, t).sample, reference(x, t).sample
+    assert model.batched.wide is not None and model.batched.wide.checked  # the check passed at bf16 precision
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0.05, atol=0.05 * float(expected.abs().max()))
+
+
 def test_a_failed_first_batch_check_falls_back_for_good(monkeypatch, caplog):
     monkeypatch.setattr(wide_experts, "CHECK_TOLERANCE", -1.0)  # no wide output can pass
     model = routed()
