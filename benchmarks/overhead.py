@@ -133,6 +133,8 @@ def main(argv=None):
     parser.add_argument("--block_out_channels", type=str, default=None,
                         help="UNet widths for the --arms variants (default: compare_regimes.py's).")
     args = parser.parse_args(argv)
+    if args.only and not args.arms:
+        parser.error("--only selects among the --arms variants: pass --arms too")
 
     torch.manual_seed(0)
     accelerator = Accelerator()
