@@ -140,6 +140,7 @@ class WideExperts:
     def __init__(self, experts: Sequence[nn.Module]):
         self.k = len(experts)
         self.experts = list(experts)
+        self.layers: List[_WideLayer] = []  # the wide model's weighted layers, filled by _build
         self.model = self._build()
         self.checked = False
 
@@ -147,7 +148,6 @@ class WideExperts:
         k, experts = self.k, self.experts
         # A structural copy of expert 0 without tensors: its weighted layers are replaced right away.
         wide = copy.deepcopy(experts[0], memo={id(p): None for p in experts[0].parameters()})
-        self.layers: List[_WideLayer] = []
         for name, module in list(wide.named_modules()):
             if type(module) in WIDE_LAYERS:
                 self.layers.append(WIDE_LAYERS[type(module)]([e.get_submodule(name) for e in experts]))
