@@ -440,15 +440,15 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
         loss_before = validation.loss(original, noise_scheduler)
         limit = None if max_loss_increase is None else loss_before * (1 + max_loss_increase)
         attempts, expert, result = [], None, None
-        for attempt in range(relaxations + 1 if limit is not None else 1):
+        for _ in range(relaxations + 1 if limit is not None else 1):
             log(f"expert {index} (t in [{t_range[0]}, {t_range[1]})): FLOPs budget {budget:.3f} of the base")
             result = search_pruning(original, budget, proxy, proposer_factory(), rounds, log=lambda m: log(f"  {m}"))
             candidate = pruned_copy(original, result.config)
             finetune(candidate, batches, noise_scheduler, t_range, finetune_steps, learning_rate, seed + index,
                      teacher=teacher, distill_weight=distill_weight, ema_decay=ema_decay)
-            loss = validation.loss(candidate, noise_scheduler)
+            loss, flops = validation.loss(candidate, noise_scheduler), count_flops(candidate)
             attempts.append({"flops_budget_fraction": budget, "config": result.config, "validation_loss": loss,
-                             "flops_fraction": count_flops(candidate) / flops_before})
+                             "flops_fraction": flops / flops_before})
             if limit is None or loss <= limit:
                 expert = candidate
                 break
@@ -458,14 +458,14 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
         kept_unpruned = expert is None
         if kept_unpruned:
             log(f"  no budget tried keeps the validation loss within {max_loss_increase:.0%}: expert {index} stays unpruned")
-            expert = original
+            expert, loss, flops = original, loss_before, flops_before
         expert.pruning_record = {
             "flops_budget_fraction": attempts[-1]["flops_budget_fraction"], "config": {} if kept_unpruned else result.config,
             "memory_bank": [vars(r) for r in result.memory],
             "params_before": params_before, "params": count_params(expert),
-            "flops_before": flops_before, "flops": count_flops(expert),
+            "flops_before": flops_before, "flops": flops,
             "validation_loss_before": loss_before,
-            "validation_loss": validation.loss(expert, noise_scheduler),
+            "validation_loss": loss,
             "finetune_steps": finetune_steps, "distill_weight": distill_weight, "ema_decay": ema_decay,
             "max_loss_increase": max_loss_increase, "attempts": attempts,
             "kept_unpruned": kept_unpruned,

@@ -297,18 +297,19 @@ class BatchedExpertStep:
         if wide is None:
             return None
         order = torch.argsort(groups, stable=True)
+        sample, t = sample[order], t[order]
         labels = None if class_labels is None else class_labels[order]
         if not wide.checked:
             routed.batched = None
             try:
                 with torch.no_grad():
-                    reference = routed(sample[order], t[order], class_labels=labels).sample
+                    reference = routed(sample, t, class_labels=labels).sample
             finally:
                 routed.batched = self
-            if not wide.check(reference, sample[order], t[order], labels):
+            if not wide.check(reference, sample, t, labels):
                 self.wide, self.reason = None, "the first-batch check failed"
                 return None
-        out = wide(sample[order], t[order], labels)
+        out = wide(sample, t, labels)
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         return UNet2DOutput(sample=out.index_select(0, inverse))
