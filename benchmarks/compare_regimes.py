@@ -6,11 +6,17 @@ optimizer, steps); only the regime flags differ. Every ``--eval_every`` steps th
 images is recorded with the wall-clock time. Arms are single regimes or compositions named by their parts
 (``ant_uw+p2``); ``--curriculum_share`` sets how much of the run the curriculum arms may spend in their stages. ``tdc_pruned`` prunes the finished ``tdc`` run's experts
 (``train_scripts/prune_experts.py``; its extra fine-tuning steps are reported). Results are appended to
-``results.jsonl`` as they come, so an interrupted run continues where it stopped; then a table
+``results.jsonl`` as they come, so an interrupted run continues where it stopped (with ``--checkpointing_steps``
+a half-done arm resumes from its last checkpoint, else it restarts); then a table
 (mean ± std over seeds, steps to reach ``--target_fid``) and plots are written.
 
     python benchmarks/compare_regimes.py --workers 10 --output_dir <dir>     # the README's GPU run (the defaults)
     python benchmarks/compare_regimes.py --quick --output_dir /tmp/compare-quick     # minutes, for CI
+
+``--class_conditional`` trains the arms with ``train_scripts/train_class_conditional.py`` instead; the images
+are then requested class by class (label ``i % 10`` for image ``i``), and each evaluation also records the
+share of them that the metric's classifier assigns to the requested class (per class and mean), so
+conditioning is measured next to quality.
 
 ``--workers N`` trains N (seed, arm) jobs at once, each in its own process (e.g. several small runs sharing
 one GPU); their step times then share the machine. The equal-wall-clock column compares each seed's arms
@@ -97,6 +103,17 @@ def arms_of(args):
     return table
 
 
+def chosen_arms(args):
+    """The arms this run trains: ``--regimes``, or every arm of :func:`arms_of` (a class-conditional run has no
+    ``tdc_pruned``: ``prune_experts.py`` prunes unconditional experts only)."""
+    all_arms = arms_of(args)
+    chosen = args.regimes.split(",") if args.regimes else [a for a in all_arms if not (args.class_conditional and a == "tdc_pruned")]
+    unknown = [a for a in chosen if a not in all_arms]
+    if unknown:
+        sys.exit(f"error: --regimes: unknown arms {unknown}; choose from {list(all_arms)}")
+    return chosen
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output_dir", type=str, default="benchmarks/results/compare")
@@ -128,6 +145,11 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
     parser.add_argument("--workers", type=int, default=1, help="(seed, arm) jobs trained at once, one process each.")
     parser.add_argument("--job", type=str, default=None, help=argparse.SUPPRESS)  # "seed:arm,arm" (a worker's share)
+    parser.add_argument("--checkpointing_steps", type=int, default=None,
+                        help="Checkpoint each arm every N steps (a multiple of --eval_every): a stopped run's half-done arms "
+                             "resume from their last checkpoint instead of restarting (long runs, short GPU leases).")
+    parser.add_argument("--class_conditional", action="store_true",
+                        help="Train with train_class_conditional.py and also report the classifier's agreement with the requested class.")
     parser.add_argument("--quick", action="store_true", help="Tiny settings that finish in minutes (CI).")
     parser.add_argument("--summarize_only", action="store_true",
                         help="Train nothing: write the table and plot from results.jsonl (e.g. one brought back from a GPU run).")
@@ -149,20 +171,40 @@ def parse_args(argv=None):
     if args.quick:
         args.seeds, args.max_train_steps, args.eval_every = "0", 8, 4
         args.num_fid_images, args.num_inference_steps, args.prune_finetune_steps = 32, 2, 2
-        args.regimes = args.regimes or "uniform,loss_aware,tdc,tdc_pruned"
+        args.regimes = args.regimes or ("uniform,p2,tdc" if args.class_conditional else "uniform,loss_aware,tdc,tdc_pruned")
+    if args.checkpointing_steps is not None and (args.checkpointing_steps < 1 or args.checkpointing_steps % args.eval_every):
+        parser.error(f"--checkpointing_steps must be a positive multiple of --eval_every {args.eval_every}, got {args.checkpointing_steps}")
+    if args.class_conditional and "tdc_pruned" in (args.regimes or "").split(","):
+        parser.error("--class_conditional: the tdc_pruned arm cannot run (prune_experts.py prunes unconditional experts only); "
+                     "leave it out of --regimes")
     return args
 
 
+def requested_classes(pipeline, n):
+    """The labels :func:`fid_images` asks a class-conditional ``pipeline`` for (``i % num_classes``); None when unconditional."""
+    num_classes = pipeline.config.get("num_classes")
+    return None if num_classes is None else torch.arange(n) % num_classes
+
+
 def fid_images(pipeline, n, steps, seed):
-    """``n`` generated images in [0, 1], (n, C, H, W), sampled with DDIM."""
+    """``n`` generated images in [0, 1], (n, C, H, W), sampled with DDIM; a class-conditional pipeline is asked
+    for :func:`requested_classes`."""
     from diffusers import DDIMScheduler, DDPMPipeline
 
-    ddim = DDPMPipeline(unet=pipeline.unet, scheduler=DDIMScheduler.from_config(pipeline.scheduler.config))
+    ddim_scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    labels = requested_classes(pipeline, n)
+    if labels is None:
+        ddim = DDPMPipeline(unet=pipeline.unet, scheduler=ddim_scheduler)
+    else:
+        ddim = type(pipeline)(unet=pipeline.unet, scheduler=ddim_scheduler, num_classes=pipeline.config.num_classes,
+                              guidance_trained=pipeline.config.guidance_trained)
     ddim.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(10_000 + seed)
     out = []
     for start in range(0, n, 250):
-        images = ddim(batch_size=min(250, n - start), generator=generator, num_inference_steps=steps, output_type="np").images
+        size = min(250, n - start)
+        batch = {"batch_size": size} if labels is None else {"class_labels": labels[start : start + size].tolist()}
+        images = ddim(**batch, generator=generator, num_inference_steps=steps, output_type="np").images
         out.append(torch.from_numpy(images).permute(0, 3, 1, 2))
     return torch.cat(out)
 
@@ -180,11 +222,31 @@ def sampling_flops(pipeline, steps):
     return count_flops(pipeline.unet) * steps
 
 
-def run_arm(args, arm, flags, seed, real, extractor, record):
-    from diffusers_curriculum.metrics import feature_fid, inception_fid
+def run_dir(args, arm, seed):
+    return Path(args.output_dir) / "runs" / f"{arm}-seed{seed}"
 
-    out = Path(args.output_dir) / "runs" / f"{arm}-seed{seed}"
-    started = time.perf_counter()
+
+def resume_point(args, arm, seed, rows):
+    """Where a half-done ``arm`` continues: ``(checkpoint, row)``, its newest checkpoint whose step has an evaluated
+    ``row`` in ``rows`` (the evaluation runs just before the checkpoint, so a stop between the two leaves a row
+    without its checkpoint), or None (restart) without ``--checkpointing_steps`` or such a checkpoint."""
+    from diffusers_curriculum.checkpointing import checkpoint_step, list_checkpoints
+
+    if args.checkpointing_steps is None:
+        return None
+    evaluated = {r["step"]: r for r in rows if r["arm"] == arm and r["seed"] == seed}
+    usable = [(path, evaluated[checkpoint_step(path)]) for path in list_checkpoints(run_dir(args, arm, seed))
+              if checkpoint_step(path) in evaluated]
+    return usable[-1] if usable else None
+
+
+def run_arm(args, arm, flags, seed, real, extractor, record, resume=None):
+    """Trains ``arm`` (or continues it from ``resume``, a :func:`resume_point`), recording an evaluation every
+    ``--eval_every`` steps."""
+    from diffusers_curriculum.metrics import class_agreement, feature_fid, inception_fid
+
+    out = run_dir(args, arm, seed)
+    started = time.perf_counter() - (resume[1]["train_seconds"] if resume else 0.0)  # the training time before the stop
     eval_seconds = 0.0  # evaluation time is not training time
     flops = None  # counted once: training does not change the model's shape
 
@@ -195,19 +257,24 @@ def run_arm(args, arm, flags, seed, real, extractor, record):
         flops = flops or sampling_flops(pipeline, args.num_inference_steps)
         row = {"arm": arm, "seed": seed, "step": step, "train_seconds": round(begin - started - eval_seconds, 1),
                "fid": feature_fid(real, fake, extractor), "flops_per_sample": flops}
+        requested = requested_classes(pipeline, args.num_fid_images)
+        if requested is not None:
+            agreement = class_agreement(extractor, fake, requested)
+            row["class_agreement"], row["class_agreement_per_class"] = agreement["mean"], agreement["per_class"]
         if args.inception_weights and step == args.max_train_steps:
             row["inception_fid"] = inception_fid(real, fake, args.inception_weights)
         record(row)
         eval_seconds += time.perf_counter() - begin
 
-    train = load_script("train_unconditional")
+    train = load_script("train_class_conditional" if args.class_conditional else "train_unconditional")
     train_args = train.parse_args([
         "--output_dir", str(out), "--overwrite_output_dir", "--resolution", "32", "--block_out_channels", args.block_out_channels,
         "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
         "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps", str(args.max_train_steps),
         "--use_ema", "--ema_max_decay", "0.999", "--validation_steps", str(args.eval_every), "--eval_batch_size", "4",
-        "--ddpm_num_inference_steps", "2", "--checkpointing_steps", str(10 ** 9), "--report_to", "none",
-        "--seed", str(seed), "--no_validation", *flags,
+        "--ddpm_num_inference_steps", "2", "--checkpointing_steps", str(args.checkpointing_steps or 10 ** 9),
+        "--checkpoints_total_limit", "1", "--report_to", "none", "--seed", str(seed), "--no_validation", *flags,
+        *(["--resume_from_checkpoint", str(resume[0])] if resume else []),
     ])
     train.main(train_args, evaluate=evaluate)
     return out
@@ -299,6 +366,11 @@ def summarize(rows, args, costs=None):
             hits = [r["step"] for r in sorted(arm_rows, key=lambda r: r["step"]) if r["seed"] == seed and target is not None and r["fid"] <= target]
             reach.append(hits[0] if hits else math.inf)
         entry["steps_to_target"] = statistics.median(reach) if reach else math.inf
+        last = [r for r in arm_rows if r["step"] == max(steps) and "class_agreement" in r]
+        if last:  # class-conditional: how often the classifier sees the requested class, at the last evaluation
+            entry["class_agreement"] = mean_std([r["class_agreement"] for r in last])
+            entry["class_agreement_per_class"] = [statistics.mean(shares) if None not in shares else None
+                                                  for shares in zip(*(r["class_agreement_per_class"] for r in last))]
         timed = [r for r in arm_rows if r["step"] == final and arm != "tdc_pruned"]
         entry["seconds_per_step"] = statistics.mean(r["train_seconds"] / r["step"] for r in timed) if timed else None
         entry["equal_wall_clock"] = None  # (median step reached within the budget, FID mean, FID std)
@@ -318,10 +390,11 @@ def print_table(table, target, args):
     wall = any(e["equal_wall_clock"] for e in table)
     shared = f"; s / step from each job's clock while {args.workers} jobs shared the machine" if args.workers > 1 else ""
     clock = "modelled from --step_costs" if args.step_costs else "the jobs' own clocks"
+    agreement = any("class_agreement" in e for e in table)
     lines = [f"feature-FID (mean ± std over seeds {args.seeds}; lower is better); target FID {target if target is None else round(target, 2)}{shared}",
              "| arm | " + " | ".join(f"FID @ {s}" for s in steps) + " | steps to target | GFLOPs / image | s / step |"
-             + (f" FID @ uniform's wall-clock, {clock} (step) |" if wall else ""),
-             "| --- | " + " | ".join("---" for _ in steps) + " | --- | --- | --- |" + (" --- |" if wall else "")]
+             + (f" FID @ uniform's wall-clock, {clock} (step) |" if wall else "") + (" class agreement (mean) |" if agreement else ""),
+             "| --- | " + " | ".join("---" for _ in steps) + " | --- | --- | --- |" + (" --- |" if wall else "") + (" --- |" if agreement else "")]
     for e in table:
         cells = [f"{e['fid'][s][0]:.1f} ± {e['fid'][s][1]:.1f}" if s in e["fid"] else "" for s in steps]
         spt = "" if e["seconds_per_step"] is None else f"{e['seconds_per_step']:.3f}"
@@ -329,7 +402,17 @@ def print_table(table, target, args):
         if wall:
             w = e["equal_wall_clock"]
             line += f" {w[1]:.1f} ± {w[2]:.1f} ({w[0]:g}) |" if w else " |"
+        if agreement:
+            a = e.get("class_agreement")
+            line += f" {a[0]:.3f} ± {a[1]:.3f} |" if a else " |"
         lines.append(line)
+    if agreement:
+        classes = max(len(e.get("class_agreement_per_class", [])) for e in table)
+        lines += ["", "Share of the images requested as class c that the classifier assigns to c (last evaluation, mean over seeds)",
+                  "| arm | " + " | ".join(str(c) for c in range(classes)) + " |", "| --- |" + " --- |" * classes]
+        for e in table:
+            if "class_agreement_per_class" in e:
+                lines.append(f"| {e['arm']} | " + " | ".join("" if v is None else f"{v:.2f}" for v in e["class_agreement_per_class"]) + " |")
     return "\n".join(lines)
 
 
@@ -360,7 +443,9 @@ def plot(table, args, path):
     plt.close(fig)
 
 
-SETTINGS_IGNORED = ("threads", "output_dir", "inception_weights", "step_costs", "workers", "job", "summarize_only")
+# Flags that do not change the results (a resumed arm continues exactly where it stopped)
+SETTINGS_IGNORED = ("threads", "output_dir", "inception_weights", "step_costs", "workers", "job", "summarize_only",
+                    "checkpointing_steps")
 
 
 def plan(chosen, seeds, done):
@@ -395,7 +480,9 @@ def real_images(args):
     return test_images[: max(args.num_fid_images, 500) if not args.quick else args.num_fid_images]
 
 
-def run_job(args, seed, job_arms, record):
+def run_job(args, seed, job_arms, record, rows=()):
+    """Trains one seed's ``job_arms``; an arm with rows in ``rows`` (the results so far) continues from its
+    :func:`resume_point`."""
     from diffusers_curriculum.metrics import fashion_feature_extractor
 
     extractor, real, all_arms = fashion_feature_extractor(), real_images(args), arms_of(args)
@@ -406,7 +493,7 @@ def run_job(args, seed, job_arms, record):
                 run_arm(args, "tdc", all_arms["tdc"], seed, real, extractor, lambda row: None)
             prune_arm(args, tdc_dir, seed, real, extractor, record)
         else:
-            run_arm(args, arm, all_arms[arm], seed, real, extractor, record)
+            run_arm(args, arm, all_arms[arm], seed, real, extractor, record, resume_point(args, arm, seed, rows))
 
 
 def run_workers(args, jobs, argv, output):
@@ -459,7 +546,8 @@ def main(argv=None):
     results = output / "results.jsonl"
     if args.job:  # a worker: train its share, append the rows, leave the table to the parent
         seed, job_arms = args.job.split(":")
-        run_job(args, int(seed), job_arms.split(","), appender(results))
+        rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+        run_job(args, int(seed), job_arms.split(","), appender(results), rows)
         return None
 
     from diffusers_curriculum.metrics import fashion_feature_extractor
@@ -471,25 +559,25 @@ def main(argv=None):
     if rows and json.loads(settings_file.read_text()) != settings:
         sys.exit(f"error: {results} holds results of other settings; use another --output_dir")
     settings_file.write_text(json.dumps(settings, indent=2))
-    all_arms = arms_of(args)
-    chosen = args.regimes.split(",") if args.regimes else list(all_arms)
-    unknown = [a for a in chosen if a not in all_arms]
-    if unknown:
-        sys.exit(f"error: --regimes: unknown arms {unknown}; choose from {list(all_arms)}")
+    chosen = chosen_arms(args)
 
     done = {(r["arm"], r["seed"]) for r in rows if r["step"] == args.max_train_steps}
     jobs = plan(chosen, [int(s) for s in args.seeds.split(",")], done)
     unfinished = sorted({(arm, seed) for seed, job_arms in jobs for arm in job_arms})
+
+    def resumed_step(arm, seed):  # a half-done arm keeps its rows up to the checkpoint it continues from (else restarts)
+        point = resume_point(args, arm, seed, rows)
+        return point[1]["step"] if point else -1
     failed = []
     if args.summarize_only:
         print(f"--summarize_only: {len(unfinished)} unfinished (arm, seed) runs count up to the step they reached: {unfinished}")
     else:
-        rows = [r for r in rows if (r["arm"], r["seed"]) not in unfinished]  # a half-done arm restarts
+        rows = [r for r in rows if (r["arm"], r["seed"]) not in unfinished or r["step"] <= resumed_step(r["arm"], r["seed"])]
         results.write_text("".join(json.dumps(r) + "\n" for r in rows))
         fashion_feature_extractor()  # trained and cached once, before any worker needs it
         if args.workers == 1:
             for seed, job_arms in jobs:
-                run_job(args, seed, job_arms, appender(results))
+                run_job(args, seed, job_arms, appender(results), rows)
         else:
             failed = run_workers(args, jobs, argv, output)
 

@@ -2,7 +2,8 @@
 # The GPU run behind the README's "Results on a GPU": per-arm step costs on the quiet GPU (overhead.py --arms),
 # then every compare_regimes.py arm × 3 seeds, WORKERS jobs at a time on the one GPU, while cuda_smoke.py
 # checks fp16/bf16 training and fp16 reloading beside it. Results and logs end up in $1/gpu_run.tgz.
-#   bash benchmarks/run_on_gpu.sh <output folder>       (STEPS, EVAL_EVERY, WORKERS, COMPARE_SECONDS, OVERHEAD_STEPS override)
+#   bash benchmarks/run_on_gpu.sh <output folder>       (STEPS, EVAL_EVERY, WORKERS, COMPARE_SECONDS, OVERHEAD_STEPS override;
+#                                                        COMPARE_FLAGS adds compare_regimes.py flags, e.g. the README's GPU protocol)
 # Needs the package importable (installed, or PYTHONPATH=<checkout>) with its dependencies. COMPARE_DIR=<dir>
 # continues an earlier run's results.jsonl there instead of starting a fresh one.
 set -u
@@ -18,7 +19,7 @@ tail -22 "$run/overhead.log"
 costs=(); [ -f "$run/overhead_gpu.json" ] && costs=(--step_costs "$run/overhead_gpu.json")
 OMP_NUM_THREADS=2 timeout "${COMPARE_SECONDS:-420}" $python benchmarks/cuda_smoke.py --output "$run/cuda_smoke.json" > "$run/cuda_smoke.log" 2>&1 &
 timeout "${COMPARE_SECONDS:-420}" $python benchmarks/compare_regimes.py --workers "${WORKERS:-10}" --threads 1 \
-  --max_train_steps "${STEPS:-2000}" --eval_every "${EVAL_EVERY:-250}" "${costs[@]}" \
+  --max_train_steps "${STEPS:-2000}" --eval_every "${EVAL_EVERY:-250}" "${costs[@]}" ${COMPARE_FLAGS:-} \
   --output_dir "${COMPARE_DIR:-$run/compare}" > "$run/compare.log" 2>&1
 echo "compare_regimes exit $?"
 wait

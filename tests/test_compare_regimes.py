@@ -162,3 +162,112 @@ def test_the_curriculum_sweep_adds_one_arm_per_share_and_stage_count():
     assert flags[flags.index("--curriculum_clusters") + 1] == "3" and flags[flags.index("--curriculum_max_stage_steps") + 1] == "40"
     with pytest.raises(SystemExit):
         bench.parse_args(["--sweep_shares", "0,0.5"])
+
+
+@pytest.mark.slow
+def test_class_conditional_arms_record_how_often_the_requested_class_is_generated(tmp_path):
+    bench = load_benchmark()
+    out = tmp_path / "classes"
+    table = bench.main(["--quick", "--class_conditional", "--regimes", "uniform,tdc", "--output_dir", str(out)])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert {(r["arm"], r["step"]) for r in rows} == {("uniform", 4), ("uniform", 8), ("tdc", 4), ("tdc", 8)}
+    for r in rows:  # 32 images requested as classes 0..9, 0, 1: every class asked for, a share in [0, 1] each
+        assert 0 <= r["class_agreement"] <= 1 and len(r["class_agreement_per_class"]) == 10
+        assert all(0 <= share <= 1 for share in r["class_agreement_per_class"])
+        assert r["class_agreement"] == pytest.approx(sum(r["class_agreement_per_class"]) / 10)
+    assert all(len(e["class_agreement"]) == 2 for e in table)
+    text = (out / "table.md").read_text()
+    assert "class agreement (mean)" in text and "Share of the images requested as class c" in text
+    assert json.loads((out / "settings.json").read_text())["class_conditional"] is True
+    with pytest.raises(SystemExit, match="other settings"):  # an unconditional run cannot reuse these rows
+        bench.main(["--quick", "--regimes", "uniform", "--output_dir", str(out)])
+
+
+def test_class_conditional_images_are_requested_class_by_class():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from diffusers_curriculum.portable.class_conditional_pipeline import ClassConditionalPipeline
+
+    bench = load_benchmark()
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), layers_per_block=1,
+                       down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), norm_num_groups=4, num_class_embeds=4)
+    pipeline = ClassConditionalPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10), num_classes=3)
+    assert bench.requested_classes(pipeline, 7).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    seen = []
+    unet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["class_labels"].tolist()), with_kwargs=True)
+    images = bench.fid_images(pipeline, 7, 2, seed=0)
+    assert images.shape == (7, 1, 8, 8) and 0 <= images.min() and images.max() <= 1
+    assert seen == [[0, 1, 2, 0, 1, 2, 0]] * 2  # both DDIM steps, every image with its own label
+
+
+def test_summary_reports_the_class_agreement_of_the_last_evaluation():
+    bench = load_benchmark()
+    args = bench.parse_args(["--max_train_steps", "20", "--seeds", "0,1", "--class_conditional", "--regimes", "uniform"])
+
+    def agreeing(seed, step, per_class):
+        return {**row("uniform", seed, step, 30.0, step), "class_agreement": sum(per_class) / 2, "class_agreement_per_class": per_class}
+
+    rows = [agreeing(0, 10, [0.0, 0.0]), agreeing(0, 20, [0.5, 0.7]), agreeing(1, 10, [0.0, 0.0]), agreeing(1, 20, [0.7, 0.9])]
+    entry = bench.summarize(rows, args)[0][0]
+    assert entry["class_agreement"] == pytest.approx((0.7, 0.1 * 2 ** 0.5))  # means 0.6 and 0.8
+    assert entry["class_agreement_per_class"] == pytest.approx([0.6, 0.8])
+    text = bench.print_table(*bench.summarize(rows, args), args)
+    assert "| 0.700 ± 0.141 |" in text and "| uniform | 0.60 | 0.80 |" in text
+
+
+def test_class_conditional_runs_refuse_the_pruned_arm():
+    bench = load_benchmark()
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--class_conditional", "--regimes", "uniform,tdc_pruned"])
+    everything = bench.chosen_arms(bench.parse_args([]))
+    assert bench.chosen_arms(bench.parse_args(["--class_conditional"])) == [a for a in everything if a != "tdc_pruned"]
+
+
+def test_a_half_done_arm_resumes_from_its_newest_evaluated_checkpoint(tmp_path):
+    bench = load_benchmark()
+    args = bench.parse_args(["--output_dir", str(tmp_path), "--eval_every", "4", "--checkpointing_steps", "4"])
+    for step in (4, 8):
+        (bench.run_dir(args, "p2", 0) / f"checkpoint-{step}").mkdir(parents=True)
+    rows = [row("p2", 0, 4, 50.0, 3.0), row("p2", 1, 8, 40.0, 6.0)]  # seed 0 stopped before its step-8 evaluation
+    path, at = bench.resume_point(args, "p2", 0, rows)
+    assert path.name == "checkpoint-4" and at == rows[0]  # checkpoint-8 has no evaluated row: it cannot be continued
+    rows.append(row("p2", 0, 8, 45.0, 6.0))
+    assert bench.resume_point(args, "p2", 0, rows)[0].name == "checkpoint-8"
+    assert bench.resume_point(args, "uniform", 0, rows) is None  # no checkpoint: it restarts
+    assert bench.resume_point(bench.parse_args(["--output_dir", str(tmp_path)]), "p2", 0, rows) is None  # not asked for
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--eval_every", "4", "--checkpointing_steps", "6"])
+
+
+@pytest.mark.slow
+def test_a_stopped_run_continues_its_arm_from_the_checkpoint_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch):
+    bench = load_benchmark()
+    argv = ["--quick", "--regimes", "uniform", "--checkpointing_steps", "4"]
+    bench.main(argv + ["--output_dir", str(tmp_path / "whole")])
+    whole = [json.loads(line) for line in (tmp_path / "whole" / "results.jsonl").read_text().splitlines()]
+
+    appender = bench.appender
+
+    def stopping_at_step_8(results):
+        record = appender(results)
+
+        def stop(row):
+            if row["step"] == 8:
+                raise RuntimeError("stopped")
+            record(row)
+
+        return stop
+
+    out = tmp_path / "stopped"
+    monkeypatch.setattr(bench, "appender", stopping_at_step_8)
+    with pytest.raises(RuntimeError, match="stopped"):
+        bench.main(argv + ["--output_dir", str(out)])
+    monkeypatch.setattr(bench, "appender", appender)
+    assert [p.name for p in (out / "runs" / "uniform-seed0").glob("checkpoint-*")] == ["checkpoint-4"]
+    before = (out / "results.jsonl").read_text().splitlines()
+
+    bench.main(argv + ["--output_dir", str(out)])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [4, 8] and rows[0] == json.loads(before[0])  # step 4 kept, not trained again
+    assert rows[1]["fid"] == pytest.approx(whole[1]["fid"], rel=1e-6)  # the continued run ends where the whole one did
+    assert rows[1]["train_seconds"] >= rows[0]["train_seconds"]
