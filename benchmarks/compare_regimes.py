@@ -142,6 +142,9 @@ def parse_args(argv=None):
                         help="Local FID Inception weights: also report real-Inception FID at the last step.")
     parser.add_argument("--step_costs", type=str, default=None,
                         help="overhead.py's JSON: per-arm seconds per step, for the equal-wall-clock column.")
+    parser.add_argument("--wall_clock_tolerance", type=float, default=WALL_CLOCK_TOLERANCE,
+                        help="An arm counts as within uniform's wall-clock up to this fraction over it: the timing noise "
+                             "floor (e.g. how far arms doing the same work differ in overhead.py --arms).")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
     parser.add_argument("--workers", type=int, default=1, help="(seed, arm) jobs trained at once, one process each.")
     parser.add_argument("--job", type=str, default=None, help=argparse.SUPPRESS)  # "seed:arm,arm" (a worker's share)
@@ -172,6 +175,8 @@ def parse_args(argv=None):
         args.seeds, args.max_train_steps, args.eval_every = "0", 8, 4
         args.num_fid_images, args.num_inference_steps, args.prune_finetune_steps = 32, 2, 2
         args.regimes = args.regimes or ("uniform,p2,tdc" if args.class_conditional else "uniform,loss_aware,tdc,tdc_pruned")
+    if not 0 <= args.wall_clock_tolerance < 1:
+        parser.error(f"--wall_clock_tolerance must be in [0, 1), got {args.wall_clock_tolerance}")
     if args.checkpointing_steps is not None and (args.checkpointing_steps < 1 or args.checkpointing_steps % args.eval_every):
         parser.error(f"--checkpointing_steps must be a positive multiple of --eval_every {args.eval_every}, got {args.checkpointing_steps}")
     if args.class_conditional and "tdc_pruned" in (args.regimes or "").split(","):
@@ -315,14 +320,18 @@ def load_step_costs(path):
 
 
 def modelled_seconds(arm, step, costs, args):
-    """Training time of ``arm`` after ``step`` steps at the measured per-step costs (TDC pays the routed
-    stage-2 step only after its base stage); None when the arm was not timed."""
-    if arm == "tdc":
-        if "tdc_stage2" not in costs or "tdc" not in costs:
-            return None
-        base = args.max_train_steps // 2
-        return costs["tdc"] * min(step, base) + costs["tdc_stage2"] * max(0, step - base)
-    return costs[arm] * step if arm in costs else None
+    """Training time of ``arm`` after ``step`` steps at the measured per-step costs; None when the arm was not
+    timed. TDC arms (``tdc``, ``tdc+p2``) pay their own measured step in the base stage and the routed
+    ``tdc_stage2`` step after it (``overhead.py`` times stage 2 for plain TDC only; a weighting adds nothing
+    measurable to it)."""
+    if arm not in costs:
+        return None
+    if "tdc" not in arm.split("+"):
+        return costs[arm] * step
+    if "tdc_stage2" not in costs:
+        return None
+    base = args.max_train_steps // 2
+    return costs[arm] * min(step, base) + costs["tdc_stage2"] * max(0, step - base)
 
 
 # Runs within 2 % of their seed's uniform time count as within it: identical steps timed side by side differ by
@@ -338,7 +347,7 @@ def mean_std(values):
 def summarize(rows, args, costs=None):
     """Table rows: per arm, FID mean ± std at each evaluated step, steps to reach the target, FLOPs, and the
     FID at the uniform arm's wall-clock budget: per seed, the last evaluation within the training time of
-    that seed's uniform run (+ ``WALL_CLOCK_TOLERANCE``), on the jobs' own clocks or, with per-step ``costs``,
+    that seed's uniform run (+ ``--wall_clock_tolerance``), on the jobs' own clocks or, with per-step ``costs``,
     on modelled clocks."""
     by_arm = {}
     for row in rows:
@@ -375,7 +384,7 @@ def summarize(rows, args, costs=None):
         entry["seconds_per_step"] = statistics.mean(r["train_seconds"] / r["step"] for r in timed) if timed else None
         entry["equal_wall_clock"] = None  # (median step reached within the budget, FID mean, FID std)
         if arm != "tdc_pruned" and set(seeds) <= set(budget) and all(seconds(r) is not None for r in arm_rows):
-            within = [max((r for r in arm_rows if r["seed"] == seed and seconds(r) <= budget[seed] * (1 + WALL_CLOCK_TOLERANCE)),
+            within = [max((r for r in arm_rows if r["seed"] == seed and seconds(r) <= budget[seed] * (1 + args.wall_clock_tolerance)),
                           key=lambda r: r["step"], default=None) for seed in seeds]
             if None not in within:
                 entry["equal_wall_clock"] = (statistics.median(r["step"] for r in within), *mean_std([r["fid"] for r in within]))
@@ -389,7 +398,7 @@ def print_table(table, target, args):
     steps = sorted({s for e in table for s in e["fid"]})
     wall = any(e["equal_wall_clock"] for e in table)
     shared = f"; s / step from each job's clock while {args.workers} jobs shared the machine" if args.workers > 1 else ""
-    clock = "modelled from --step_costs" if args.step_costs else "the jobs' own clocks"
+    clock = ("modelled from --step_costs" if args.step_costs else "the jobs' own clocks") + f", +{args.wall_clock_tolerance:.0%} tolerance"
     agreement = any("class_agreement" in e for e in table)
     lines = [f"feature-FID (mean ± std over seeds {args.seeds}; lower is better); target FID {target if target is None else round(target, 2)}{shared}",
              "| arm | " + " | ".join(f"FID @ {s}" for s in steps) + " | steps to target | GFLOPs / image | s / step |"
@@ -445,7 +454,7 @@ def plot(table, args, path):
 
 # Flags that do not change the results (a resumed arm continues exactly where it stopped)
 SETTINGS_IGNORED = ("threads", "output_dir", "inception_weights", "step_costs", "workers", "job", "summarize_only",
-                    "checkpointing_steps")
+                    "checkpointing_steps", "wall_clock_tolerance")
 
 
 def plan(chosen, seeds, done):

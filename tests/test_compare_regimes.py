@@ -81,6 +81,8 @@ def test_equal_wall_clock_takes_each_seeds_last_evaluation_within_its_uniform_ru
     # modelled clocks: per-step costs as overhead.py measures them; TDC pays its stage-2 cost after branching
     costs = {"uniform": 1.0, "slow": 1.0, "tdc": 1.0, "tdc_stage2": 3.0}
     assert bench.modelled_seconds("tdc", 20, costs, args) == 10 * 1.0 + 10 * 3.0
+    assert bench.modelled_seconds("tdc+p2", 20, {**costs, "tdc+p2": 0.5}, args) == 10 * 0.5 + 10 * 3.0  # composed: same stage 2
+    assert bench.modelled_seconds("tdc+p2", 20, costs, args) is None  # not timed
     tdc = [row("tdc", s, step, fid, 0) for s in (0, 1) for step, fid in ((10, 45.0), (20, 25.0))]
     entry = {e["arm"]: e for e in bench.summarize(rows + tdc, args, costs)[0]}
     assert entry["slow"]["equal_wall_clock"] == pytest.approx((20, 22.0, 2 ** 1.5))  # same cost as uniform here
@@ -113,6 +115,13 @@ def test_a_run_slower_only_by_timing_noise_keeps_its_last_evaluation():
     entry = {e["arm"]: e for e in bench.summarize(rows, args)[0]}
     assert bench.WALL_CLOCK_TOLERANCE == 0.02
     assert entry["noisy"]["equal_wall_clock"][:2] == (20, 29.0) and entry["slower"]["equal_wall_clock"][:2] == (10, 48.0)
+    # a noisier cost measurement: the tolerance is a flag, and the table says which one it used
+    args = bench.parse_args(["--max_train_steps", "20", "--seeds", "0", "--wall_clock_tolerance", "0.06"])
+    table, target = bench.summarize(rows, args)
+    assert {e["arm"]: e for e in table}["slower"]["equal_wall_clock"][:2] == (20, 28.0)
+    assert "+6% tolerance" in bench.print_table(table, target, args)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--wall_clock_tolerance", "-0.1"])
 
 
 # The axis each part of an arm's name sets (regime.axes()), to check composed arms against their names.
