@@ -365,7 +365,9 @@ def summarize(rows, args, costs=None):
     table = []
     for arm, arm_rows in by_arm.items():
         steps = sorted({r["step"] for r in arm_rows})
-        entry = {"arm": arm, "flops_per_sample": arm_rows[-1]["flops_per_sample"], "fid": {}}
+        # mean over the seeds' last evaluations: pruned experts' FLOPs differ by seed
+        flops = statistics.mean(r["flops_per_sample"] for r in arm_rows if r["step"] == max(steps))
+        entry = {"arm": arm, "flops_per_sample": flops, "fid": {}}
         for step in steps:
             values = [r["fid"] for r in arm_rows if r["step"] == step]
             entry["fid"][step] = (*mean_std(values), len(values))

@@ -57,6 +57,8 @@ def test_summary_statistics_and_steps_to_target():
     # median over seeds: uniform seed 0 reaches 32 at step 20, seed 1 never does
     assert entry["fast"]["steps_to_target"] == 10 and entry["uniform"]["steps_to_target"] == float("inf")
     assert entry["uniform"]["seconds_per_step"] == pytest.approx(1.05)
+    pruned = [row("tdc_pruned", 0, 20, 30.0, 5, flops=3), row("tdc_pruned", 1, 20, 31.0, 5, flops=2)]
+    assert {e["arm"]: e for e in bench.summarize(rows + pruned, args)[0]}["tdc_pruned"]["flops_per_sample"] == 2.5  # per-seed mean
 
 
 def test_plan_puts_pruning_after_its_tdc_run_and_long_jobs_first():
