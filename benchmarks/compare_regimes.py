@@ -575,15 +575,13 @@ def main(argv=None):
     done = {(r["arm"], r["seed"]) for r in rows if r["step"] == args.max_train_steps}
     jobs = plan(chosen, [int(s) for s in args.seeds.split(",")], done)
     unfinished = sorted({(arm, seed) for seed, job_arms in jobs for arm in job_arms})
-
-    def resumed_step(arm, seed):  # a half-done arm keeps its rows up to the checkpoint it continues from (else restarts)
-        point = resume_point(args, arm, seed, rows)
-        return point[1]["step"] if point else -1
+    # a half-done arm keeps its rows up to the checkpoint it continues from (without one it restarts: -1)
+    resumed_step = {key: (point[1]["step"] if (point := resume_point(args, *key, rows)) else -1) for key in unfinished}
     failed = []
     if args.summarize_only:
         print(f"--summarize_only: {len(unfinished)} unfinished (arm, seed) runs count up to the step they reached: {unfinished}")
     else:
-        rows = [r for r in rows if (r["arm"], r["seed"]) not in unfinished or r["step"] <= resumed_step(r["arm"], r["seed"])]
+        rows = [r for r in rows if r["step"] <= resumed_step.get((r["arm"], r["seed"]), math.inf)]
         results.write_text("".join(json.dumps(r) + "\n" for r in rows))
         fashion_feature_extractor()  # trained and cached once, before any worker needs it
         if args.workers == 1:
