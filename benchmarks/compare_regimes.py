@@ -365,9 +365,9 @@ def summarize(rows, args, costs=None):
     table = []
     for arm, arm_rows in by_arm.items():
         steps = sorted({r["step"] for r in arm_rows})
-        # mean over the seeds' last evaluations: pruned experts' FLOPs differ by seed
-        flops = statistics.mean(r["flops_per_sample"] for r in arm_rows if r["step"] == max(steps))
-        entry = {"arm": arm, "flops_per_sample": flops, "fid": {}}
+        last = [r for r in arm_rows if r["step"] == steps[-1]]  # each seed's last evaluation
+        # FLOPs: the mean over seeds (pruned experts' FLOPs differ by seed)
+        entry = {"arm": arm, "flops_per_sample": statistics.mean(r["flops_per_sample"] for r in last), "fid": {}}
         for step in steps:
             values = [r["fid"] for r in arm_rows if r["step"] == step]
             entry["fid"][step] = (*mean_std(values), len(values))
@@ -377,11 +377,11 @@ def summarize(rows, args, costs=None):
             hits = [r["step"] for r in sorted(arm_rows, key=lambda r: r["step"]) if r["seed"] == seed and target is not None and r["fid"] <= target]
             reach.append(hits[0] if hits else math.inf)
         entry["steps_to_target"] = statistics.median(reach) if reach else math.inf
-        last = [r for r in arm_rows if r["step"] == max(steps) and "class_agreement" in r]
-        if last:  # class-conditional: how often the classifier sees the requested class, at the last evaluation
-            entry["class_agreement"] = mean_std([r["class_agreement"] for r in last])
+        agreeing = [r for r in last if "class_agreement" in r]
+        if agreeing:  # class-conditional: how often the classifier sees the requested class, at the last evaluation
+            entry["class_agreement"] = mean_std([r["class_agreement"] for r in agreeing])
             entry["class_agreement_per_class"] = [statistics.mean(shares) if None not in shares else None
-                                                  for shares in zip(*(r["class_agreement_per_class"] for r in last))]
+                                                  for shares in zip(*(r["class_agreement_per_class"] for r in agreeing))]
         timed = [r for r in arm_rows if r["step"] == final and arm != "tdc_pruned"]
         entry["seconds_per_step"] = statistics.mean(r["train_seconds"] / r["step"] for r in timed) if timed else None
         entry["equal_wall_clock"] = None  # (median step reached within the budget, FID mean, FID std)
