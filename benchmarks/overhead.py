@@ -23,6 +23,7 @@ import statistics
 import time
 from datetime import date
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,19 @@ def arm_variants(args, accelerator, scheduler, clean):
             for arm, arm_flags in flags.items()}
 
 
+def experts_forward(step) -> Optional[str]:
+    """How a timed TDC variant ran its routed steps: ``batched`` (one wide model) or ``per group: <why>``; None
+    for a model without experts. Read after timing, so it tells whether the first-batch check kept the wide path
+    on this device."""
+    model = step.args[1] if isinstance(step, partial) else None
+    batched = getattr(model, "batched", None)
+    if getattr(model, "experts", None) is None or getattr(model, "route_all_to", None) is not None:
+        return None
+    if batched is None:
+        return "per group: --experts_forward per_group"
+    return "batched" if batched.wide is not None else f"per group: {batched.reason}"
+
+
 def machine(accelerator):
     if accelerator.device.type == "cuda":
         return f"{torch.cuda.get_device_name()}, {platform.machine()}"
@@ -184,9 +198,11 @@ def main(argv=None):
             "median_ratio_vs_plain": median / plain[statistics.median], "mean_ratio_vs_plain": mean / plain[statistics.mean],
             "median_ratio_vs_plain_min_snr": median / plain_snr[statistics.median],
             **({"arm": arm_of[name]} if name in arm_of else {}),
+            **({"experts_forward": path} if (path := experts_forward(variants[name])) else {}),
         })
         print(f"{name:36s} {median:9.4f} {mean:8.4f} {rows[-1]['median_ratio_vs_plain']:13.3f} "
-              f"{rows[-1]['mean_ratio_vs_plain']:11.3f} {rows[-1]['median_ratio_vs_plain_min_snr']:20.3f}")
+              f"{rows[-1]['mean_ratio_vs_plain']:11.3f} {rows[-1]['median_ratio_vs_plain_min_snr']:20.3f}"
+              + (f"  ({rows[-1]['experts_forward']})" if "experts_forward" in rows[-1] else ""))
     result = {
         "date": date.today().isoformat(), "machine": machine(accelerator),
         "torch": torch.__version__, "batch_size": args.batch_size, "resolution": args.resolution, "steps": args.steps,

@@ -3,7 +3,8 @@
 Per seed: train TDC (4 experts, base stage = half the steps) for ``--max_train_steps`` N; prune its pipeline with
 ``train_scripts/prune_experts.py`` once per ``--distill_weights`` value (``--finetune_steps`` F per expert); then
 continue the same TDC run to N + 4·F steps, so the unpruned model gets as many training samples per expert as the
-pruned experts got in fine-tuning (a stage-2 step trains each of the 4 experts on a quarter of the batch). Every
+pruned experts got in fine-tuning (a stage-2 step trains each of the 4 experts on a quarter of the batch); that
+reference is trained before the pruning, so a run cut short still holds what the pruned rows are judged by. Every
 model is scored with the feature-FID of ``compare_regimes.py`` (same images, sampler and extractor) and its
 sampling FLOPs. Rows go to ``results.jsonl`` as they come (a rerun skips what is there); ``summary.json`` holds
 mean ± std per model and the verdict of the must-show: at least 20 % fewer FLOPs at an FID no worse than the
@@ -72,12 +73,18 @@ def prune(args, source, out, seed, weight):
     ]))
 
 
+def device():
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def score(args, folder, seed, real, extractor):
     from diffusers import DiffusionPipeline
 
     from diffusers_curriculum.metrics import feature_fid
 
-    pipeline = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    pipeline = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True).to(device())
     fake = fid_images(pipeline, args.num_fid_images, args.num_inference_steps, seed)
     return {"fid": feature_fid(real, fake, extractor), "flops_per_sample": sampling_flops(pipeline, args.num_inference_steps)}
 
@@ -132,6 +139,11 @@ def main(argv=None):
         base_seconds = float((snapshot / "seconds").read_text())
         if (seed, f"tdc@{n}") not in done:
             record({"seed": seed, "model": f"tdc@{n}", "steps": n, "seconds": round(base_seconds, 1), **score(args, snapshot, seed, real, extractor)})
+        if (seed, f"tdc@{n + extra}") not in done:
+            started = time.perf_counter()
+            train_tdc(args, run, seed, n + extra, resume=True)
+            record({"seed": seed, "model": f"tdc@{n + extra}", "steps": n + extra,
+                    "seconds": round(base_seconds + time.perf_counter() - started, 1), **score(args, run, seed, real, extractor)})
         for weight in weights:
             name = f"pruned(distill={weight:g},lr={args.prune_learning_rate:g}{',ema' if args.prune_ema else ''})"
             if (seed, name) not in done:
@@ -144,11 +156,6 @@ def main(argv=None):
                         "kept_unpruned": [e["kept_unpruned"] for e in report["search"]],
                         "expert_flops_fraction": [round(e["flops"] / e["flops_before"], 3) for e in report["search"]],
                         **score(args, target, seed, real, extractor)})
-        if (seed, f"tdc@{n + extra}") not in done:
-            started = time.perf_counter()
-            train_tdc(args, run, seed, n + extra, resume=True)
-            record({"seed": seed, "model": f"tdc@{n + extra}", "steps": n + extra,
-                    "seconds": round(base_seconds + time.perf_counter() - started, 1), **score(args, run, seed, real, extractor)})
     table = summarize(rows, args)
     (out / "settings.json").write_text(json.dumps(vars(args), indent=2))
     (out / "summary.json").write_text(json.dumps(table, indent=2))

@@ -143,6 +143,15 @@ class WideExperts:
         self.layers: List[_WideLayer] = []  # the wide model's weighted layers, filled by _build
         self.model = self._build()
         self.checked = False
+        # What _gather_weights concatenates, listed once: the experts' parameter tensors as they are now (a
+        # BatchedExpertStep builds a new WideExperts when they are replaced; in-place updates are followed).
+        self._slots, self._counts, self._sources = [], [], []
+        for layer in self.layers:
+            for name, group in zip(("weight", "bias"), layer.sources()):
+                if group[0] is not None:
+                    self._slots.append((layer, name))
+                    self._counts.append(len(group))
+                    self._sources.extend(group)
 
     def _build(self) -> nn.Module:
         k, experts = self.k, self.experts
@@ -165,14 +174,8 @@ class WideExperts:
         """Sets every wide layer's weight and bias to the experts' tensors concatenated along dim 0, through one
         autograd node (:class:`_Concatenate`) instead of one per tensor: on a tiny UNet the per-tensor graph of
         k × ~270 parameters costs more than the concatenation itself."""
-        slots, groups = [], []
-        for layer in self.layers:
-            for name, group in zip(("weight", "bias"), layer.sources()):
-                if group[0] is not None:
-                    slots.append((layer, name))
-                    groups.append(group)
-        wide = _Concatenate.apply([len(g) for g in groups], *[t for g in groups for t in g])
-        for (layer, name), tensor in zip(slots, wide):
+        wide = _Concatenate.apply(self._counts, *self._sources)
+        for (layer, name), tensor in zip(self._slots, wide):
             layer.__dict__[name] = tensor
 
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -268,15 +271,21 @@ class BatchedExpertStep:
     def __init__(self):
         self.wide: Optional[WideExperts] = None
         self.reason: Optional[str] = None  # why the current experts cannot run wide
-        self.parameter_ids: Optional[List[int]] = None
+        self.expert_ids: Optional[List[int]] = None
+        self.slots: List[tuple] = []  # (module, name, parameter) of every expert parameter, when last looked at
 
     def __deepcopy__(self, memo):  # a copied model builds its own
         return type(self)()
 
+    def _unchanged(self, experts: Sequence[nn.Module]) -> bool:
+        """Whether the experts and their parameter tensors are those of the last look: a dictionary lookup per
+        parameter, where walking the experts' modules (``parameters()``) cost ~1 ms per expert and step."""
+        return [id(e) for e in experts] == self.expert_ids and all(m._parameters.get(n) is p for m, n, p in self.slots)
+
     def wide_for(self, experts: Sequence[nn.Module]) -> Optional[WideExperts]:
-        ids = [id(p) for e in experts for p in e.parameters()]
-        if ids != self.parameter_ids:
-            self.parameter_ids, self.wide = ids, None
+        if not self._unchanged(experts):
+            self.expert_ids, self.wide = [id(e) for e in experts], None
+            self.slots = [(m, n, p) for e in experts for m in e.modules() for n, p in m._parameters.items() if p is not None]
             self.reason = why_not_wide(experts)
             if self.reason is None:
                 self.wide = WideExperts(experts)

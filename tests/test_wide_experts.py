@@ -134,6 +134,24 @@ def test_the_wide_model_follows_the_experts_after_an_optimizer_step():
         torch.testing.assert_close(model(x, t).sample, reference(x, t).sample, rtol=1e-4, atol=1e-5)
 
 
+
+def test_the_wide_model_is_rebuilt_when_a_parameter_is_replaced():
+    """Pruning and loading replace parameter tensors: the wide model must not keep concatenating the old ones."""
+    model = routed()
+    model.batched = BatchedExpertStep()
+    x, t = batch()
+    with torch.no_grad():
+        model(x, t)
+        first = model.batched.wide
+        expert = model.experts[2]
+        expert.conv_out.bias = torch.nn.Parameter(expert.conv_out.bias + 1.0)
+        out = model(x, t).sample
+    assert model.batched.wide is not None and model.batched.wide is not first
+    reference = copy.deepcopy(model)
+    reference.batched = None
+    with torch.no_grad():
+        torch.testing.assert_close(out, reference(x, t).sample, rtol=1e-4, atol=1e-5)
+
 TDC4 = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "2", "--max_train_samples", "64", "--no_validation",
         "--max_train_steps", "6", "--checkpointing_steps", "4"]
 

@@ -6,7 +6,8 @@
         --output_dir fmnist-tdc-pruned --prune_ratio 0.5
 
 Every expert gets a FLOPs budget (easy high-noise groups the smallest), ``--search_rounds`` proposals scored
-by ``--proxy_steps`` of fine-tuning plus a validation loss, then ``--finetune_steps`` on its group. The
+by ``--proxy_steps`` of fine-tuning plus a validation loss, then ``--finetune_steps`` on its group, on the
+device accelerate picks (a GPU when there is one; ``CUDA_VISIBLE_DEVICES=""`` keeps it on the CPU). The
 ``training_regime.json`` and the model card record each expert's size and FLOPs and the FLOPs per generated sample.
 """
 
@@ -17,6 +18,7 @@ import math
 import os
 
 import torch
+from accelerate import Accelerator
 from diffusers import DDIMScheduler, DDPMPipeline, DiffusionPipeline
 
 from diffusers_curriculum.checkpointing import save_pipeline
@@ -131,6 +133,7 @@ def main(args):
     torch.manual_seed(args.seed)
     pipeline = load_tdc_pipeline(args.pretrained_model_name_or_path)
     regime = read_training_regime(args.pretrained_model_name_or_path)
+    pipeline.to(Accelerator().device)  # the search and the fine-tuning run where the training scripts would
     experts = pipeline.unet
     resolution = args.resolution or experts.config.sample_size
     if resolution != experts.config.sample_size:
