@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMPipeline
+from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file
 
 from diffusers_curriculum import read_training_regime
@@ -50,14 +51,19 @@ def test_no_validation_card_and_ddim_pipeline(train_unconditional, tmp_path, tin
     assert read_training_regime(out)["name"] == "uniform"
 
 
-def test_resume_reproduces_the_uninterrupted_run(train_unconditional, tmp_path, tiny_flags):
+def test_resume_reproduces_the_uninterrupted_run(train_unconditional, tmp_path, tiny_flags, monkeypatch):
     flags = [*tiny_flags, "--max_train_steps", "12", "--checkpointing_steps", "6", "--use_ema",
              "--gradient_accumulation_steps", "2", "--max_train_samples", "64", "--no_validation"]
     straight = run(train_unconditional, tmp_path, flags, name="straight")
     # The interrupted run: all it has left is the checkpoint at step 6.
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "straight" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    events = []  # accelerate's load_state gives the EMA CPU tensors: it must be moved to its device afterwards
+    for method, event in (("load_state_dict", "load"), ("to", "to")):
+        original = getattr(EMAModel, method)
+        monkeypatch.setattr(EMAModel, method, lambda self, *a, _o=original, _e=event, **k: events.append(_e) or _o(self, *a, **k))
     resumed = run(train_unconditional, tmp_path, flags, "--resume_from_checkpoint", "latest", name="resumed")
+    assert "load" in events and "to" in events[events.index("load"):]
 
     assert resumed["losses"] == pytest.approx(straight["losses"][6:], rel=1e-5)
     for key in ("sampler", "noise_generator"):
