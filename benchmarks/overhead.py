@@ -11,6 +11,7 @@ UW ≤ 1.01×, Nash ≤ 1.05×, PCGrad ≤ 1.38× (the ratios of the ANT paper, 
     python benchmarks/overhead.py --steps 60 --output benchmarks/results/overhead.json
     python benchmarks/overhead.py --arms --batch_size 32 --output overhead-arms.json   # + compare_regimes' arms
     python benchmarks/overhead.py --arms --only uniform,tdc,tdc_stage2,tdc_stage2_per_group --batch_size 32
+    python benchmarks/overhead.py --arms --only uniform,tdc_stage2 --profile profiles/   # + where each step's time goes
 """
 
 import argparse
@@ -111,8 +112,9 @@ def arm_variants(args, accelerator, scheduler, clean):
     flags = {arm: f for arm, f in arms(steps).items() if f is not None}
     flags["tdc_stage2"] = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "1"]  # branches in warm-up
     flags["tdc_stage2_per_group"] = [*flags["tdc_stage2"], "--experts_forward", "per_group"]  # the fallback path
+    only = args.only.split(",") if args.only else flags
     return {arm: (f"arm {arm}", regime_variant(train, accelerator, scheduler, clean, args.resolution, widths, arm_flags, steps))
-            for arm, arm_flags in flags.items()}
+            for arm, arm_flags in flags.items() if arm in only}
 
 
 def experts_forward(step) -> Optional[str]:
@@ -126,6 +128,25 @@ def experts_forward(step) -> Optional[str]:
     if batched is None:
         return "per group: --experts_forward per_group"
     return "batched" if batched.wide is not None else f"per group: {batched.reason}"
+
+
+def profile_variants(variants, folder, steps, sync) -> None:
+    """``steps`` steps of each variant under ``torch.profiler`` (CUDA kernels too on a GPU): one operator table
+    per variant in ``folder``, sorted by the device's self time on a GPU (what the kernels cost, against the
+    step's wall time: launching them), else by the host's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for name, step in variants.items():
+        sync()
+        with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+            for _ in range(steps):
+                step()
+            sync()
+        table = prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=30)
+        slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
+        (Path(folder) / f"{slug}.txt").write_text(f"{name}: {steps} steps\n{table}\n")
 
 
 def machine(accelerator):
@@ -144,8 +165,13 @@ def main(argv=None):
     parser.add_argument("--arms", action="store_true", help="Also time every compare_regimes.py arm's regime.")
     parser.add_argument("--only", type=str, default=None,
                         help="With --arms: time only these arms (comma-separated, e.g. uniform,tdc,tdc_stage2) and the plain steps.")
+    parser.add_argument("--profile", type=str, default=None,
+                        help="Also profile --profile_steps steps of every variant (torch.profiler, after the timing) and "
+                             "write one operator table per variant to this folder: where a step's time goes.")
+    parser.add_argument("--profile_steps", type=int, default=5)
     parser.add_argument("--block_out_channels", type=str, default=None,
-                        help="UNet widths for the --arms variants (default: compare_regimes.py's).")
+                        help="UNet widths of every timed model (default: the models.py tiny UNet for the plain steps "
+                             "and the axis variants, compare_regimes.py's for the --arms variants).")
     args = parser.parse_args(argv)
     if args.only and not args.arms:
         parser.error("--only selects among the --arms variants: pass --arms too")
@@ -155,7 +181,8 @@ def main(argv=None):
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     clean = build_dataset("fashion_mnist", resolution=args.resolution, max_train_samples=args.batch_size)
     clean = torch.stack([clean[i]["pixel_values"] for i in range(args.batch_size)]).to(accelerator.device)
-    base = UNet2DModel.from_config(tiny_unet_config(args.resolution, 1))
+    sized = {} if args.block_out_channels is None else {"block_out_channels": [int(w) for w in args.block_out_channels.split(",")]}
+    base = UNet2DModel.from_config(tiny_unet_config(args.resolution, 1, **sized))
 
     train = load_script("train_unconditional")
 
@@ -173,8 +200,7 @@ def main(argv=None):
     arm_of = {}
     if args.arms:
         for arm, (name, step) in arm_variants(args, accelerator, scheduler, clean).items():
-            if not args.only or arm in args.only.split(","):
-                variants[name], arm_of[name] = step, arm
+            variants[name], arm_of[name] = step, arm
     sync = torch.cuda.synchronize if accelerator.device.type == "cuda" else (lambda: None)
     times = {name: [] for name in variants}
     for i in range(args.warmup + args.steps):
@@ -185,6 +211,9 @@ def main(argv=None):
             sync()
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
+
+    if args.profile:
+        profile_variants(variants, args.profile, args.profile_steps, sync)
 
     # Medians show the typical step; means include the occasional heavy step (e.g. a Nash solve every 25).
     plain = {f: f(times["plain diffusers step"]) for f in (statistics.median, statistics.mean)}

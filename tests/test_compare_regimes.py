@@ -282,3 +282,26 @@ def test_a_stopped_run_continues_its_arm_from_the_checkpoint_and_ends_as_an_unin
     assert [r["step"] for r in rows] == [4, 8] and rows[0] == json.loads(before[0])  # step 4 kept, not trained again
     assert rows[1]["fid"] == pytest.approx(whole[1]["fid"], rel=1e-6)  # the continued run ends where the whole one did
     assert rows[1]["train_seconds"] >= rows[0]["train_seconds"]
+
+
+def test_overhead_times_the_tdc_stages_says_which_path_ran_and_profiles(tmp_path, monkeypatch):
+    """overhead.py --arms: the routed stage-2 rows say whether the batched (wide) step or one forward per group
+    ran, and --profile writes one operator table per timed variant."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    monkeypatch.setitem(sys.modules, "overhead", overhead)
+    out = tmp_path / "overhead.json"
+    overhead.main(["--arms", "--only", "tdc,tdc_stage2,tdc_stage2_per_group", "--steps", "1", "--warmup", "1",
+                   "--batch_size", "8", "--resolution", "16", "--block_out_channels", "8,16", "--output", str(out),
+                   "--profile", str(tmp_path / "profiles"), "--profile_steps", "1"])
+    rows = {r.get("arm", r["variant"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows["tdc_stage2"]["experts_forward"] == "batched"
+    assert rows["tdc_stage2_per_group"]["experts_forward"] == "per group: --experts_forward per_group"
+    assert "experts_forward" not in rows["tdc"]  # stage 1: the base alone, nothing routed
+    tables = sorted(p.name for p in (tmp_path / "profiles").iterdir())
+    assert len(tables) == len(rows) and "arm_tdc_stage2.txt" in tables
+    assert "aten::" in (tmp_path / "profiles" / "arm_tdc_stage2.txt").read_text()
