@@ -319,7 +319,8 @@ def main(args):
     record = run_record(args, regime, "text_to_image")
     global_step, first_epoch, resume_step = resume(accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps,
                                                    record, regime)
-    place_ema(args, ema_unet, accelerator)  # load_state hands the EMA its weights on the CPU
+    if resume_path is not None:  # load_state hands the EMA its weights on the CPU
+        place_ema(args, ema_unet, accelerator)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=run_config(args))
 

@@ -260,7 +260,8 @@ def main(args, evaluate=None):
     global_step, first_epoch, resume_step = resume(
         accelerator, resume_path, num_update_steps_per_epoch, args.gradient_accumulation_steps, record, regime
     )
-    place_ema(args, ema_model, accelerator)  # load_state hands the EMA its weights on the CPU
+    if resume_path is not None:  # load_state hands the EMA its weights on the CPU
+        place_ema(args, ema_model, accelerator)
 
     if accelerator.is_main_process:
         accelerator.init_trackers(f"train_{task.name}", config=run_config(args))
