@@ -1,8 +1,9 @@
 """Pruned TDC against unpruned TDC at the same total training steps, feature-FID over several seeds.
 
-Per seed: train TDC (4 experts, base stage = half the steps) for ``--max_train_steps`` N; prune its pipeline with
-``train_scripts/prune_experts.py`` once per ``--distill_weights`` value (``--finetune_steps`` F per expert); then
-continue the same TDC run to N + 4·F steps, so the unpruned model gets as many training samples per expert as the
+Per seed: train TDC (4 experts, base stage ``--tdc_base_steps``, default half the steps) for ``--max_train_steps``
+N; prune its pipeline with ``train_scripts/prune_experts.py`` once per ``--distill_weights`` value
+(``--finetune_steps`` F per expert); then continue the same TDC run to N + 4·F steps, so the unpruned model gets
+as many training samples per expert as the
 pruned experts got in fine-tuning (a stage-2 step trains each of the 4 experts on a quarter of the batch); that
 reference is trained before the pruning, so a run cut short still holds what the pruned rows are judged by. Every
 model is scored with the feature-FID of ``compare_regimes.py`` (same images, sampler and extractor) and its
@@ -11,6 +12,9 @@ mean ± std per model and the verdict of the must-show: at least 20 % fewer FLOP
 unpruned model's mean by more than its seed spread (std).
 
     python benchmarks/pruned_tdc.py --output_dir benchmarks/results/pruned_tdc
+    # prune at the branch point and spend stage 2 on the pruned experts: TDC 500 + 900 vs 500 + 4 x 225
+    python benchmarks/pruned_tdc.py --max_train_steps 500 --tdc_base_steps 500 --finetune_steps 225 \
+        --prune_learning_rate 2e-3 --prune_ema --distill_weights 0 --output_dir benchmarks/results/pruned_tdc_at_branch
 """
 
 import argparse
@@ -30,6 +34,10 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", type=str, default="benchmarks/results/pruned_tdc")
     parser.add_argument("--seeds", type=str, default="0,1,2")
     parser.add_argument("--max_train_steps", type=int, default=300, help="N: TDC steps before pruning.")
+    parser.add_argument("--tdc_base_steps", type=int, default=None,
+                        help="The TDC run's base stage (default N/2). N prunes at the branch point: the experts are still "
+                             "copies of the base, and with 4·F = the reference's stage 2 the pruned experts get as many "
+                             "samples of their groups in fine-tuning as the unpruned ones get in stage 2.")
     parser.add_argument("--finetune_steps", type=int, default=50, help="F: fine-tuning steps per pruned expert.")
     parser.add_argument("--distill_weights", type=str, default="0,1", help="One pruned model per weight.")
     parser.add_argument("--prune_ratio", type=float, default=0.5)
@@ -45,6 +53,9 @@ def parse_args(argv=None):
     parser.set_defaults(quick=False)  # compare_regimes.real_images reads it
     args = parser.parse_args(argv)
     args.prune_learning_rate = args.prune_learning_rate or args.learning_rate / 4
+    args.tdc_base_steps = args.tdc_base_steps or args.max_train_steps // 2
+    if not 1 <= args.tdc_base_steps <= args.max_train_steps:
+        parser.error(f"--tdc_base_steps must be in [1, --max_train_steps {args.max_train_steps}], got {args.tdc_base_steps}")
     return args
 
 
@@ -56,7 +67,7 @@ def train_tdc(args, out, seed, steps, resume):
         "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps", str(steps),
         "--use_ema", "--ema_max_decay", "0.999", "--checkpointing_steps", str(10 ** 9), "--report_to", "none",
         "--seed", str(seed), "--no_validation", "--regime", "tdc", "--tdc_groups", str(NUM_EXPERTS),
-        "--tdc_base_steps", str(args.max_train_steps // 2),
+        "--tdc_base_steps", str(args.tdc_base_steps),
         *(["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"]),
     ]))
 

@@ -305,3 +305,36 @@ def test_overhead_times_the_tdc_stages_says_which_path_ran_and_profiles(tmp_path
     tables = sorted(p.name for p in (tmp_path / "profiles").iterdir())
     assert len(tables) == len(rows) and "arm_tdc_stage2.txt" in tables
     assert "aten::" in (tmp_path / "profiles" / "arm_tdc_stage2.txt").read_text()
+
+
+def load_pruned_tdc(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("pruned_tdc", ROOT / "benchmarks" / "pruned_tdc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pruned_tdc_judges_each_pruned_model_against_tdc_at_the_same_steps(monkeypatch):
+    pruned_tdc = load_pruned_tdc(monkeypatch)
+    args = pruned_tdc.parse_args(["--max_train_steps", "100", "--finetune_steps", "10"])
+    assert args.tdc_base_steps == 50 and args.prune_learning_rate == args.learning_rate / 4
+    rows = [{"seed": s, "model": m, "steps": steps, "seconds": 1.0, "fid": fid, "flops_per_sample": flops}
+            for s, base in enumerate((100.0, 110.0, 120.0))  # the reference's std: 10
+            for m, steps, fid, flops in (("tdc@100", 100, base + 50, 10.0), ("tdc@140", 140, base, 10.0),
+                                         ("pruned(close)", 140, base + 9, 7.5), ("pruned(far)", 140, base + 11, 7.5),
+                                         ("pruned(small saving)", 140, base, 8.5))]
+    table = pruned_tdc.summarize(rows, args)
+    assert table["tdc@140"]["fid_std"] == pytest.approx(10.0)
+    assert table["pruned(close)"]["flops_saved"] == pytest.approx(0.25) and table["pruned(close)"]["goal_met"]
+    assert table["pruned(far)"]["fid_gap"] == pytest.approx(11.0) and not table["pruned(far)"]["goal_met"]
+    assert not table["pruned(small saving)"]["goal_met"]  # 15 % fewer FLOPs is short of 20 %
+    assert "flops_saved" not in table["tdc@100"]
+
+
+def test_pruned_tdc_prunes_at_the_branch_point_or_refuses_a_base_stage_past_it(monkeypatch, capsys):
+    pruned_tdc = load_pruned_tdc(monkeypatch)
+    assert pruned_tdc.parse_args(["--max_train_steps", "500", "--tdc_base_steps", "500"]).tdc_base_steps == 500
+    with pytest.raises(SystemExit):
+        pruned_tdc.parse_args(["--max_train_steps", "500", "--tdc_base_steps", "501"])
+    assert "--tdc_base_steps must be in [1, --max_train_steps 500], got 501" in capsys.readouterr().err
