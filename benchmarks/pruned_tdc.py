@@ -12,8 +12,8 @@ mean ± std per model and the verdict of the must-show: at least 20 % fewer FLOP
 unpruned model's mean by more than its seed spread (std).
 
     python benchmarks/pruned_tdc.py --output_dir benchmarks/results/pruned_tdc
-    # prune at the branch point and spend stage 2 on the pruned experts: TDC 500 + 900 vs 500 + 4 x 225
-    python benchmarks/pruned_tdc.py --max_train_steps 500 --tdc_base_steps 500 --finetune_steps 225 \
+    # prune 4 steps after the branch point and spend stage 2 on the pruned experts: TDC 500 + 900 vs 504 + 4 x 224
+    python benchmarks/pruned_tdc.py --max_train_steps 504 --tdc_base_steps 500 --finetune_steps 224 \
         --prune_learning_rate 2e-3 --prune_ema --distill_weights 0 --output_dir benchmarks/results/pruned_tdc_at_branch
 """
 
@@ -35,9 +35,10 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", type=str, default="0,1,2")
     parser.add_argument("--max_train_steps", type=int, default=300, help="N: TDC steps before pruning.")
     parser.add_argument("--tdc_base_steps", type=int, default=None,
-                        help="The TDC run's base stage (default N/2). N prunes at the branch point: the experts are still "
-                             "copies of the base, and with 4·F = the reference's stage 2 the pruned experts get as many "
-                             "samples of their groups in fine-tuning as the unpruned ones get in stage 2.")
+                        help="The TDC run's base stage (default N/2), below N (the training script wants a stage 2). Just "
+                             "below N prunes right after the branch point: the experts are still nearly copies of the "
+                             "base, and the pruned experts get in fine-tuning as many samples of their groups as the "
+                             "unpruned ones get in the reference's stage 2.")
     parser.add_argument("--finetune_steps", type=int, default=50, help="F: fine-tuning steps per pruned expert.")
     parser.add_argument("--distill_weights", type=str, default="0,1", help="One pruned model per weight.")
     parser.add_argument("--prune_ratio", type=float, default=0.5)
@@ -54,8 +55,8 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.prune_learning_rate = args.prune_learning_rate or args.learning_rate / 4
     args.tdc_base_steps = args.tdc_base_steps or args.max_train_steps // 2
-    if not 1 <= args.tdc_base_steps <= args.max_train_steps:
-        parser.error(f"--tdc_base_steps must be in [1, --max_train_steps {args.max_train_steps}], got {args.tdc_base_steps}")
+    if not 1 <= args.tdc_base_steps < args.max_train_steps:
+        parser.error(f"--tdc_base_steps must be in [1, --max_train_steps {args.max_train_steps}), got {args.tdc_base_steps}")
     return args
 
 
