@@ -157,10 +157,11 @@ def main(argv=None):
             record({"seed": seed, "model": f"tdc@{n + extra}", "steps": n + extra,
                     "seconds": round(base_seconds + time.perf_counter() - started, 1), **score(args, run, seed, real, extractor)})
         for weight in weights:
-            name = f"pruned(distill={weight:g},lr={args.prune_learning_rate:g}{',ema' if args.prune_ema else ''})"
+            ratio = "" if args.prune_ratio == 0.5 else f",ratio={args.prune_ratio:g}"  # rows of the default keep their names
+            name = f"pruned(distill={weight:g},lr={args.prune_learning_rate:g}{',ema' if args.prune_ema else ''}{ratio})"
             if (seed, name) not in done:
                 started = time.perf_counter()
-                target = out / "runs" / f"pruned-distill{weight:g}-lr{args.prune_learning_rate:g}{'-ema' if args.prune_ema else ''}-seed{seed}"
+                target = out / "runs" / f"pruned-{name[7:-1].replace(',', '-').replace('=', '')}-seed{seed}"
                 prune(args, snapshot, target, seed, weight)
                 seconds = base_seconds + time.perf_counter() - started
                 report = json.loads((target / "pruning_report.json").read_text())
