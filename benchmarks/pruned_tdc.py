@@ -172,11 +172,12 @@ def main(argv=None):
     table = summarize(rows, args)
     (out / "settings.json").write_text(json.dumps(vars(args), indent=2))
     (out / "summary.json").write_text(json.dumps(table, indent=2))
-    print(f"{'model':30s} {'FID mean ± std':>18s} {'MFLOPs/sample':>14s} {'FLOPs saved':>12s} {'goal':>5s}")
+    width = max([30, *map(len, table)])
+    print(f"{'model':{width}s} {'FID mean ± std':>18s} {'MFLOPs/sample':>14s} {'FLOPs saved':>12s} {'goal':>5s}")
     for model, e in table.items():
         saved = f"{e['flops_saved']:.1%}" if "flops_saved" in e else ""
         goal = {True: "met", False: "no"}.get(e.get("goal_met"), "")
-        print(f"{model:30s} {e['fid_mean']:9.1f} ± {e['fid_std']:6.1f} {e['flops_per_sample'] / 1e6:14.1f} {saved:>12s} {goal:>5s}")
+        print(f"{model:{width}s} {e['fid_mean']:9.1f} ± {e['fid_std']:6.1f} {e['flops_per_sample'] / 1e6:14.1f} {saved:>12s} {goal:>5s}")
     return table
 
 
