@@ -3,9 +3,9 @@
 Per seed: train TDC (4 experts, base stage ``--tdc_base_steps``, default half the steps) for ``--max_train_steps``
 N; prune its pipeline with ``train_scripts/prune_experts.py`` once per ``--distill_weights`` value
 (``--finetune_steps`` F per expert); then continue the same TDC run to N + 4·F steps, so the unpruned model gets
-as many training samples per expert as the
-pruned experts got in fine-tuning (a stage-2 step trains each of the 4 experts on a quarter of the batch); that
-reference is trained before the pruning, so a run cut short still holds what the pruned rows are judged by. Every
+as many training samples per expert as the pruned experts got in fine-tuning (a stage-2 step trains each of the 4
+experts on a quarter of the batch); that reference is trained before the pruning, so a run cut short still holds
+what the pruned rows are judged by. Every
 model is scored with the feature-FID of ``compare_regimes.py`` (same images, sampler and extractor) and its
 sampling FLOPs. Rows go to ``results.jsonl`` as they come (a rerun skips what is there); ``summary.json`` holds
 mean ± std per model and the verdict of the must-show: at least 20 % fewer FLOPs at an FID no worse than the
@@ -158,10 +158,11 @@ def main(argv=None):
                     "seconds": round(base_seconds + time.perf_counter() - started, 1), **score(args, run, seed, real, extractor)})
         for weight in weights:
             ratio = "" if args.prune_ratio == 0.5 else f",ratio={args.prune_ratio:g}"  # rows of the default keep their names
-            name = f"pruned(distill={weight:g},lr={args.prune_learning_rate:g}{',ema' if args.prune_ema else ''}{ratio})"
+            label = f"distill={weight:g},lr={args.prune_learning_rate:g}{',ema' if args.prune_ema else ''}{ratio}"
+            name = f"pruned({label})"
             if (seed, name) not in done:
                 started = time.perf_counter()
-                target = out / "runs" / f"pruned-{name[7:-1].replace(',', '-').replace('=', '')}-seed{seed}"
+                target = out / "runs" / f"pruned-{label.replace(',', '-').replace('=', '')}-seed{seed}"
                 prune(args, snapshot, target, seed, weight)
                 seconds = base_seconds + time.perf_counter() - started
                 report = json.loads((target / "pruning_report.json").read_text())
