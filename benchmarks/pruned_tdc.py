@@ -2,7 +2,8 @@
 
 Per seed: train TDC (4 experts, base stage ``--tdc_base_steps``, default half the steps) for ``--max_train_steps``
 N; prune its pipeline with ``train_scripts/prune_experts.py`` once per ``--distill_weights`` value
-(``--finetune_steps`` F per expert); then continue the same TDC run to N + 4·F steps, so the unpruned model gets
+(``--finetune_steps`` F per expert, at ``--finetune_batch_size`` b); then continue the same TDC run to N + 4·F·b/B
+steps (B the training batch), so the unpruned model gets
 as many training samples per expert as the pruned experts got in fine-tuning (a stage-2 step trains each of the 4
 experts on a quarter of the batch); that reference is trained before the pruning, so a run cut short still holds
 what the pruned rows are judged by. Every
@@ -47,6 +48,10 @@ def parse_args(argv=None):
     parser.add_argument("--max_loss_increase", type=str, default="0.1")
     parser.add_argument("--prune_ema", action="store_true", help="prune_experts.py --use_ema --ema_max_decay 0.999.")
     parser.add_argument("--train_batch_size", type=int, default=32)
+    parser.add_argument("--finetune_batch_size", type=int, default=None,
+                        help="Batch of the pruned experts' fine-tuning (default --train_batch_size). A quarter of it gives "
+                             "each pruned expert as many updates of as many samples as a stage-2 step gives each unpruned "
+                             "one; F steps then count as F/4 training steps per expert.")
     parser.add_argument("--learning_rate", type=float, default=2e-3)
     parser.add_argument("--block_out_channels", type=str, default="16,32,32")
     parser.add_argument("--num_fid_images", type=int, default=500)
@@ -54,6 +59,10 @@ def parse_args(argv=None):
     parser.set_defaults(quick=False)  # compare_regimes.real_images reads it
     args = parser.parse_args(argv)
     args.prune_learning_rate = args.prune_learning_rate or args.learning_rate / 4
+    args.finetune_batch_size = args.finetune_batch_size or args.train_batch_size
+    if (args.finetune_steps * args.finetune_batch_size) % args.train_batch_size:
+        parser.error(f"--finetune_steps × --finetune_batch_size ({args.finetune_steps} × {args.finetune_batch_size}) must be "
+                     f"a multiple of --train_batch_size {args.train_batch_size}: the reference trains whole steps")
     args.tdc_base_steps = args.tdc_base_steps or args.max_train_steps // 2
     if not 1 <= args.tdc_base_steps < args.max_train_steps:
         parser.error(f"--tdc_base_steps must be in [1, --max_train_steps {args.max_train_steps}), got {args.tdc_base_steps}")
@@ -78,7 +87,7 @@ def prune(args, source, out, seed, weight):
     script.main(script.parse_args([
         "--pretrained_model_name_or_path", str(source), "--output_dir", str(out), "--overwrite_output_dir",
         "--prune_ratio", str(args.prune_ratio), "--search_rounds", "3", "--proxy_steps", str(max(1, args.finetune_steps // 5)),
-        "--finetune_steps", str(args.finetune_steps), "--train_batch_size", str(args.train_batch_size),
+        "--finetune_steps", str(args.finetune_steps), "--train_batch_size", str(args.finetune_batch_size),
         "--learning_rate", str(args.prune_learning_rate), "--num_inference_steps", str(args.num_inference_steps),
         "--validation_size", "64", "--seed", str(seed), "--distill_weight", str(weight),
         "--max_loss_increase", args.max_loss_increase, *(["--use_ema", "--ema_max_decay", "0.999"] if args.prune_ema else []),
@@ -101,8 +110,13 @@ def score(args, folder, seed, real, extractor):
     return {"fid": feature_fid(real, fake, extractor), "flops_per_sample": sampling_flops(pipeline, args.num_inference_steps)}
 
 
+def extra_steps(args) -> int:
+    """The training steps the pruned experts' fine-tuning counts as: 4·F at the training batch, fewer at a smaller one."""
+    return NUM_EXPERTS * args.finetune_steps * args.finetune_batch_size // args.train_batch_size
+
+
 def summarize(rows, args):
-    n, extra = args.max_train_steps, NUM_EXPERTS * args.finetune_steps
+    n, extra = args.max_train_steps, extra_steps(args)
     models = {}
     for row in rows:
         models.setdefault(row["model"], []).append(row)
@@ -139,7 +153,7 @@ def main(argv=None):
         print(json.dumps(row), flush=True)
 
     extractor, real = fashion_feature_extractor(), real_images(args)
-    n, extra = args.max_train_steps, NUM_EXPERTS * args.finetune_steps
+    n, extra = args.max_train_steps, extra_steps(args)
     weights = [float(w) for w in args.distill_weights.split(",")]
     for seed in [int(s) for s in args.seeds.split(",")]:
         run, snapshot = out / "runs" / f"tdc-seed{seed}", out / "runs" / f"tdc@{n}-seed{seed}"
@@ -157,8 +171,10 @@ def main(argv=None):
             record({"seed": seed, "model": f"tdc@{n + extra}", "steps": n + extra,
                     "seconds": round(base_seconds + time.perf_counter() - started, 1), **score(args, run, seed, real, extractor)})
         for weight in weights:
-            ratio = "" if args.prune_ratio == 0.5 else f",ratio={args.prune_ratio:g}"  # rows of the default keep their names
-            label = f"distill={weight:g},lr={args.prune_learning_rate:g}{',ema' if args.prune_ema else ''}{ratio}"
+            # rows of the default ratio and batch keep their names
+            ratio = "" if args.prune_ratio == 0.5 else f",ratio={args.prune_ratio:g}"
+            batch = "" if args.finetune_batch_size == args.train_batch_size else f",batch={args.finetune_batch_size}"
+            label = f"distill={weight:g},lr={args.prune_learning_rate:g}{',ema' if args.prune_ema else ''}{ratio}{batch}"
             name = f"pruned({label})"
             if (seed, name) not in done:
                 started = time.perf_counter()

@@ -338,3 +338,15 @@ def test_pruned_tdc_prunes_after_the_branch_point_or_refuses_a_base_stage_withou
     with pytest.raises(SystemExit):  # the training script wants at least one stage-2 step
         pruned_tdc.parse_args(["--max_train_steps", "500", "--tdc_base_steps", "500"])
     assert "--tdc_base_steps must be in [1, --max_train_steps 500), got 500" in capsys.readouterr().err
+
+
+def test_pruned_tdc_counts_a_smaller_fine_tuning_batch_in_training_steps(monkeypatch, capsys):
+    """F steps at a quarter of the batch count as F/4 steps per expert: the reference trains 4·F/4 = F more steps."""
+    pruned_tdc = load_pruned_tdc(monkeypatch)
+    args = pruned_tdc.parse_args(["--max_train_steps", "504", "--tdc_base_steps", "500", "--finetune_steps", "896",
+                                  "--finetune_batch_size", "8"])
+    assert pruned_tdc.extra_steps(args) == 896  # the reference is tdc@1400
+    assert pruned_tdc.extra_steps(pruned_tdc.parse_args(["--finetune_steps", "224"])) == 896
+    with pytest.raises(SystemExit):
+        pruned_tdc.parse_args(["--finetune_steps", "3", "--finetune_batch_size", "8"])
+    assert "must be a multiple of --train_batch_size 32" in capsys.readouterr().err
