@@ -134,7 +134,6 @@ def test_the_wide_model_follows_the_experts_after_an_optimizer_step():
         torch.testing.assert_close(model(x, t).sample, reference(x, t).sample, rtol=1e-4, atol=1e-5)
 
 
-
 def test_the_wide_model_is_rebuilt_when_a_parameter_is_replaced():
     """Pruning and loading replace parameter tensors: the wide model must not keep concatenating the old ones."""
     model = routed()
@@ -151,6 +150,7 @@ def test_the_wide_model_is_rebuilt_when_a_parameter_is_replaced():
     reference.batched = None
     with torch.no_grad():
         torch.testing.assert_close(out, reference(x, t).sample, rtol=1e-4, atol=1e-5)
+
 
 TDC4 = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "2", "--max_train_samples", "64", "--no_validation",
         "--max_train_steps", "6", "--checkpointing_steps", "4"]
