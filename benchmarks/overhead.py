@@ -173,6 +173,8 @@ def main(argv=None):
                         help="UNet widths of every timed model (default: the models.py tiny UNet for the plain steps "
                              "and the axis variants, compare_regimes.py's for the --arms variants).")
     args = parser.parse_args(argv)
+    if args.profile_steps < 1:
+        parser.error(f"--profile_steps must be >= 1, got {args.profile_steps}")
     if args.only and not args.arms:
         parser.error("--only selects among the --arms variants: pass --arms too")
 

@@ -60,6 +60,8 @@ def parse_args(argv=None):
     parser.set_defaults(quick=False)  # compare_regimes.real_images reads it
     args = parser.parse_args(argv)
     args.prune_learning_rate = args.prune_learning_rate or args.learning_rate / 4
+    if args.finetune_batch_size is not None and args.finetune_batch_size < 1:
+        parser.error(f"--finetune_batch_size must be >= 1, got {args.finetune_batch_size}")
     args.finetune_batch_size = args.finetune_batch_size or args.train_batch_size
     if (args.finetune_steps * args.finetune_batch_size) % args.train_batch_size:
         parser.error(f"--finetune_steps × --finetune_batch_size ({args.finetune_steps} × {args.finetune_batch_size}) must be "

@@ -303,6 +303,8 @@ def test_overhead_times_the_tdc_stages_says_which_path_ran_and_profiles(tmp_path
     assert rows["tdc_stage2_per_group"]["experts_forward"] == "per group: --experts_forward per_group"
     assert "experts_forward" not in rows["tdc"]  # stage 1: the base alone, nothing routed
     tables = sorted(p.name for p in (tmp_path / "profiles").iterdir())
+    with pytest.raises(SystemExit):  # refused before any model is built
+        overhead.main(["--profile", str(tmp_path / "p"), "--profile_steps", "0"])
     assert len(tables) == len(rows) and "arm_tdc_stage2.txt" in tables
     assert "aten::" in (tmp_path / "profiles" / "arm_tdc_stage2.txt").read_text()
 
@@ -350,3 +352,6 @@ def test_pruned_tdc_counts_a_smaller_fine_tuning_batch_in_training_steps(monkeyp
     with pytest.raises(SystemExit):
         pruned_tdc.parse_args(["--finetune_steps", "3", "--finetune_batch_size", "8"])
     assert "must be a multiple of --train_batch_size 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pruned_tdc.parse_args(["--finetune_batch_size", "0"])
+    assert "--finetune_batch_size must be >= 1, got 0" in capsys.readouterr().err
