@@ -75,6 +75,8 @@ def arms(total_steps, curriculum_share=0.5, curriculum_clusters=5):
         "ant_uw": ["--regime", "ant", "--ant_method", "uw"],
         "tdc": ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", str(total_steps // 2)],
     }
+    # stage 2 fine-tunes one expert per step on a full batch of its group, the experts in turn
+    single["tdc_round_robin"] = [*single["tdc"], "--experts_schedule", "round_robin"]
     composed = {
         "ant_uw+p2": [*single["ant_uw"], *single["p2"]],
         "ant_uw+min_snr": [*single["ant_uw"], *single["min_snr"]],
@@ -319,19 +321,24 @@ def load_step_costs(path):
     return costs
 
 
+# The overhead.py row timing the stage-2 step of each TDC arm.
+STAGE2_COSTS = {"tdc": "tdc_stage2", "tdc_round_robin": "tdc_round_robin_stage2"}
+
+
 def modelled_seconds(arm, step, costs, args):
     """Training time of ``arm`` after ``step`` steps at the measured per-step costs; None when the arm was not
-    timed. TDC arms (``tdc``, ``tdc+p2``) pay their own measured step in the base stage and the routed
-    ``tdc_stage2`` step after it (``overhead.py`` times stage 2 for plain TDC only; a weighting adds nothing
-    measurable to it)."""
+    timed. TDC arms (``tdc``, ``tdc+p2``, ``tdc_round_robin``) pay their own measured step in the base stage and
+    their stage-2 step after it (:data:`STAGE2_COSTS`; ``overhead.py`` times stage 2 for plain TDC only; a
+    weighting adds nothing measurable to it)."""
     if arm not in costs:
         return None
-    if "tdc" not in arm.split("+"):
+    tdc = next((part for part in arm.split("+") if part in STAGE2_COSTS), None)
+    if tdc is None:
         return costs[arm] * step
-    if "tdc_stage2" not in costs:
+    if STAGE2_COSTS[tdc] not in costs:
         return None
     base = args.max_train_steps // 2
-    return costs[arm] * min(step, base) + costs["tdc_stage2"] * max(0, step - base)
+    return costs[arm] * min(step, base) + costs[STAGE2_COSTS[tdc]] * max(0, step - base)
 
 
 # Runs within 2 % of their seed's uniform time count as within it: identical steps timed side by side differ by

@@ -4,13 +4,14 @@ Every variant trains its own copy of the same UNet on the same Fashion-MNIST bat
 step by step (so drifts in machine load hit all of them alike) and the table reports median step times and
 their ratio to the plain step. ``--arms`` also times the regime of every ``compare_regimes.py`` arm, built
 from that arm's flags exactly as the training script builds it (rows with an ``arm`` key; TDC as ``tdc``,
-its base stage, and ``tdc_stage2``, the routed step after branching): ``compare_regimes.py --step_costs``
+its base stage, ``tdc_stage2``, the routed step after branching, and ``tdc_round_robin_stage2``, a stage-2 step of
+``--experts_schedule round_robin``): ``compare_regimes.py --step_costs``
 turns them into its equal-wall-clock column. On CUDA every step is synchronized before its clock stops. Targets: uniform regime with Min-SNR ≤ 1.01×, curriculum sampler ≤ 1.01× vs uniform; ANT at k = 5:
 UW ≤ 1.01×, Nash ≤ 1.05×, PCGrad ≤ 1.38× (the ratios of the ANT paper, measured there on an LDM on GPU).
 
     python benchmarks/overhead.py --steps 60 --output benchmarks/results/overhead.json
     python benchmarks/overhead.py --arms --batch_size 32 --output overhead-arms.json   # + compare_regimes' arms
-    python benchmarks/overhead.py --arms --only uniform,tdc,tdc_stage2,tdc_stage2_per_group --batch_size 32
+    python benchmarks/overhead.py --arms --only uniform,tdc,tdc_stage2,tdc_stage2_per_group,tdc_round_robin_stage2 --batch_size 32
     python benchmarks/overhead.py --arms --only uniform,tdc_stage2 --profile profiles/   # + where each step's time goes
 """
 
@@ -112,19 +113,22 @@ def arm_variants(args, accelerator, scheduler, clean):
     flags = {arm: f for arm, f in arms(steps).items() if f is not None}
     flags["tdc_stage2"] = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "1"]  # branches in warm-up
     flags["tdc_stage2_per_group"] = [*flags["tdc_stage2"], "--experts_forward", "per_group"]  # the fallback path
+    flags["tdc_round_robin_stage2"] = [*flags["tdc_stage2"], "--experts_schedule", "round_robin"]  # one expert a step
     only = args.only.split(",") if args.only else flags
     return {arm: (f"arm {arm}", regime_variant(train, accelerator, scheduler, clean, args.resolution, widths, arm_flags, steps))
             for arm, arm_flags in flags.items() if arm in only}
 
 
 def experts_forward(step) -> Optional[str]:
-    """How a timed TDC variant ran its routed steps: ``batched`` (one wide model) or ``per group: <why>``; None
-    for a model without experts. Read after timing, so it tells whether the first-batch check kept the wide path
-    on this device."""
-    model = step.args[1] if isinstance(step, partial) else None
+    """How a timed TDC variant ran its routed steps: ``batched`` (one wide model), ``per group: <why>`` or ``one
+    expert per step`` (``--experts_schedule round_robin``); None for a model without experts. Read after timing, so
+    it tells whether the first-batch check kept the wide path on this device."""
+    model, regime = (step.args[1], step.args[5]) if isinstance(step, partial) else (None, None)
     batched = getattr(model, "batched", None)
     if getattr(model, "experts", None) is None or getattr(model, "route_all_to", None) is not None:
         return None
+    if regime.experts.schedule == "round_robin":
+        return "one expert per step"
     if batched is None:
         return "per group: --experts_forward per_group"
     return "batched" if batched.wide is not None else f"per group: {batched.reason}"

@@ -253,6 +253,30 @@ class StratifiedSampler(TimestepSampler):
         return bucketize(timesteps, self.boundaries)
 
 
+class GroupCycleSampler(StratifiedSampler):
+    """One cluster per optimizer step, in turn: every draw holds timesteps of cluster :attr:`current` only
+    (uniform inside it) until :meth:`next_cluster` moves on to the next (TDC's round-robin stage 2: each step
+    fine-tunes one expert on a full batch of its own timesteps)."""
+
+    def __init__(self, num_train_timesteps: int, boundaries: Sequence[int], seed: int = 0):
+        super().__init__(num_train_timesteps, boundaries, seed)
+        self.current = 0
+
+    def next_cluster(self) -> None:
+        self.current = (self.current + 1) % self.k
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        low, high = int(self.boundaries[self.current]), int(self.boundaries[self.current + 1])
+        return torch.randint(low, high, (batch_size,), generator=generator)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "current": self.current}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.current = int(state["current"])
+
+
 SAMPLERS = {
     "uniform": UniformSampler, "logit_normal": LogitNormalSampler, "loss_aware": LossAwareSampler,
     "speed": WeightedSampler, "timestep_bias": WeightedSampler,

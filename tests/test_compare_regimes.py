@@ -85,6 +85,9 @@ def test_equal_wall_clock_takes_each_seeds_last_evaluation_within_its_uniform_ru
     assert bench.modelled_seconds("tdc", 20, costs, args) == 10 * 1.0 + 10 * 3.0
     assert bench.modelled_seconds("tdc+p2", 20, {**costs, "tdc+p2": 0.5}, args) == 10 * 0.5 + 10 * 3.0  # composed: same stage 2
     assert bench.modelled_seconds("tdc+p2", 20, costs, args) is None  # not timed
+    round_robin = {**costs, "tdc_round_robin": 1.0, "tdc_round_robin_stage2": 1.5}
+    assert bench.modelled_seconds("tdc_round_robin", 20, round_robin, args) == 10 * 1.0 + 10 * 1.5  # its own stage 2
+    assert bench.modelled_seconds("tdc_round_robin", 20, {**costs, "tdc_round_robin": 1.0}, args) is None
     tdc = [row("tdc", s, step, fid, 0) for s in (0, 1) for step, fid in ((10, 45.0), (20, 25.0))]
     entry = {e["arm"]: e for e in bench.summarize(rows + tdc, args, costs)[0]}
     assert entry["slow"]["equal_wall_clock"] == pytest.approx((20, 22.0, 2 ** 1.5))  # same cost as uniform here
@@ -154,6 +157,8 @@ def test_every_arm_builds_the_regime_its_name_says(train_unconditional):
             if part in ARM_PARTS:
                 axis, value = ARM_PARTS[part]
                 assert found[axis] == value, (arm, axis, found)
+    round_robin = train_unconditional.parse_args(["--output_dir", "unused", "--max_train_steps", "300", *all_arms["tdc_round_robin"]])
+    assert build_regime(round_robin, DDPMScheduler(num_train_timesteps=1000)).axes()["experts"]["schedule"] == "round_robin"
 
 
 @pytest.mark.parametrize("share, cap", [(0.5, 30), (0.05, 3), (0.2, 12)])
@@ -295,12 +300,13 @@ def test_overhead_times_the_tdc_stages_says_which_path_ran_and_profiles(tmp_path
     spec.loader.exec_module(overhead)
     monkeypatch.setitem(sys.modules, "overhead", overhead)
     out = tmp_path / "overhead.json"
-    overhead.main(["--arms", "--only", "tdc,tdc_stage2,tdc_stage2_per_group", "--steps", "1", "--warmup", "1",
+    overhead.main(["--arms", "--only", "tdc,tdc_stage2,tdc_stage2_per_group,tdc_round_robin_stage2", "--steps", "1", "--warmup", "1",
                    "--batch_size", "8", "--resolution", "16", "--block_out_channels", "8,16", "--output", str(out),
                    "--profile", str(tmp_path / "profiles"), "--profile_steps", "1"])
     rows = {r.get("arm", r["variant"]): r for r in json.loads(out.read_text())["rows"]}
     assert rows["tdc_stage2"]["experts_forward"] == "batched"
     assert rows["tdc_stage2_per_group"]["experts_forward"] == "per group: --experts_forward per_group"
+    assert rows["tdc_round_robin_stage2"]["experts_forward"] == "one expert per step"
     assert "experts_forward" not in rows["tdc"]  # stage 1: the base alone, nothing routed
     tables = sorted(p.name for p in (tmp_path / "profiles").iterdir())
     with pytest.raises(SystemExit):  # refused before any model is built

@@ -62,6 +62,8 @@ REGIME_FLAGS = {
     "ant-nash": ["--regime", "ant", "--ant_method", "nash", "--ant_clusters", "4", "--nash_update_every", "2"],
     # branches at step 2, resumes at 3 in stage 2; experts without samples in a step need find_unused_parameters
     "experts+uw": ["--experts", "3", "--experts_base_steps", "2", "--balancer", "uw"],
+    # one expert per stage-2 step, the same one on both ranks (its turn is in the checkpoint), UW over the clusters
+    "experts-round-robin+uw": ["--experts", "3", "--experts_base_steps", "2", "--experts_schedule", "round_robin", "--balancer", "uw"],
     # 4 experts, 1 sample per group on each rank (strided slices of a group-sorted draw): the batched wide step
     "experts-batched": ["--experts", "4", "--experts_base_steps", "2"],
     # u(λ) lives outside the DDP model: its gradient is averaged by hand, so every rank holds the same u

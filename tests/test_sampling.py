@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusers_curriculum.sampling import IntervalSampler, LogitNormalSampler, UniformSampler
+from diffusers_curriculum.sampling import GroupCycleSampler, IntervalSampler, LogitNormalSampler, UniformSampler
 
 
 @pytest.mark.parametrize("cls", [UniformSampler, LogitNormalSampler])
@@ -105,3 +105,18 @@ def test_loss_aware_importance_weights_keep_the_uniform_objective():
     # E_{t~p}[w(t) L(t)] equals the uniform mean of L: the reweighted loss is unbiased for the uniform objective
     assert float((p * w * losses.double()).sum()) == pytest.approx(float(losses.mean()), rel=1e-6)
     assert w[0] < 1 < w[9]  # high-loss timesteps are drawn more often and weighted down
+
+
+def test_group_cycle_sampler_draws_one_cluster_at_a_time_and_resumes_its_turn():
+    sampler = GroupCycleSampler(100, [0, 10, 60, 100], seed=0)
+    seen = []
+    for _ in range(4):
+        t = sampler.sample(2_000)
+        seen.append((int(t.min()), int(t.max())))
+        sampler.next_cluster()
+    assert seen == [(0, 9), (10, 59), (60, 99), (0, 9)]  # the whole interval, nothing outside it, then around again
+    state = sampler.state_dict()
+    assert state["current"] == 1
+    resumed = GroupCycleSampler(100, [0, 10, 60, 100], seed=5)
+    resumed.load_state_dict(state)
+    assert resumed.current == 1 and torch.equal(resumed.sample(8), sampler.sample(8))

@@ -85,6 +85,33 @@ def test_stage_one_trains_the_base_then_branching_copies_weights_optimizer_and_e
     assert not torch.equal(model.experts[0].conv_in.weight, model.experts[1].conv_in.weight)
 
 
+def test_round_robin_stage_two_trains_one_expert_per_step_on_a_full_batch_of_its_group():
+    torch.manual_seed(0)
+    args = regime_args("--regime", "tdc", "--tdc_groups", "3", "--tdc_group_cost", "equal", "--tdc_base_steps", "1",
+                       "--experts_schedule", "round_robin")
+    regime = build_regime(args, DDPMScheduler(num_train_timesteps=1000))
+    model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16))))
+    assert model.batched is None  # nothing to batch: one expert per step
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ema = EMAModel(model.parameters(), decay=0.9)
+    regime.attach(optimizer=optimizer, ema_model=ema)
+    train_step(regime, model, optimizer, ema, 1)  # stage 1, then the branch
+    for step, expert in zip(range(2, 6), [0, 1, 2, 0]):
+        before = [{k: v.clone() for k, v in e.state_dict().items()} for e in model.experts]
+        t, logs = train_step(regime, model, optimizer, ema, step)
+        assert regime.experts.group_sampler.cluster_of(t).tolist() == [expert] * 6
+        assert [key for key in logs if key.startswith("loss/group_")] == [f"loss/group_{expert}"]
+        for i, e in enumerate(model.experts):  # only this step's expert moved (AdamW skips parameters without grad)
+            moved = any(not torch.equal(v, before[i][k]) for k, v in e.state_dict().items())
+            assert moved == (i == expert)
+    assert regime.describe()["schedule"] == "round_robin"
+    assert regime.axes()["experts"] == {"num_experts": 3, "base_steps": 1, "schedule": "round_robin"}
+    stratified = build_regime(regime_args("--regime", "tdc", "--tdc_base_steps", "1"), DDPMScheduler(num_train_timesteps=1000))
+    assert "schedule" not in stratified.axes()["experts"]  # the record of checkpoints written before the flag
+    with pytest.raises(UsageError, match="checkpoint's experts is .*'schedule': 'round_robin'.*--experts_schedule"):
+        stratified.load_state_dict(regime.state_dict())
+
+
 def test_state_round_trip_and_mismatched_resumes_are_clear_errors():
     regime = make_regime(base_steps=2)
     regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16))))
@@ -129,6 +156,16 @@ def test_resume_in_either_stage_reproduces_the_uninterrupted_run(train_unconditi
     b = load_file(tmp_path / "resumed" / "checkpoint-6" / "model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_round_robin_resume_in_stage_two_reproduces_the_uninterrupted_run(train_unconditional, tmp_path, tiny_flags):
+    flags = ["--max_train_steps", "8", "--checkpointing_steps", "5", "--experts_schedule", "round_robin"]
+    straight = run(train_unconditional, tmp_path, tiny_flags, *flags, name="straight")
+    assert straight["regime_state"]["experts"]["group_sampler"]["current"] == 1  # 4 stage-2 steps over 3 experts
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-5", tmp_path / "resumed" / "checkpoint-5")
+    resumed = run(train_unconditional, tmp_path, tiny_flags, *flags, "--resume_from_checkpoint", "latest", name="resumed")
+    assert resumed["losses"] == pytest.approx(straight["losses"][5:], rel=1e-5)
 
 
 def test_resuming_with_other_base_steps_is_refused(train_unconditional, tmp_path, tiny_flags):

@@ -6,6 +6,7 @@ Four axes, each a flag, all composing, sharing one partition of [0, T) into clus
     --weighting {none, min_snr, p2, learned}
     --balancer {none, uw, pcgrad, nash}                 over the clusters
     --experts K --experts_base_steps N                  TDC's routed experts, one per cluster
+      [--experts_schedule {stratified, round_robin}]    how stage 2 feeds them
     --clusters K --cluster_cost {equal, timestep, snr, log_snr, affinity} [--affinity_path]
 
 ``--regime uniform|curriculum|ant|tdc`` are presets (:data:`PRESETS`) that set axes; explicit axis flags win.
@@ -23,7 +24,7 @@ from ..clustering import PARTITIONS, partition
 from ..errors import UsageError
 from ..weighting import WEIGHTINGS
 from .balancers import BALANCERS, SELF_FORMED, build_balancer
-from .experts import ExpertLayout
+from .experts import EXPERT_SCHEDULES, ExpertLayout
 from .regime import Regime
 from .timesteps import CLUSTERED, TIMESTEP_SAMPLING, AdaptivePacing, FixedPacing, make_timestep_sampler
 from .weighting import Weighting
@@ -66,6 +67,10 @@ def add_regime_args(parser: argparse.ArgumentParser) -> None:
                        help="TDC stage 2: run the experts as one wide model with grouped convolutions (batched, the "
                             "default with --experts; same results to float tolerance, falls back per batch) or one "
                             "forward per group.")
+    group.add_argument("--experts_schedule", type=str, default=None, choices=list(EXPERT_SCHEDULES),
+                       help="TDC stage 2: stratified (the default: every batch holds every group's timesteps, each routed "
+                            "to its expert) or round_robin (each step fine-tunes one expert on a full batch of its "
+                            "group's timesteps, the experts in turn: a step costs what a single-model step does).")
     group.add_argument("--clusters", type=int, default=None,
                        help="Number of timestep clusters shared by stratified sampling, the curriculum, the balancer and the experts.")
     group.add_argument("--cluster_cost", type=str, default=None, choices=PARTITIONS,
@@ -238,8 +243,12 @@ def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional
             check_schedule(args, args.max_train_steps)
     elif axes["experts_base_steps"][0] is not None:
         raise UsageError(f"{flag(axes, 'experts_base_steps')} needs --experts K")
-    if experts is None and getattr(args, "experts_forward", None) is not None:
-        raise UsageError("--experts_forward needs --experts K (or --regime tdc)")
+    schedule = getattr(args, "experts_schedule", None)
+    for name in ("experts_forward", "experts_schedule"):
+        if experts is None and getattr(args, name, None) is not None:
+            raise UsageError(f"--{name} needs --experts K (or --regime tdc)")
+    if schedule == "round_robin" and getattr(args, "experts_forward", None) is not None:
+        raise UsageError("--experts_forward has no effect with --experts_schedule round_robin: each stage-2 step runs one expert")
     check_launch(args, getattr(args, "mixed_precision", None))
     affinity_path = axes["affinity_path"][0]
     if cost == "affinity":
@@ -317,7 +326,8 @@ def build_regime(args: argparse.Namespace, noise_scheduler, accelerator=None) ->
         noise_scheduler, sampler,
         weighting=Weighting(args.weighting, args.snr_gamma, args.p2_gamma, args.p2_k, args.learned_weighting_lr, seed),
         balancer=build_balancer(axes["balancer"][0], k, args.uw_lr, args.nash_update_every, seed) if k else None,
-        experts=(ExpertLayout(T, boundaries, axes["experts_base_steps"][0], seed, batched=getattr(args, "experts_forward", None) != "per_group")
+        experts=(ExpertLayout(T, boundaries, axes["experts_base_steps"][0], seed, batched=getattr(args, "experts_forward", None) != "per_group",
+                              schedule=getattr(args, "experts_schedule", None) or "stratified")
                  if experts is not None else None),
         boundaries=boundaries, cluster_cost=cost, timestep_sampling=sampling, name=regime_name(args, axes), seed=seed,
         process_index=accelerator.process_index if accelerator is not None else 0,

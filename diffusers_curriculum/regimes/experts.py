@@ -7,10 +7,18 @@ the UNet per cluster:
   timestep axis draws; the other experts get no gradient and do not move;
 * at the end of step ``base_steps`` the base *branches*: its weights, optimizer state and EMA weights are
   copied into every other expert;
-* stage 2: batches are stratified over the experts' clusters and each sample is routed to its cluster's
-  expert, so each copy is fine-tuned on its own timesteps (``loss/group_<i>`` in the logs). With ``batched``
-  (``--experts_forward batched``, the default) the k experts run as one wide model
-  (:mod:`diffusers_curriculum.wide_experts`) instead of one forward per group.
+* stage 2, each copy is fine-tuned on its own timesteps (``loss/group_<i>`` in the logs), on one of two
+  ``schedule`` s (``--experts_schedule``):
+
+  - ``stratified`` (the default): batches are stratified over the experts' clusters and each sample is routed
+    to its cluster's expert, so every step trains all k experts on B/k samples each. With ``batched``
+    (``--experts_forward batched``, the default) the k experts run as one wide model
+    (:mod:`diffusers_curriculum.wide_experts`) instead of one forward per group;
+  - ``round_robin``: each step draws the whole batch from one cluster and trains that cluster's expert alone,
+    the experts in turn (as the paper fine-tunes each copy on its group, interleaved): every expert gets as
+    many samples as under ``stratified``, in k times fewer updates of k times the batch, and a step costs what
+    a single-model step costs (one forward, one backward, the optimizer over one expert's parameters: AdamW
+    skips parameters without a gradient).
 
 One model, one optimizer and one EMA across both stages: checkpoints of either stage have the same layout.
 """
@@ -23,24 +31,30 @@ import torch
 
 from ..clustering import bucketize
 from ..experts import TimestepRoutedExperts, count_flops, count_params
-from ..sampling import StratifiedSampler
+from ..sampling import GroupCycleSampler, StratifiedSampler
 from ..wide_experts import BatchedExpertStep
 
 # Salt of the stage-2 sampler's seed, away from the timestep axis' generator.
 GROUP_SEED_SALT = 1
+# Stage 2's schedules, and the sampler each draws its batches with.
+EXPERT_SCHEDULES = {"stratified": StratifiedSampler, "round_robin": GroupCycleSampler}
 
 
 class ExpertLayout:
-    """``len(boundaries) - 1`` experts, a base stage of ``base_steps`` optimizer steps, then routed training."""
+    """``len(boundaries) - 1`` experts, a base stage of ``base_steps`` optimizer steps, then routed training on
+    ``schedule`` (one of :data:`EXPERT_SCHEDULES`)."""
 
     def __init__(self, num_train_timesteps: int, boundaries: Sequence[int], base_steps: int, seed: int = 0,
-                 batched: bool = True):
+                 batched: bool = True, schedule: str = "stratified"):
         if base_steps < 1:
             raise ValueError(f"base_steps must be >= 1, got {base_steps}")
+        if schedule not in EXPERT_SCHEDULES:
+            raise ValueError(f"schedule must be one of {list(EXPERT_SCHEDULES)}, got {schedule!r}")
         self.boundaries: List[int] = [int(b) for b in boundaries]
         self.base_steps = base_steps
-        self.batched = batched
-        self.group_sampler = StratifiedSampler(num_train_timesteps, self.boundaries, seed=seed + GROUP_SEED_SALT)
+        self.schedule = schedule
+        self.batched = batched and schedule == "stratified"  # round robin runs one expert per step
+        self.group_sampler = EXPERT_SCHEDULES[schedule](num_train_timesteps, self.boundaries, seed=seed + GROUP_SEED_SALT)
         self.stage = 1
         self.experts: Optional[TimestepRoutedExperts] = None
         self.optimizer = self.ema_model = None
@@ -103,16 +117,24 @@ class ExpertLayout:
         if self.stage == 1 and global_step >= self.base_steps:
             self.branch()
             logs["tdc_stage"] = 2
+        elif self.stage == 2 and self.schedule == "round_robin":
+            self.group_sampler.next_cluster()
         return logs
 
     def describe(self) -> Dict[str, Any]:
         info: Dict[str, Any] = {"groups": [[a, b] for a, b in zip(self.boundaries, self.boundaries[1:])],
-                                "base_steps": self.base_steps, "stage": self.stage}
+                                "base_steps": self.base_steps, "schedule": self.schedule, "stage": self.stage}
         if self.experts is not None:
             if self._sizes is None:  # widths do not change while training: count once
                 self._sizes = [{"params": count_params(e), "flops_per_forward": count_flops(e)} for e in self.experts.experts]
             info["experts"] = self._sizes
         return info
+
+    def record(self) -> Dict[str, Any]:
+        """What a resumed run must match (the schedule only when not the default: checkpoints written before it
+        existed hold the stratified record without it)."""
+        record: Dict[str, Any] = {"num_experts": self.num_groups, "base_steps": self.base_steps}
+        return record if self.schedule == "stratified" else {**record, "schedule": self.schedule}
 
     def state_dict(self) -> Dict[str, Any]:
         return {"stage": self.stage, "group_sampler": self.group_sampler.state_dict()}

@@ -36,7 +36,7 @@ NOISE_SEED_SALT = 0x9E3779B9
 # The flags behind each field of the record a checkpoint is checked against.
 AXIS_FLAGS = {
     "timestep_sampling": "--timestep_sampling", "weighting": "--weighting and its flags", "balancer": "--balancer and its flags",
-    "clusters": "--clusters / --cluster_cost", "experts": "--experts / --experts_base_steps", "pacing": "--curriculum_pacing and its flags",
+    "clusters": "--clusters / --cluster_cost", "experts": "--experts / --experts_base_steps / --experts_schedule", "pacing": "--curriculum_pacing and its flags",
 }
 
 
@@ -183,7 +183,7 @@ class Regime:
             "timestep_sampling": self.timestep_sampling,
             "weighting": self.weighting.describe(),
             "balancer": self.balancer.describe() if self.balancer is not None else {"method": "none"},
-            "experts": None if self.experts is None else {"num_experts": self.experts.num_groups, "base_steps": self.experts.base_steps},
+            "experts": None if self.experts is None else self.experts.record(),
             "pacing": None if pacing is None else describe_pacing(pacing),
             "clusters": {"boundaries": self.boundaries, "cost": self.cluster_cost},  # last: the axes above name the cause first
         }
