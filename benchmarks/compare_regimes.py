@@ -4,8 +4,11 @@ Every arm trains the same tiny UNet with ``train_scripts/train_unconditional.py`
 optimizer, steps); only the regime flags differ. Every ``--eval_every`` steps the EMA pipeline generates
 ``--num_fid_images`` images (DDIM, ``--num_inference_steps``) whose feature-FID against held-out test
 images is recorded with the wall-clock time. Arms are single regimes or compositions named by their parts
-(``ant_uw+p2``); ``--curriculum_share`` sets how much of the run the curriculum arms may spend in their stages. ``tdc_pruned`` prunes the finished ``tdc`` run's experts
-(``train_scripts/prune_experts.py``; its extra fine-tuning steps are reported). Results are appended to
+(``ant_uw+p2``); ``--curriculum_share`` sets how much of the run the curriculum arms may spend in their stages. ``tdc_pruned`` prunes TDC's experts with
+``train_scripts/prune_experts.py``: by default (``--prune_at branch``) right after the base stage, each pruned expert
+then fine-tuned on its group at a quarter of the batch for as many samples as the rest of the run gives it, so the
+arm ends at the same total training steps as the others; ``--prune_at end`` prunes the finished ``tdc`` run and
+fine-tunes ``--prune_finetune_steps`` more steps per expert (rounds 1 and 2 of the README). Results are appended to
 ``results.jsonl`` as they come, so an interrupted run continues where it stopped (with ``--checkpointing_steps``
 a half-done arm resumes from its last checkpoint, else it restarts); then a table
 (mean ± std over seeds, steps to reach ``--target_fid``) and plots are written.
@@ -50,6 +53,9 @@ def load_script(name):
     return module
 
 
+TDC_EXPERTS = 4  # the tdc arms' groups
+
+
 def curriculum_flags(total_steps, share=0.5, clusters=5):
     """The curriculum as a warm-up of at most ``share`` of the run: ``clusters`` stages under adaptive pacing,
     each capped at share · total / clusters steps, then the full range."""
@@ -73,7 +79,7 @@ def arms(total_steps, curriculum_share=0.5, curriculum_clusters=5):
         # by default 5 stages, each at most a tenth of the run: the curriculum takes at most half the budget
         "curriculum": ["--regime", "curriculum", "--curriculum_clusters", str(curriculum_clusters), *curriculum],
         "ant_uw": ["--regime", "ant", "--ant_method", "uw"],
-        "tdc": ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", str(total_steps // 2)],
+        "tdc": ["--regime", "tdc", "--tdc_groups", str(TDC_EXPERTS), "--tdc_base_steps", str(total_steps // 2)],
     }
     # stage 2 fine-tunes one expert per step on a full batch of its group, the experts in turn
     single["tdc_round_robin"] = [*single["tdc"], "--experts_schedule", "round_robin"]
@@ -129,15 +135,20 @@ def parse_args(argv=None):
     parser.add_argument("--num_fid_images", type=int, default=500)
     parser.add_argument("--num_inference_steps", type=int, default=20)
     parser.add_argument("--prune_ratio", type=float, default=0.5)
-    parser.add_argument("--prune_finetune_steps", type=int, default=50)
+    parser.add_argument("--prune_at", type=str, default="branch", choices=["branch", "end"],
+                        help="tdc_pruned: prune right after TDC's base stage and spend the rest of the run's samples on "
+                             "fine-tuning the pruned experts (branch: same total steps as the other arms), or prune the "
+                             "finished tdc run and fine-tune --prune_finetune_steps more (end).")
+    parser.add_argument("--prune_finetune_steps", type=int, default=50, help="--prune_at end: fine-tuning steps per expert.")
     parser.add_argument("--curriculum_share", type=float, default=0.5,
                         help="Most of the run the curriculum arms spend in their stages (each stage capped at share/clusters).")
     parser.add_argument("--curriculum_clusters", type=int, default=5, help="Stages of the curriculum arms.")
     parser.add_argument("--sweep_shares", type=str, default="",
                         help="Adds a curriculum arm per share × --sweep_clusters value, named curriculum_s<percent>_c<clusters>.")
     parser.add_argument("--sweep_clusters", type=str, default="5", help="Stage counts of the --sweep_shares arms.")
-    parser.add_argument("--prune_distill_weight", type=float, default=1.0,
-                        help="tdc_pruned: prune_experts.py --distill_weight (output distillation from each unpruned expert).")
+    parser.add_argument("--prune_distill_weight", type=float, default=None,
+                        help="tdc_pruned: prune_experts.py --distill_weight (output distillation from each unpruned expert; "
+                             "default 0 with --prune_at branch, where it measured worse, 1 with --prune_at end).")
     parser.add_argument("--target_fid", type=float, default=None,
                         help="FID for 'steps to reach'; default: the uniform arm's mean final FID.")
     parser.add_argument("--inception_weights", type=str, default=None,
@@ -181,6 +192,11 @@ def parse_args(argv=None):
         parser.error(f"--wall_clock_tolerance must be in [0, 1), got {args.wall_clock_tolerance}")
     if args.checkpointing_steps is not None and (args.checkpointing_steps < 1 or args.checkpointing_steps % args.eval_every):
         parser.error(f"--checkpointing_steps must be a positive multiple of --eval_every {args.eval_every}, got {args.checkpointing_steps}")
+    if args.prune_distill_weight is None:
+        args.prune_distill_weight = 0.0 if args.prune_at == "branch" else 1.0
+    if args.prune_at == "branch" and args.train_batch_size % TDC_EXPERTS:
+        parser.error(f"--prune_at branch fine-tunes each of the {TDC_EXPERTS} pruned experts at a quarter of the batch: "
+                     f"--train_batch_size must be a multiple of {TDC_EXPERTS}, got {args.train_batch_size}")
     if args.class_conditional and "tdc_pruned" in (args.regimes or "").split(","):
         parser.error("--class_conditional: the tdc_pruned arm cannot run (prune_experts.py prunes unconditional experts only); "
                      "leave it out of --regimes")
@@ -274,39 +290,71 @@ def run_arm(args, arm, flags, seed, real, extractor, record, resume=None):
         eval_seconds += time.perf_counter() - begin
 
     train = load_script("train_class_conditional" if args.class_conditional else "train_unconditional")
-    train_args = train.parse_args([
-        "--output_dir", str(out), "--overwrite_output_dir", "--resolution", "32", "--block_out_channels", args.block_out_channels,
-        "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
-        "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps", str(args.max_train_steps),
-        "--use_ema", "--ema_max_decay", "0.999", "--validation_steps", str(args.eval_every), "--eval_batch_size", "4",
-        "--ddpm_num_inference_steps", "2", "--checkpointing_steps", str(args.checkpointing_steps or 10 ** 9),
-        "--checkpoints_total_limit", "1", "--report_to", "none", "--seed", str(seed), "--no_validation", *flags,
-        *(["--resume_from_checkpoint", str(resume[0])] if resume else []),
-    ])
-    train.main(train_args, evaluate=evaluate)
+    train.main(train.parse_args([*training_argv(args, out, seed, args.max_train_steps), *flags,
+                                 *(["--resume_from_checkpoint", str(resume[0])] if resume else [])]), evaluate=evaluate)
     return out
 
 
-def prune_arm(args, tdc_dir, seed, real, extractor, record):
+def training_argv(args, out, seed, steps):
+    """The training script's flags every arm shares (the regime's own flags go after them)."""
+    return [
+        "--output_dir", str(out), "--overwrite_output_dir", "--resolution", "32", "--block_out_channels", args.block_out_channels,
+        "--train_batch_size", str(args.train_batch_size), "--learning_rate", str(args.learning_rate),
+        "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--max_train_steps", str(steps),
+        "--use_ema", "--ema_max_decay", "0.999", "--validation_steps", str(args.eval_every), "--eval_batch_size", "4",
+        "--ddpm_num_inference_steps", "2", "--checkpointing_steps", str(args.checkpointing_steps or 10 ** 9),
+        "--checkpoints_total_limit", "1", "--report_to", "none", "--seed", str(seed), "--no_validation",
+    ]
+
+
+def prune_experts(source, out, seed, ratio, finetune_steps, batch_size, learning_rate, distill_weight, num_inference_steps,
+                  ema=False, max_loss_increase="0.1"):
+    """``prune_experts.py`` on the TDC pipeline in ``source``: 3 search rounds per expert, each proxy fine-tuning a
+    fifth of ``finetune_steps``; ``ema`` ships each expert's EMA (decay 0.999) of its fine-tuning."""
+    script = load_script("prune_experts")
+    script.main(script.parse_args([
+        "--pretrained_model_name_or_path", str(source), "--output_dir", str(out), "--overwrite_output_dir",
+        "--prune_ratio", str(ratio), "--search_rounds", "3", "--proxy_steps", str(max(1, finetune_steps // 5)),
+        "--finetune_steps", str(finetune_steps), "--train_batch_size", str(batch_size), "--learning_rate", str(learning_rate),
+        "--num_inference_steps", str(num_inference_steps), "--validation_size", "64", "--seed", str(seed),
+        "--distill_weight", str(distill_weight), "--max_loss_increase", str(max_loss_increase),
+        *(["--use_ema", "--ema_max_decay", "0.999"] if ema else []),
+    ]))
+
+
+def prune_arm(args, seed, real, extractor, record):
+    """The ``tdc_pruned`` row of ``seed`` (see ``--prune_at``). ``train_seconds`` counts the TDC training the
+    pruning starts from, the pruning search and the fine-tuning."""
     from diffusers import DiffusionPipeline
 
     from diffusers_curriculum.metrics import feature_fid
 
-    prune = load_script("prune_experts")
-    out = Path(args.output_dir) / "runs" / f"tdc_pruned-seed{seed}"
+    out = run_dir(args, "tdc_pruned", seed)
+    tdc_flags = arms(args.max_train_steps)["tdc"]
     started = time.perf_counter()
-    prune.main(prune.parse_args([
-        "--pretrained_model_name_or_path", str(tdc_dir), "--output_dir", str(out), "--overwrite_output_dir",
-        "--prune_ratio", str(args.prune_ratio), "--search_rounds", "3", "--proxy_steps", str(max(1, args.prune_finetune_steps // 5)),
-        "--finetune_steps", str(args.prune_finetune_steps), "--train_batch_size", str(args.train_batch_size),
-        "--learning_rate", str(args.learning_rate / 4), "--num_inference_steps", str(args.num_inference_steps),
-        "--validation_size", "64", "--seed", str(seed), "--distill_weight", str(args.prune_distill_weight),
-    ]))
+    if args.prune_at == "branch":
+        # one stage-2 step after the branch (the script wants one), then the rest of the run's samples per expert:
+        # a stage-2 step gives each of the k experts B/k samples, so F steps of B/k samples replace F steps
+        base = args.max_train_steps // 2
+        source, finetune_steps, batch_size = run_dir(args, "tdc_branch", seed), args.max_train_steps - base - 1, args.train_batch_size // TDC_EXPERTS
+        train = load_script("train_unconditional")
+        train.main(train.parse_args([*training_argv(args, source, seed, base + 1), *tdc_flags]))
+        recipe = dict(learning_rate=args.learning_rate, ema=True)
+    else:
+        source, finetune_steps, batch_size = run_dir(args, "tdc", seed), args.prune_finetune_steps, args.train_batch_size
+        if not (source / "model_index.json").exists():
+            train = load_script("train_unconditional")
+            train.main(train.parse_args([*training_argv(args, source, seed, args.max_train_steps), *tdc_flags]))
+        recipe = dict(learning_rate=args.learning_rate / 4, ema=False)
+    prune_experts(source, out, seed, args.prune_ratio, finetune_steps, batch_size, distill_weight=args.prune_distill_weight,
+                  num_inference_steps=args.num_inference_steps, **recipe)
+    seconds = round(time.perf_counter() - started, 1)
     pipeline = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     fake = fid_images(pipeline, args.num_fid_images, args.num_inference_steps, seed)
-    record({"arm": "tdc_pruned", "seed": seed, "step": args.max_train_steps, "train_seconds": round(time.perf_counter() - started, 1),
+    record({"arm": "tdc_pruned", "seed": seed, "step": args.max_train_steps, "train_seconds": seconds,
             "fid": feature_fid(real, fake, extractor), "flops_per_sample": sampling_flops(pipeline, args.num_inference_steps),
-            "extra_finetune_steps_per_expert": args.prune_finetune_steps})
+            "prune_at": args.prune_at, "finetune_steps_per_expert": finetune_steps, "finetune_batch_size": batch_size,
+            "extra_finetune_steps_per_expert": 0 if args.prune_at == "branch" else finetune_steps})
 
 
 def load_step_costs(path):
@@ -462,6 +510,8 @@ def plot(table, args, path):
 
 
 # Flags that do not change the results (a resumed arm continues exactly where it stopped)
+# Settings added since results were first written, with the value every run before them had.
+SETTINGS_ADDED = {"prune_at": "end"}
 SETTINGS_IGNORED = ("threads", "output_dir", "inception_weights", "step_costs", "workers", "job", "summarize_only",
                     "checkpointing_steps", "wall_clock_tolerance")
 
@@ -506,10 +556,7 @@ def run_job(args, seed, job_arms, record, rows=()):
     extractor, real, all_arms = fashion_feature_extractor(), real_images(args), arms_of(args)
     for arm in job_arms:
         if arm == "tdc_pruned":
-            tdc_dir = Path(args.output_dir) / "runs" / f"tdc-seed{seed}"
-            if not (tdc_dir / "model_index.json").exists():
-                run_arm(args, "tdc", all_arms["tdc"], seed, real, extractor, lambda row: None)
-            prune_arm(args, tdc_dir, seed, real, extractor, record)
+            prune_arm(args, seed, real, extractor, record)
         else:
             run_arm(args, arm, all_arms[arm], seed, real, extractor, record, resume_point(args, arm, seed, rows))
 
@@ -574,7 +621,7 @@ def main(argv=None):
     settings = {k: v for k, v in vars(args).items() if k not in SETTINGS_IGNORED}
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     settings_file = output / "settings.json"
-    if rows and json.loads(settings_file.read_text()) != settings:
+    if rows and {**SETTINGS_ADDED, **json.loads(settings_file.read_text())} != settings:
         sys.exit(f"error: {results} holds results of other settings; use another --output_dir")
     settings_file.write_text(json.dumps(settings, indent=2))
     chosen = chosen_arms(args)

@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from compare_regimes import fid_images, load_script, real_images, sampling_flops
+from compare_regimes import fid_images, load_script, prune_experts, real_images, sampling_flops
 
 NUM_EXPERTS = 4
 
@@ -82,18 +82,6 @@ def train_tdc(args, out, seed, steps, resume):
         "--seed", str(seed), "--no_validation", "--regime", "tdc", "--tdc_groups", str(NUM_EXPERTS),
         "--tdc_base_steps", str(args.tdc_base_steps),
         *(["--resume_from_checkpoint", "latest"] if resume else ["--overwrite_output_dir"]),
-    ]))
-
-
-def prune(args, source, out, seed, weight):
-    script = load_script("prune_experts")
-    script.main(script.parse_args([
-        "--pretrained_model_name_or_path", str(source), "--output_dir", str(out), "--overwrite_output_dir",
-        "--prune_ratio", str(args.prune_ratio), "--search_rounds", "3", "--proxy_steps", str(max(1, args.finetune_steps // 5)),
-        "--finetune_steps", str(args.finetune_steps), "--train_batch_size", str(args.finetune_batch_size),
-        "--learning_rate", str(args.prune_learning_rate), "--num_inference_steps", str(args.num_inference_steps),
-        "--validation_size", "64", "--seed", str(seed), "--distill_weight", str(weight),
-        "--max_loss_increase", args.max_loss_increase, *(["--use_ema", "--ema_max_decay", "0.999"] if args.prune_ema else []),
     ]))
 
 
@@ -178,7 +166,8 @@ def main(argv=None):
             if (seed, name) not in done:
                 started = time.perf_counter()
                 target = out / "runs" / f"pruned-{label.replace(',', '-').replace('=', '')}-seed{seed}"
-                prune(args, snapshot, target, seed, weight)
+                prune_experts(snapshot, target, seed, args.prune_ratio, args.finetune_steps, args.finetune_batch_size,
+                              args.prune_learning_rate, weight, args.num_inference_steps, args.prune_ema, args.max_loss_increase)
                 seconds = base_seconds + time.perf_counter() - started
                 report = json.loads((target / "pruning_report.json").read_text())
                 record({"seed": seed, "model": name, "steps": n + extra, "seconds": round(seconds, 1),

@@ -33,6 +33,9 @@ def test_quick_mode_writes_table_plot_and_resumes(tmp_path):
     pruned = next(r for r in rows if r["arm"] == "tdc_pruned")
     tdc = next(r for r in rows if r["arm"] == "tdc" and r["step"] == 8)
     assert pruned["flops_per_sample"] < tdc["flops_per_sample"]
+    # pruned after TDC's branch (base 4 + 1 stage-2 step), then the 3 remaining steps' samples per expert: 3 × 8
+    assert (pruned["prune_at"], pruned["finetune_steps_per_expert"], pruned["finetune_batch_size"]) == ("branch", 3, 8)
+    assert json.loads((out / "runs" / "tdc_branch-seed0" / "training_regime.json").read_text())["stage"] == 2
     assert (out / "fid_vs_steps.png").stat().st_size > 0 and "| uniform |" in (out / "table.md").read_text()
 
     bench.main(["--quick", "--output_dir", str(out)])  # everything is done: nothing is retrained
@@ -42,6 +45,27 @@ def test_quick_mode_writes_table_plot_and_resumes(tmp_path):
     assert "| tdc_pruned |" in (out / "table.md").read_text() and "Table written" in (out / "table.md").read_text()
     with pytest.raises(SystemExit, match="other settings"):
         bench.main(["--quick", "--output_dir", str(out), "--prune_ratio", "0.3"])
+
+
+def test_prune_recipe_flags_and_results_written_before_the_recipe_flag(tmp_path, capsys):
+    bench = load_benchmark()
+    assert bench.parse_args([]).prune_distill_weight == 0.0  # --prune_at branch: distillation measured worse there
+    assert bench.parse_args(["--prune_at", "end"]).prune_distill_weight == 1.0  # rounds 1 and 2
+    assert bench.parse_args(["--prune_at", "end", "--train_batch_size", "6"]).train_batch_size == 6
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--train_batch_size", "6"])  # branch: a quarter of the batch per expert
+    assert "--train_batch_size must be a multiple of 4, got 6" in capsys.readouterr().err
+    # a results folder of an older version (no prune_at in its settings) summarizes under the recipe it used
+    out = tmp_path / "old"
+    out.mkdir()
+    argv = ["--output_dir", str(out), "--regimes", "uniform", "--seeds", "0", "--max_train_steps", "20", "--summarize_only"]
+    settings = {k: v for k, v in vars(bench.parse_args([*argv, "--prune_at", "end"])).items() if k not in bench.SETTINGS_IGNORED}
+    del settings["prune_at"]
+    (out / "settings.json").write_text(json.dumps(settings))
+    (out / "results.jsonl").write_text(json.dumps(row("uniform", 0, 20, 30.0, 10)) + "\n")
+    assert bench.main([*argv, "--prune_at", "end"])[0]["arm"] == "uniform"
+    with pytest.raises(SystemExit, match="other settings"):
+        bench.main(argv)
 
 
 def test_summary_statistics_and_steps_to_target():
