@@ -529,6 +529,16 @@ def plan(chosen, seeds, done):
     return sorted(jobs, key=lambda job: not any(arm.startswith("tdc") for arm in job[1]))
 
 
+def same_settings(saved, current, chosen):
+    """Whether results written under the ``saved`` settings are what the ``current`` ones ask for: a setting added
+    since counts at the value every run before it had (:data:`SETTINGS_ADDED`), and the pruning settings count only
+    when ``tdc_pruned`` is among the ``chosen`` arms."""
+    saved = {**SETTINGS_ADDED, **saved}
+    if "tdc_pruned" not in chosen:
+        saved, current = ({k: v for k, v in d.items() if not k.startswith("prune_")} for d in (saved, current))
+    return saved == current
+
+
 def appender(results):
     """``record(row)``: appends one JSON line to ``results`` (locked: worker processes share the file)."""
 
@@ -621,10 +631,10 @@ def main(argv=None):
     settings = {k: v for k, v in vars(args).items() if k not in SETTINGS_IGNORED}
     rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
     settings_file = output / "settings.json"
-    if rows and {**SETTINGS_ADDED, **json.loads(settings_file.read_text())} != settings:
+    chosen = chosen_arms(args)
+    if rows and not same_settings(json.loads(settings_file.read_text()), settings, chosen):
         sys.exit(f"error: {results} holds results of other settings; use another --output_dir")
     settings_file.write_text(json.dumps(settings, indent=2))
-    chosen = chosen_arms(args)
 
     done = {(r["arm"], r["seed"]) for r in rows if r["step"] == args.max_train_steps}
     jobs = plan(chosen, [int(s) for s in args.seeds.split(",")], done)

@@ -58,14 +58,17 @@ def test_prune_recipe_flags_and_results_written_before_the_recipe_flag(tmp_path,
     # a results folder of an older version (no prune_at in its settings) summarizes under the recipe it used
     out = tmp_path / "old"
     out.mkdir()
-    argv = ["--output_dir", str(out), "--regimes", "uniform", "--seeds", "0", "--max_train_steps", "20", "--summarize_only"]
+    argv = ["--output_dir", str(out), "--regimes", "uniform,tdc_pruned", "--seeds", "0", "--max_train_steps", "20", "--summarize_only"]
     settings = {k: v for k, v in vars(bench.parse_args([*argv, "--prune_at", "end"])).items() if k not in bench.SETTINGS_IGNORED}
     del settings["prune_at"]
     (out / "settings.json").write_text(json.dumps(settings))
     (out / "results.jsonl").write_text(json.dumps(row("uniform", 0, 20, 30.0, 10)) + "\n")
     assert bench.main([*argv, "--prune_at", "end"])[0]["arm"] == "uniform"
     with pytest.raises(SystemExit, match="other settings"):
-        bench.main(argv)
+        bench.main(argv)  # its tdc_pruned rows were pruned at the end
+    (out / "settings.json").write_text(json.dumps({**settings, "regimes": "uniform"}))
+    uniform_only = [a if a != "uniform,tdc_pruned" else "uniform" for a in argv]
+    assert bench.main(uniform_only)[0]["arm"] == "uniform"  # no pruned arm: the pruning settings do not count
 
 
 def test_summary_statistics_and_steps_to_target():
