@@ -517,7 +517,8 @@ SETTINGS_IGNORED = ("threads", "output_dir", "inception_weights", "step_costs", 
 
 
 def plan(chosen, seeds, done):
-    """The jobs still to run, as ``(seed, arms)``; ``tdc_pruned`` joins its seed's ``tdc`` job (it prunes that run)."""
+    """The jobs still to run, as ``(seed, arms)``; ``tdc_pruned`` joins its seed's ``tdc`` job (with ``--prune_at
+    end`` it prunes that run)."""
     jobs = []
     for seed in seeds:
         todo = [arm for arm in chosen if (arm, seed) not in done]
