@@ -1,5 +1,6 @@
 """--regime tdc: base stage, branching into routed experts, resume in either stage, bad resumes."""
 
+import copy
 import shutil
 
 import pytest
@@ -83,6 +84,27 @@ def test_stage_one_trains_the_base_then_branching_copies_weights_optimizer_and_e
     assert sorted(regime.experts.group_sampler.cluster_of(t).tolist()) == [0, 0, 1, 1, 2, 2]
     assert {"loss/group_0", "loss/group_1", "loss/group_2"} <= set(logs)
     assert not torch.equal(model.experts[0].conv_in.weight, model.experts[1].conv_in.weight)
+
+
+def test_stratified_stage_two_gives_each_expert_the_gradient_of_its_own_group_mean():
+    """As if each expert were fine-tuned alone on its group: not 1/k of that (the batch mean), which under the AdamW
+    second moments inherited from the base would step at about lr/k."""
+    torch.manual_seed(0)
+    regime = make_regime(base_steps=1)
+    model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(8, 1, (8, 16))))
+    regime.experts.branch()
+    clean = torch.randn(6, 1, 8, 8)
+    noise, t = regime.sample(clean)
+    per_sample = ((model(clean + noise, t).sample - noise) ** 2).mean(dim=(1, 2, 3))
+    logged = regime.backward(FakeAccelerator(), per_sample, t, model)
+    torch.testing.assert_close(logged, per_sample.detach().mean())  # the logs keep the batch mean
+    groups = regime.experts.group_sampler.cluster_of(t)
+    for i, expert in enumerate(model.experts):
+        alone = copy.deepcopy(expert)
+        mine = groups == i
+        ((alone(clean[mine] + noise[mine], t[mine]).sample - noise[mine]) ** 2).mean().backward()
+        for own, reference in zip(expert.parameters(), alone.parameters()):
+            torch.testing.assert_close(own.grad, reference.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_round_robin_stage_two_trains_one_expert_per_step_on_a_full_batch_of_its_group():
