@@ -146,8 +146,8 @@ class Regime:
         its own samples, so each expert's gradient is that mean's, as if it were fine-tuned alone on its group (the
         paper's fine-tuning). The batch mean would give each of the k experts 1/k of it; the experts start stage 2
         with the base's AdamW second moments, so they would then step at about 1/k of the learning rate until those
-        decay (β2 = 0.999: most of a short stage 2). Measured on the CPU protocol: 388.1 ± 18.6 against 400.3 ±
-        15.9 with the batch mean, better in every seed. The logged loss stays the batch mean."""
+        decay (β2 = 0.999: most of a short stage 2). Measured on the CPU protocol (README, TDC round 3): 388.1 ±
+        18.6 against 400.3 ± 15.9 with the batch mean, better in every seed. The logged loss stays the batch mean."""
         losses, present = self.cluster_losses(per_sample_loss, timesteps)
         return losses[present].sum()
 
