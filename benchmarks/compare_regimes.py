@@ -194,6 +194,9 @@ def parse_args(argv=None):
         parser.error(f"--checkpointing_steps must be a positive multiple of --eval_every {args.eval_every}, got {args.checkpointing_steps}")
     if args.prune_distill_weight is None:
         args.prune_distill_weight = 0.0 if args.prune_at == "branch" else 1.0
+    if args.prune_at == "branch" and args.max_train_steps < 4:
+        parser.error(f"--prune_at branch prunes one step past TDC's branch (--max_train_steps / 2) and fine-tunes for the "
+                     f"steps left: --max_train_steps must be at least 4, got {args.max_train_steps}")
     if args.prune_at == "branch" and args.train_batch_size % TDC_EXPERTS:
         parser.error(f"--prune_at branch fine-tunes each of the {TDC_EXPERTS} pruned experts at a quarter of the batch: "
                      f"--train_batch_size must be a multiple of {TDC_EXPERTS}, got {args.train_batch_size}")

@@ -55,6 +55,9 @@ def test_prune_recipe_flags_and_results_written_before_the_recipe_flag(tmp_path,
     with pytest.raises(SystemExit):
         bench.parse_args(["--train_batch_size", "6"])  # branch: a quarter of the batch per expert
     assert "--train_batch_size must be a multiple of 4, got 6" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--max_train_steps", "3"])  # no steps left to fine-tune after the branch
+    assert "--max_train_steps must be at least 4, got 3" in capsys.readouterr().err
     # a results folder of an older version (no prune_at in its settings) summarizes under the recipe it used
     out = tmp_path / "old"
     out.mkdir()
