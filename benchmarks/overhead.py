@@ -212,8 +212,9 @@ def main(argv=None):
     times = {name: [] for name in variants}
     names = list(variants)
     for i in range(args.warmup + args.steps):
-        # Each round starts one variant later: a variant that always ran right after the big plain models found
-        # the caches they left (measured: the first arm's step 7-10 % slower than an arm doing the same work).
+        # Each round starts one variant later, so no variant always runs right after the same one (e.g. the big
+        # plain models). It did not remove the 3-10 % by which the uniform arm times slower than arms doing the
+        # same work (min_snr, TDC stage 1): that cause is still unknown.
         for name in names[i % len(names):] + names[:i % len(names)]:
             step = variants[name]
             sync()

@@ -129,11 +129,14 @@ class Regime:
 
     def cluster_losses(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor):
         """(k,) mean weighted loss per cluster over this rank's batch, and which clusters are present."""
-        losses = self.weighted(per_sample_loss, timesteps)
+        return self._cluster_means(self.weighted(per_sample_loss, timesteps), timesteps)
+
+    def _cluster_means(self, terms: torch.Tensor, timesteps: torch.Tensor):
+        """(k,) mean of the weighted per-sample ``terms`` per cluster, and which clusters are present."""
         index = bucketize(timesteps, self.boundaries)
         k = len(self.boundaries) - 1
-        sums = torch.zeros(k, device=losses.device, dtype=losses.dtype).index_add(0, index, losses)
-        counts = torch.bincount(index, minlength=k).to(losses.device)
+        sums = torch.zeros(k, device=terms.device, dtype=terms.dtype).index_add(0, index, terms)
+        counts = torch.bincount(index, minlength=k).to(terms.device)
         return sums / counts.clamp_min(1), counts > 0
 
     @property
@@ -141,15 +144,15 @@ class Regime:
         """Whether this step trains several experts at once on one batch (TDC's stratified stage 2)."""
         return self.experts is not None and self.experts.stage == 2 and self.experts.schedule == "stratified"
 
-    def expert_objective(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The objective of a stratified stage-2 step: the sum over the experts of each one's mean weighted loss on
-        its own samples, so each expert's gradient is that mean's, as if it were fine-tuned alone on its group (the
-        paper's fine-tuning). The batch mean would give each of the k experts 1/k of it; the experts start stage 2
+    def expert_objective(self, terms: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The objective of a stratified stage-2 step, from the weighted per-sample ``terms`` (:meth:`weighted`):
+        the sum over the experts of each one's mean weighted loss on its own samples, so each expert's gradient is
+        that mean's, as if it were fine-tuned alone on its group (the paper's fine-tuning). The batch mean would give each of the k experts 1/k of it; the experts start stage 2
         with the base's AdamW second moments, so they would then step at about 1/k of the learning rate until those
         decay (β2 = 0.999: most of a short stage 2). Measured on the CPU protocol (README, TDC round 3): 388.1 ±
         18.6 against 400.3 ± 15.9 with the batch mean, better in every seed. The logged loss stays the batch mean."""
-        losses, present = self.cluster_losses(per_sample_loss, timesteps)
-        return losses[present].sum()
+        means, present = self._cluster_means(terms, timesteps)
+        return means[present].sum()
 
     def forward_context(self, accelerator, model):
         """Context for the forward pass inside ``accelerator.accumulate``: ``accelerator.no_sync(model)`` on
@@ -161,8 +164,9 @@ class Regime:
     def backward(self, accelerator, per_sample_loss: torch.Tensor, timesteps: torch.Tensor, model=None) -> torch.Tensor:
         """Back-propagates this regime's loss through ``accelerator`` and returns it (detached)."""
         if self.balancer is None:
-            loss = self.compute_loss(per_sample_loss, timesteps)
-            accelerator.backward(self.expert_objective(per_sample_loss, timesteps) if self.per_expert_means else loss)
+            terms = self.weighted(per_sample_loss, timesteps)  # once: the objective and the logged mean share them
+            loss = terms.mean()
+            accelerator.backward(self.expert_objective(terms, timesteps) if self.per_expert_means else loss)
         else:
             losses, present = self.cluster_losses(per_sample_loss, timesteps)
             loss = self.balancer.backward(accelerator, losses, present, model, self.optimizer_steps)
