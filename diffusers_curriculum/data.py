@@ -16,7 +16,7 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -305,6 +305,39 @@ def _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_t
     if max_train_samples is not None:
         hf = hf.select(range(min(max_train_samples, len(hf))))
     return hf
+
+
+def describe_data(dataset_name: Optional[str], train_data_dir: Optional[str], num_examples: int,
+                  max_train_samples: Optional[int] = None) -> str:
+    """The training data in words, for a model card: where it came from and which part of it was used (no local
+    paths: a card is published)."""
+    if train_data_dir is not None:
+        source, detail = "a local image folder", None
+    elif dataset_name == "fashion_mnist":
+        source, detail = "Fashion-MNIST's training split", f"{FASHION_MNIST_HUB_ID}, read offline from Debian's `dataset-fashion-mnist`"
+    elif dataset_name == "digits":
+        source, detail = "scikit-learn's digits", "8×8 grey images"
+    else:
+        source, detail = f"the training split of `{dataset_name}`", None
+    if max_train_samples is not None and num_examples <= max_train_samples:
+        part, detail = f"the first {num_examples:,} images of {source}", "; ".join(filter(None, [detail, f"`--max_train_samples {max_train_samples}`"]))
+    else:
+        part = f"all {num_examples:,} images of {source}"
+    return f"{part} ({detail})" if detail else part
+
+
+def class_names(dataset_name: Optional[str], dataset, num_classes: int) -> Optional[List[str]]:
+    """The names of labels 0 .. num_classes - 1 where the data has them: the embedded sets' classes, a ``datasets``
+    ``ClassLabel`` column (image folders: the class sub-folders); ``None`` otherwise."""
+    names = None
+    if getattr(dataset, "label_column", None) is not None:
+        feature = dataset.dataset.features.get(dataset.label_column)
+        names = getattr(feature, "names", None)
+    elif dataset_name == "fashion_mnist":
+        names = list(FASHION_MNIST_CLASSES)
+    elif dataset_name == "digits":
+        names = [str(i) for i in range(10)]
+    return list(names[:num_classes]) if names and len(names) >= num_classes else None
 
 
 def num_channels(dataset: torch.utils.data.Dataset) -> int:

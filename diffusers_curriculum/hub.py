@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, get_token, hf
 
 from .errors import UsageError, describe_exception
 from .export import needs_remote_code
+from .regimes.words import regime_in_words
 
 # Never uploaded: training state and logs that live next to the pipeline in --output_dir.
 PUSH_IGNORE_PATTERNS = [
@@ -39,6 +40,50 @@ def template_path(name: str) -> Path:
         return Path(__file__).resolve().parents[1] / "model_cards" / f"{name}.md"
 
 
+def training_facts(num_examples: int, data: str, trained_steps: int, total_batch_size: int, num_parameters: int,
+                   trainable_parameters: Optional[int] = None) -> Dict[str, Any]:
+    """What a card states about the run, computed from the run: ``data`` describes the ``num_examples`` training
+    examples in words (:func:`diffusers_curriculum.data.describe_data`); the samples seen and the passes over the
+    data follow from the steps and the total batch (processes × batch × accumulation)."""
+    seen = trained_steps * total_batch_size
+    return {"num_examples": num_examples, "data": data, "trained_steps": trained_steps, "total_batch_size": total_batch_size,
+            "samples_seen": seen, "epochs": seen / num_examples, "num_parameters": num_parameters,
+            "trainable_parameters": trainable_parameters}
+
+
+def training_sections(regime: Dict[str, Any], settings: Dict[str, Any], facts: Optional[Dict[str, Any]], evaluated: bool) -> str:
+    """The card's training data, regime, settings, evaluation and limitations sections (markdown), shared by every
+    template; each sentence is a fact of the run (``facts`` from :func:`training_facts`; ``None`` leaves out what
+    only they tell)."""
+    lines = []
+    if facts is not None:
+        lines += ["## Training data", "",
+                  f"Trained on {facts['data']}. {facts['trained_steps']:,} optimizer steps at a total batch of "
+                  f"{facts['total_batch_size']} saw {facts['samples_seen']:,} examples, {facts['epochs']:.3g} passes over the "
+                  f"data.", ""]
+    lines += ["## Training regime", ""]
+    lines += [f"- {line}" for line in regime_in_words(regime, regime.get("trained_steps", facts and facts["trained_steps"]))]
+    lines += ["", "The full record (every axis, the clusters' boundaries, the curriculum's stage history) is in "
+              "`training_regime.json`.", "", "## Training settings", ""]
+    if facts is not None:
+        size = f"{facts['num_parameters'] / 1e6:.2f}M parameters"
+        if facts.get("trainable_parameters") is not None:
+            size += f", of which {facts['trainable_parameters'] / 1e6:.3g}M trained"
+        lines += [f"Model size: {size}.", ""]
+    lines += ["| setting | value |", "| --- | --- |"]
+    lines += [f"| {key} | `{value}` |" for key, value in settings.items()]
+    lines += ["", "## Evaluation", "",
+              ("No metric (such as FID) was computed for this model; the samples above, from the final weights, are the "
+               "only evaluation." if evaluated else "No metric (such as FID) and no samples were produced for this model."),
+              "", "## Limitations", ""]
+    if facts is not None:
+        lines.append(f"- Trained for {facts['trained_steps']:,} steps on {facts['num_examples']:,} examples: judge the model "
+                     f"by its samples, not by what its architecture reaches elsewhere.")
+    lines += ["- The training regime changes which noise levels were trained and how their losses were weighted; its "
+              "benefit was measured by diffusers-curriculum on small Fashion-MNIST benchmarks, not on this model.", ""]
+    return "\n".join(lines)
+
+
 def write_model_card(
     output_dir: str,
     template: str,
@@ -46,22 +91,27 @@ def write_model_card(
     regime: Dict[str, Any],
     settings: Dict[str, Any],
     pipeline_class: str,
+    facts: Optional[Dict[str, Any]] = None,
     pipeline_tag: Optional[str] = None,
     dataset: Optional[str] = None,
     validation_image: Optional[str] = None,
     tags: Iterable[str] = (),
     base_model: Optional[str] = None,
     license: Optional[str] = None,
+    widget: Optional[list] = None,
     **template_kwargs: Any,
 ) -> Path:
     """Renders ``model_cards/<template>.md`` to ``<output_dir>/README.md``.
 
     The card's loading snippet names ``repo_id`` and passes ``trust_remote_code=True`` only when the saved
     pipeline in ``output_dir`` carries its own code. ``validation_image`` is a path relative to
-    ``output_dir`` (or ``None`` when no samples exist). Values are written as given: pass no tokens and no
-    local paths. ``license`` is the base model's for fine-tunes; a model trained from scratch gets none
-    (the weights are the user's to license).
+    ``output_dir`` (or ``None`` when no samples exist); ``facts`` come from :func:`training_facts`; ``widget``
+    is the Hub's sample gallery (``[{"text": prompt, "output": {"url": path}}]``; default: the validation image).
+    Values are written as given: pass no tokens. ``license`` is the base model's for fine-tunes; a model trained
+    from scratch gets none (the weights are the user's to license).
     """
+    if widget is None and validation_image:
+        widget = [{"output": {"url": validation_image}}]
     card_data = ModelCardData(
         license=license,
         library_name="diffusers",
@@ -69,7 +119,9 @@ def write_model_card(
         tags=["diffusers", "diffusers-training", "diffusers-curriculum", str(regime.get("name", "unknown")), *tags],
         datasets=[dataset] if dataset and not os.path.isabs(dataset) else None,
         base_model=base_model,
+        widget=widget or None,
     )
+    evaluated = bool(validation_image or template_kwargs.get("validation"))
     index = Path(output_dir) / "model_index.json"
     card = ModelCard.from_template(
         card_data,
@@ -83,6 +135,8 @@ def write_model_card(
         dataset=dataset,
         validation_image=validation_image,
         base_model=base_model,
+        training_sections=training_sections(regime, settings, facts, evaluated),
+        facts=facts,
         **template_kwargs,
     )
     path = Path(output_dir) / "README.md"

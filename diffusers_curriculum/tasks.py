@@ -13,6 +13,7 @@ from typing import Any, Dict, List
 import torch
 from diffusers import DDPMPipeline
 
+from .data import class_names
 from .errors import UsageError
 from .pipelines import ClassConditionalPipeline
 
@@ -51,6 +52,10 @@ class Unconditional:
                         output_type="pil").images
 
     def card_settings(self) -> Dict[str, Any]:
+        return {}
+
+    def card_kwargs(self, dataset) -> Dict[str, Any]:
+        """What the task's card template needs beyond the common fields."""
         return {}
 
 
@@ -134,6 +139,13 @@ class ClassConditional(Unconditional):
 
     def card_settings(self) -> Dict[str, Any]:
         return {"num_classes": self.args.num_classes, "class_dropout_prob": self.args.class_dropout_prob}
+
+    def card_kwargs(self, dataset) -> Dict[str, Any]:
+        """The label of each class index (where the data names them) and the labels the card's snippet samples."""
+        names = class_names(self.args.dataset_name if self.args.train_data_dir is None else None, dataset, self.args.num_classes)
+        labels = list(range(min(4, self.args.num_classes)))
+        return {"class_names": names, "example_labels": labels,
+                "example_names": ", ".join(names[label] for label in labels) if names else None}
 
 
 def dataset_labels(dataset) -> torch.Tensor:

@@ -120,7 +120,8 @@ def regime_args(*argv):
         (["--curriculum_patience", "0"], "--curriculum_patience must be >= 1"),
         (["--curriculum_check_every", "0"], "--curriculum_check_every must be >= 1"),
         (["--curriculum_steps_per_stage", "10"], "--curriculum_steps_per_stage needs --curriculum_pacing fixed"),
-        (["--curriculum_pacing", "fixed"], "--curriculum_pacing fixed needs --curriculum_steps_per_stage"),
+        (["--curriculum_share", "0"], "--curriculum_share must be in \\(0, 1\\]"),
+        (["--curriculum_share", "1.5"], "--curriculum_share must be in \\(0, 1\\]"),
         (["--curriculum_pacing", "fixed", "--curriculum_steps_per_stage", "5", "--curriculum_max_stage_steps", "9"],
          "--curriculum_max_stage_steps applies to adaptive"),
         (["--clusters", "0"], "--clusters must be in \\[1, 1000\\]"),  # the shared flag wins over the alias

@@ -38,7 +38,7 @@ def test_loss_decreases_and_saved_pipeline_reloads_and_generates(train_unconditi
     assert images.shape == (3, 32, 32, 1) and np.isfinite(images).all()
     assert (out / "samples" / "final.png").is_file()
     card = (out / "README.md").read_text()
-    assert "samples/final.png" in card and "min_snr" in card and str(tmp_path) not in card
+    assert "samples/final.png" in card and "Min-SNR-γ loss weighting, γ = 5" in card and str(tmp_path) not in card
 
 
 def test_no_validation_card_and_ddim_pipeline(train_unconditional, tmp_path, tiny_flags):
@@ -179,7 +179,7 @@ def test_validation_steps_write_sample_grids(train_unconditional, tmp_path, tiny
     assert sorted(p.name for p in samples.iterdir()) == ["final.png", "step_2.png", "step_4.png"]
     from PIL import Image
 
-    assert Image.open(samples / "step_2.png").size == (64, 64)  # 4 images of 32×32 in a 2×2 grid
+    assert Image.open(samples / "step_2.png").size == (128, 128)  # 4 images of 32×32, shown at 64×64, in a 2×2 grid
 
 
 def test_card_templates_are_found_in_a_source_checkout_without_install(monkeypatch):

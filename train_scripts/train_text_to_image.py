@@ -30,17 +30,18 @@ from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, move_into_place, save_pipeline
-from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, build_caption_dataset
+from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, build_caption_dataset, describe_data
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler, write_training_regime
 from diffusers_curriculum.hub import (
-    base_model_fields, publish_or_exit, resolve_hub_token, write_model_card,
+    base_model_fields, publish_or_exit, resolve_hub_token, training_facts, write_model_card,
 )
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import (
     add_regime_args, build_regime, check_schedule, needs_unused_parameters, validate_regime_args,
 )
+from diffusers_curriculum.regimes.words import regime_in_words
 from diffusers_curriculum.training import (
     after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, configure_logging, end_training, epoch_batches,
     log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
@@ -52,8 +53,9 @@ logger = get_logger(__name__, log_level="INFO")
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CARD_SETTINGS = (
-    "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
-    "max_train_steps", "use_ema", "use_lora", "rank", "mixed_precision", "seed", "prediction_type", "noise_offset",
+    "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
+    "lr_warmup_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
+    "use_ema", "use_lora", "rank", "mixed_precision", "seed", "prediction_type", "noise_offset",
 )
 
 
@@ -89,8 +91,8 @@ def build_parser() -> ArgumentParser:
     validation = parser.add_argument_group("validation")
     validation.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="Prompts sampled every --validation_epochs and at the end.")
     validation.add_argument("--validation_prompt", type=str, default=None, help="One validation prompt (diffusers' LoRA script's flag).")
-    validation.add_argument("--num_validation_images", type=int, default=1, help="Images per validation prompt.")
-    validation.add_argument("--validation_epochs", type=int, default=1, help="Sample the validation prompts every N epochs.")
+    validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
+    validation.add_argument("--validation_epochs", type=int, default=5, help="Sample the validation prompts every N epochs.")
     validation.add_argument("--num_validation_inference_steps", type=int, default=25, help="Sampling steps of the validation images.")
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the pipeline (or LoRA weights), checkpoints and logs go.")
@@ -266,7 +268,16 @@ def main(args):
         cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=args.seed or 0,
         interpolation=args.image_interpolation_mode,
     )
-    regime = build_regime(args, noise_scheduler, accelerator)
+    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
+                                                   collate_fn=collate(tokenizer), num_workers=args.dataloader_num_workers,
+                                                   drop_last=True)
+    if len(train_dataloader) == 0:
+        raise UsageError(f"--train_batch_size {args.train_batch_size} is larger than the data set ({len(dataset)} images)")
+    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    check_schedule(args, args.max_train_steps)
+    regime = build_regime(args, noise_scheduler, accelerator, args.max_train_steps)  # the run's length sizes a curriculum
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -291,15 +302,6 @@ def main(args):
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(args, trainable, learning_rate, accelerator.device)
-    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                   collate_fn=collate(tokenizer), num_workers=args.dataloader_num_workers,
-                                                   drop_last=True)
-    if len(train_dataloader) == 0:
-        raise UsageError(f"--train_batch_size {args.train_batch_size} is larger than the data set ({len(dataset)} images)")
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    check_schedule(args, args.max_train_steps)
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
     done = already_done(accelerator, args, resume_path, done_file(args), regime)  # a finished run's re-run: nothing to train
     if done is not None:
@@ -370,7 +372,8 @@ def main(args):
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step)
+            finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step,
+                   len(dataset), total_batch_size)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
     del unet, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
@@ -424,7 +427,8 @@ def save_lora(unet, output_dir):
     shutil.rmtree(tmp)
 
 
-def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step):
+def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step, num_examples,
+           total_batch_size):
     """Saves the pipeline (the EMA weights with --use_ema) or the LoRA weights, the validation images and the
     model card; then pushes when asked."""
     record = {**regime.describe(), "trained_steps": global_step}
@@ -438,13 +442,23 @@ def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, nois
         images = log_validation(args, accelerator, pipeline, "final", global_step) if args.validation_prompts else []
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings.update(trained_steps=global_step, prediction_type=noise_scheduler.config.prediction_type)
+    record = regime.describe()
+    if record.get("stage_history"):
+        logger.info(regime_in_words(record, global_step)[-1])  # how far the curriculum got
     dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
+    unet_parameters = list(pipeline.unet.parameters())
+    facts = training_facts(num_examples, describe_data(args.dataset_name, args.train_data_dir, num_examples, args.max_train_samples),
+                           global_step, total_batch_size, sum(p.numel() for p in unet_parameters),
+                           sum(p.numel() for p in unet_parameters if p.requires_grad) if args.use_lora else None)
+    validation = list(zip(args.validation_prompts or [], images))
+    base = base_model_fields(args.pretrained_model_name_or_path)
     write_card = functools.partial(
-        write_model_card, args.output_dir, "text_to_image", regime=regime.describe(), settings=settings,
+        write_model_card, args.output_dir, "text_to_image", regime=record, settings=settings, facts=facts,
         pipeline_class="StableDiffusionPipeline", pipeline_tag="text-to-image", dataset=dataset,
-        tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])],
-        **base_model_fields(args.pretrained_model_name_or_path), use_lora=args.use_lora, validation=list(zip(args.validation_prompts or [], images)),
-        num_inference_steps=args.num_validation_inference_steps,
+        tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])], **base,
+        widget=[{"text": prompt, "output": {"url": image}} for prompt, image in validation],
+        base_model_path=None if base["base_model"] else args.pretrained_model_name_or_path,
+        use_lora=args.use_lora, validation=validation, num_inference_steps=args.num_validation_inference_steps,
     )
     logger.info(f"Saved {'LoRA weights' if args.use_lora else 'StableDiffusionPipeline'} to {args.output_dir}")
     publish_or_exit(args, write_card)

@@ -21,17 +21,21 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
+from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, save_pipeline
-from diffusers_curriculum.data import BUILTIN_DATASETS, HUB_DATASET_IDS, INTERPOLATION_MODES, build_dataset, num_channels
+from diffusers_curriculum.data import (
+    BUILTIN_DATASETS, HUB_DATASET_IDS, INTERPOLATION_MODES, build_dataset, describe_data, num_channels,
+)
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
 from diffusers_curriculum.export import stock_scheduler
-from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, write_model_card
+from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, training_facts, write_model_card
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
+from diffusers_curriculum.regimes.words import regime_in_words
 from diffusers_curriculum.training import (
     after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, configure_logging, end_training, epoch_batches,
     log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
@@ -44,9 +48,10 @@ logger = get_logger(__name__, log_level="INFO")
 # Flags that describe the run in the model card; nothing secret, no local paths.
 CARD_SETTINGS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
-    "lr_warmup_steps", "max_train_steps", "use_ema", "ema_max_decay", "mixed_precision", "seed",
-    "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
+    "lr_warmup_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
+    "use_ema", "ema_max_decay", "mixed_precision", "seed", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
 )
+CARD_TILE = 64  # sample grids show each image at least this many pixels wide
 
 
 def build_parser(task_cls=Unconditional) -> ArgumentParser:
@@ -65,7 +70,7 @@ def build_parser(task_cls=Unconditional) -> ArgumentParser:
     data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N images only (debugging, quick runs).")
     data.add_argument("--cache_dir", type=str, default=None, help="Where datasets caches downloaded data.")
     data.add_argument("--resolution", type=int, default=32, help="Training images are resized and cropped to this size.")
-    data.add_argument("--center_crop", default=True, action=argparse.BooleanOptionalAction,
+    data.add_argument("--center_crop", default=False, action=argparse.BooleanOptionalAction,
                       help="Crop the centre (else a random crop, drawn per image and epoch).")
     data.add_argument("--random_flip", default=False, action="store_true", help="Flip images horizontally at random (per image and epoch).")
     data.add_argument("--image_interpolation_mode", type=str, default="bilinear", choices=INTERPOLATION_MODES,
@@ -187,6 +192,9 @@ def save_sample_grid(args, task, pipeline, path, seed):
     """Generates ``--eval_batch_size`` images and saves them as one PNG grid at ``path``."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     images = task.generate(pipeline, args.eval_batch_size, args.ddpm_num_inference_steps, generator)
+    scale = math.ceil(CARD_TILE / images[0].width)  # small images are enlarged (nearest) to be seen
+    if scale > 1:
+        images = [image.resize((image.width * scale, image.height * scale), Image.NEAREST) for image in images]
     rows = int(math.sqrt(len(images)))
     while len(images) % rows:
         rows -= 1
@@ -220,14 +228,6 @@ def main(args, evaluate=None):
     noise_scheduler = DDPMScheduler(
         num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule, prediction_type=args.prediction_type
     )
-    regime = build_regime(args, noise_scheduler, accelerator)
-
-    model = UNet2DModel.from_config(unet_config)
-    if args.enable_xformers_memory_efficient_attention:
-        model.enable_xformers_memory_efficient_attention()
-    model = regime.wrap_model(model)  # e.g. TDC trains a timestep-routed copy per group
-    ema_model = make_ema(args, model)
-    optimizer = make_optimizer(args, model.parameters(), args.learning_rate, accelerator.device)
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers, drop_last=True
     )
@@ -237,6 +237,14 @@ def main(args, evaluate=None):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
     check_schedule(args, args.max_train_steps)
+    regime = build_regime(args, noise_scheduler, accelerator, args.max_train_steps)  # the run's length sizes a curriculum
+
+    model = UNet2DModel.from_config(unet_config)
+    if args.enable_xformers_memory_efficient_attention:
+        model.enable_xformers_memory_efficient_attention()
+    model = regime.wrap_model(model)  # e.g. TDC trains a timestep-routed copy per group
+    ema_model = make_ema(args, model)
+    optimizer = make_optimizer(args, model.parameters(), args.learning_rate, accelerator.device)
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
     done = already_done(accelerator, args, resume_path, "model_index.json", regime)  # a finished run's re-run: nothing to train
     if done is not None:
@@ -323,7 +331,8 @@ def main(args, evaluate=None):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             validated = bool(args.validation_steps) and global_step % args.validation_steps == 0  # this step's grid is out
-            finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, evaluate, validated)
+            finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, dataset, total_batch_size,
+                   evaluate, validated)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
     del model, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
@@ -342,7 +351,8 @@ def validate(args, task, accelerator, model, ema_model, noise_scheduler, global_
             evaluate(global_step, pipeline)
 
 
-def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, evaluate=None, validated=False):
+def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, dataset, total_batch_size,
+           evaluate=None, validated=False):
     """Saves the pipeline (the EMA weights with --use_ema), a sample grid and the model card; unless the last
     step was ``validated`` already, sends the grid to the trackers and calls ``evaluate``; then pushes when asked."""
     with shipped_weights(accelerator, model, ema_model, final=True) as shipped:  # training is over: no restore
@@ -359,11 +369,19 @@ def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, g
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings["trained_steps"] = global_step
     settings.update(task.card_settings())
-    dataset = None if args.train_data_dir is not None else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
+    record = regime.describe()
+    progress = regime_in_words(record, global_step)[-1] if record.get("stage_history") else None
+    if progress:
+        logger.info(progress)
+    num_examples = len(dataset)
+    facts = training_facts(num_examples, describe_data(args.dataset_name, args.train_data_dir, num_examples, args.max_train_samples),
+                           global_step, total_batch_size, sum(p.numel() for p in pipeline.unet.parameters()))
     write_card = functools.partial(
-        write_model_card, args.output_dir, task.card_template, regime=regime.describe(), settings=settings,
-        pipeline_class=type(pipeline).__name__, pipeline_tag=task.pipeline_tag, dataset=dataset,
+        write_model_card, args.output_dir, task.card_template, regime=record, settings=settings, facts=facts,
+        pipeline_class=type(pipeline).__name__, pipeline_tag=task.pipeline_tag,
+        dataset=None if args.train_data_dir is not None else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name),
         validation_image=validation_image, use_ema=args.use_ema, num_inference_steps=args.ddpm_num_inference_steps,
+        **task.card_kwargs(dataset),
     )
     logger.info(f"Saved {type(pipeline).__name__} to {args.output_dir}")
     publish_or_exit(args, write_card)

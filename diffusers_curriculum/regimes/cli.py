@@ -17,6 +17,7 @@ Each preset keeps its own flags as aliases of the shared ones (:data:`ALIASES`: 
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Any, Dict, Optional, Tuple
 
 from ..affinity import load_affinity
@@ -26,13 +27,17 @@ from ..weighting import WEIGHTINGS
 from .balancers import BALANCERS, SELF_FORMED, build_balancer
 from .experts import EXPERT_SCHEDULES, ExpertLayout
 from .regime import Regime
-from .timesteps import CLUSTERED, TIMESTEP_SAMPLING, AdaptivePacing, FixedPacing, make_timestep_sampler
+from .timesteps import (
+    CLUSTERED, TIMESTEP_SAMPLING, AdaptivePacing, FixedPacing, curriculum_outlook, make_timestep_sampler, stage_step_cap,
+)
+
+logger = logging.getLogger(__name__)
 from .weighting import Weighting
 
 # The registry: presets name the axes they set; nothing is added to it by importing a module.
 PRESETS: Dict[str, Dict[str, Any]] = {
     "uniform": {},
-    "curriculum": {"timestep_sampling": "curriculum", "clusters": 20, "cluster_cost": "equal"},
+    "curriculum": {"timestep_sampling": "curriculum", "clusters": 5, "cluster_cost": "equal"},
     "ant": {"timestep_sampling": "stratified", "balancer": "uw", "clusters": 5, "cluster_cost": "log_snr"},
     "tdc": {"experts": 4, "cluster_cost": "log_snr"},
 }
@@ -47,6 +52,8 @@ WEIGHTING_SCHEMES = {"logit_normal": "logit_normal", "mode": "mode", "cosmap": "
 AXES = ("timestep_sampling", "balancer", "experts", "experts_base_steps", "clusters", "cluster_cost", "affinity_path")
 DEFAULTS = {"timestep_sampling": "uniform", "balancer": "none"}
 DEFAULT_CLUSTER_COST = "log_snr"  # --clusters without --cluster_cost: ANT's DP on log-SNR
+DEFAULT_SNR_GAMMA = 5.0  # --weighting min_snr without --snr_gamma: the γ diffusers' scripts recommend
+DEFAULT_CHECK_EVERY = 50  # adaptive pacing's check interval when the run's length is unknown
 
 
 # ---- flags --------------------------------------------------------------------------------------------------
@@ -98,13 +105,22 @@ def add_regime_args(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--timestep_bias_end", type=int, default=1000, help="End of the biased range (range).")
     sampling.add_argument("--curriculum_pacing", type=str, default="adaptive", choices=["adaptive", "fixed"],
                           help="--timestep_sampling curriculum: when to move to the next, harder stage.")
+    sampling.add_argument("--curriculum_share", type=float, default=0.2,
+                          help="Most of --max_train_steps the curriculum's stages may take before the full range: each stage "
+                               "lasts at most share · max_train_steps / stages steps (the curriculum sweep's recommendation: "
+                               "5 stages in 10-20%% of the run).")
     sampling.add_argument("--curriculum_patience", type=int, default=5, help="Adaptive: non-improving checks before advancing.")
-    sampling.add_argument("--curriculum_check_every", type=int, default=50, help="Adaptive: steps between checks.")
-    sampling.add_argument("--curriculum_max_stage_steps", type=int, default=None, help="Adaptive: step cap per stage.")
-    sampling.add_argument("--curriculum_steps_per_stage", type=int, default=None, help="Fixed pacing: steps per stage.")
+    sampling.add_argument("--curriculum_check_every", type=int, default=None,
+                          help="Adaptive: steps between checks (default: max_train_steps // 50, at most a stage's cap).")
+    sampling.add_argument("--curriculum_max_stage_steps", type=int, default=None,
+                          help="Adaptive: step cap per stage (default: from --curriculum_share).")
+    sampling.add_argument("--curriculum_steps_per_stage", type=int, default=None,
+                          help="Fixed pacing: steps per stage (default: from --curriculum_share).")
 
     weighting = parser.add_argument_group("loss weighting settings")
-    weighting.add_argument("--snr_gamma", type=float, default=None, help="γ of Min-SNR-γ loss weighting (recommended 5.0, arXiv 2303.09556).")
+    weighting.add_argument("--snr_gamma", type=float, default=None,
+                           help=f"γ of Min-SNR-γ loss weighting (arXiv 2303.09556); selects --weighting min_snr, which "
+                                f"defaults to {DEFAULT_SNR_GAMMA:g} as diffusers recommends.")
     weighting.add_argument("--p2_gamma", type=float, default=1.0, help="γ of P2 weighting 1/(k+SNR)^γ.")
     weighting.add_argument("--p2_k", type=float, default=1.0, help="k of P2 weighting 1/(k+SNR)^γ.")
     weighting.add_argument("--learned_weighting_lr", type=float, default=1e-2,
@@ -115,7 +131,7 @@ def add_regime_args(parser: argparse.ArgumentParser) -> None:
     balancer.add_argument("--nash_update_every", type=int, default=25, help="--balancer nash: steps between bargaining solves.")
 
     aliases = parser.add_argument_group("preset aliases (read under their --regime only)")
-    aliases.add_argument("--curriculum_clusters", type=int, default=None, help="--regime curriculum: --clusters (default 20).")
+    aliases.add_argument("--curriculum_clusters", type=int, default=None, help="--regime curriculum: --clusters (default 5).")
     aliases.add_argument("--curriculum_cluster_cost", type=str, default=None, choices=["equal", "timestep", "snr", "log_snr"],
                          help="--regime curriculum: --cluster_cost (default equal).")
     aliases.add_argument("--ant_clusters", type=int, default=None, help="--regime ant: --clusters (default 5).")
@@ -203,7 +219,9 @@ def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional
     (:func:`build_regime` gives the scheduler's)."""
     if args.weighting is None:
         args.weighting = "min_snr" if args.snr_gamma is not None else "none"
-    if args.weighting == "min_snr" and (args.snr_gamma is None or not args.snr_gamma > 0):
+    if args.weighting == "min_snr" and args.snr_gamma is None:
+        args.snr_gamma = DEFAULT_SNR_GAMMA
+    if args.weighting == "min_snr" and not args.snr_gamma > 0:
         raise UsageError(f"--weighting min_snr needs --snr_gamma > 0, got {args.snr_gamma}")
     if args.snr_gamma is not None and args.weighting != "min_snr":
         raise UsageError(f"--snr_gamma is set but --weighting is {args.weighting!r}; drop one of them")
@@ -264,11 +282,15 @@ def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional
         raise UsageError(f"{flag(axes, 'affinity_path')} is only used with {flag(axes, 'cluster_cost')} affinity")
     if sampling == "curriculum":
         check_pacing(args)
+        if getattr(args, "max_train_steps", None) is not None:
+            curriculum_warning(args, args.max_train_steps)  # a schedule that never leaves its first stage: an error now
 
 
 def check_pacing(args: argparse.Namespace) -> None:
+    if not 0 < args.curriculum_share <= 1:
+        raise UsageError(f"--curriculum_share must be in (0, 1], got {args.curriculum_share}")
     if args.curriculum_pacing == "fixed":
-        if args.curriculum_steps_per_stage is None or args.curriculum_steps_per_stage < 1:
+        if args.curriculum_steps_per_stage is not None and args.curriculum_steps_per_stage < 1:
             raise UsageError(f"--curriculum_pacing fixed needs --curriculum_steps_per_stage >= 1, got {args.curriculum_steps_per_stage}")
         if args.curriculum_max_stage_steps is not None:
             raise UsageError("--curriculum_max_stage_steps applies to adaptive pacing; fixed pacing uses --curriculum_steps_per_stage")
@@ -276,10 +298,46 @@ def check_pacing(args: argparse.Namespace) -> None:
     if args.curriculum_steps_per_stage is not None:
         raise UsageError("--curriculum_steps_per_stage needs --curriculum_pacing fixed (adaptive pacing uses --curriculum_patience)")
     for name in ("curriculum_patience", "curriculum_check_every"):
-        if getattr(args, name) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.curriculum_max_stage_steps is not None and args.curriculum_max_stage_steps < 1:
         raise UsageError(f"--curriculum_max_stage_steps must be >= 1, got {args.curriculum_max_stage_steps}")
+
+
+def build_pacing(args: argparse.Namespace, num_stages: int, max_train_steps: Optional[int] = None):
+    """The curriculum's pacing. Unset lengths come from ``--curriculum_share`` of ``max_train_steps``
+    (:func:`~diffusers_curriculum.regimes.timesteps.stage_step_cap`): the fixed steps per stage, or adaptive pacing's
+    step cap and its check interval (max_train_steps // 50, at most the cap). Without ``max_train_steps`` adaptive
+    pacing checks every 50 steps and has no cap."""
+    cap = stage_step_cap(max_train_steps, args.curriculum_share, num_stages) if max_train_steps else None
+    if args.curriculum_pacing == "fixed":
+        steps = args.curriculum_steps_per_stage or cap
+        if steps is None:
+            raise UsageError("--curriculum_pacing fixed needs --curriculum_steps_per_stage, or --max_train_steps to derive it "
+                             "from --curriculum_share")
+        return FixedPacing(steps)
+    check_every = args.curriculum_check_every or (max(1, min(cap, max_train_steps // 50)) if cap else DEFAULT_CHECK_EVERY)
+    return AdaptivePacing(args.curriculum_patience, check_every, args.curriculum_max_stage_steps or cap)
+
+
+def curriculum_warning(args: argparse.Namespace, max_train_steps: int) -> Optional[str]:
+    """For a curriculum run of ``max_train_steps``: ``None`` when it surely reaches its last stage, else a warning
+    naming the numbers and the flags that set them. A schedule that never leaves its first stage is a
+    :class:`UsageError`."""
+    axes = resolve_axes(args)
+    if axes["timestep_sampling"][0] != "curriculum" or axes["clusters"][0] is None:
+        return None
+    stages = axes["clusters"][0]
+    names = (("curriculum_steps_per_stage",) if args.curriculum_pacing == "fixed"
+             else ("curriculum_max_stage_steps", "curriculum_check_every"))
+    given = [f"--{name} {getattr(args, name)}" for name in names if getattr(args, name) is not None]
+    cause = (f"set by {', '.join(given)}; without {'it' if len(given) == 1 else 'them'} --curriculum_share sizes the stages "
+             f"to the run" if given else f"the run is too short for {stages} stages: lower {flag(axes, 'clusters')}")
+    try:
+        outlook = curriculum_outlook(stages, build_pacing(args, stages, max_train_steps), max_train_steps)
+    except ValueError as e:
+        raise UsageError(f"{e} ({cause})") from None
+    return None if outlook is None else f"{outlook} ({cause})"
 
 
 def check_schedule(args: argparse.Namespace, max_train_steps: int) -> None:
@@ -289,6 +347,7 @@ def check_schedule(args: argparse.Namespace, max_train_steps: int) -> None:
     if axes["experts"][0] is not None and base_steps is not None and base_steps >= max_train_steps:
         raise UsageError(f"{flag(axes, 'experts_base_steps')} {base_steps} leaves no stage-2 steps: it must be below the "
                          f"{max_train_steps} total training steps")
+    curriculum_warning(args, max_train_steps)  # raises when the curriculum would never leave its first stage
 
 
 def needs_unused_parameters(args: argparse.Namespace) -> bool:
@@ -297,12 +356,15 @@ def needs_unused_parameters(args: argparse.Namespace) -> bool:
 
 
 # ---- building -----------------------------------------------------------------------------------------------
-def build_regime(args: argparse.Namespace, noise_scheduler, accelerator=None) -> Regime:
+def build_regime(args: argparse.Namespace, noise_scheduler, accelerator=None, max_train_steps: Optional[int] = None) -> Regime:
     """The regime the flags ask for, after checking them against the scheduler's T. ``accelerator`` gives this
-    rank and the world size (one process without it)."""
+    rank and the world size (one process without it); ``max_train_steps`` (default: ``args.max_train_steps``) is
+    the run's length, which sizes the curriculum's stages (``--curriculum_share``) and warns when its last stage may
+    be out of reach."""
     T = noise_scheduler.config.num_train_timesteps
     validate_regime_args(args, T)
     axes = resolve_axes(args)
+    max_train_steps = max_train_steps or getattr(args, "max_train_steps", None)
     seed = 0 if args.seed is None else args.seed
     sampling, k, cost = axes["timestep_sampling"][0], axes["clusters"][0], axes["cluster_cost"][0]
     boundaries = None
@@ -311,8 +373,10 @@ def build_regime(args: argparse.Namespace, noise_scheduler, accelerator=None) ->
         boundaries = partition(cost, k, T, noise_scheduler.alphas_cumprod, affinity, group_size)
     pacing = None
     if sampling == "curriculum":
-        pacing = (FixedPacing(args.curriculum_steps_per_stage) if args.curriculum_pacing == "fixed"
-                  else AdaptivePacing(args.curriculum_patience, args.curriculum_check_every, args.curriculum_max_stage_steps))
+        pacing = build_pacing(args, k, max_train_steps)
+        warning = curriculum_warning(args, max_train_steps) if max_train_steps else None
+        if warning and (accelerator is None or accelerator.is_main_process):
+            logger.warning(warning[0].upper() + warning[1:])
     bias = {key: getattr(args, f"timestep_bias_{key}") for key in ("strategy", "multiplier", "portion", "begin", "end")}
     try:
         sampler = make_timestep_sampler(sampling, T, seed, boundaries, pacing, args.logit_mean, args.logit_std,

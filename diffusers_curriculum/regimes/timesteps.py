@@ -88,6 +88,58 @@ class AdaptivePacing:
         return False
 
 
+def stage_step_cap(max_train_steps: int, share: float, num_stages: int) -> int:
+    """Steps per stage that keep the curriculum within ``share`` of a ``max_train_steps`` run: ⌊share · steps / N⌋
+    (at least 1), so the N − 1 stages before the full range end by step share · steps · (N − 1) / N.
+
+    The default share, 0.2 with N = 5 stages, is the setting of the curriculum sweep that ended ahead of uniform
+    (benchmarks/RESULTS.md, "How much warm-up the curriculum should get")."""
+    return max(1, int(share * max_train_steps / num_stages))
+
+
+def stage_steps_range(pacing) -> Tuple[int, Optional[int]]:
+    """(fewest, most) optimizer steps a stage can last under ``pacing``; ``None`` when nothing bounds it.
+
+    Fixed pacing lasts exactly its steps. Adaptive pacing checks every ``check_every`` steps: the first check sets the
+    best loss, so ``patience`` failed checks after it end a stage at step (patience + 1) · check_every at the
+    earliest; ``max_stage_steps`` ends it at the latest."""
+    if isinstance(pacing, FixedPacing):
+        return pacing.steps_per_stage, pacing.steps_per_stage
+    fewest = (pacing.patience + 1) * pacing.check_every
+    if pacing.max_stage_steps is None:
+        return fewest, None
+    return min(fewest, pacing.max_stage_steps), pacing.max_stage_steps
+
+
+def steps(n: int) -> str:
+    return f"{n} step{'' if n == 1 else 's'}"
+
+
+def curriculum_outlook(num_stages: int, pacing, max_train_steps: int) -> Optional[str]:
+    """What a ``max_train_steps`` run can expect of an ``num_stages``-stage curriculum: ``None`` when it surely
+    reaches its last stage (the full range) with steps to spare, else a sentence naming the numbers.
+
+    Raises :class:`ValueError` when the run cannot even leave its first stage: it would train on the easiest
+    cluster only."""
+    if num_stages < 2:
+        return None
+    fewest, most = stage_steps_range(pacing)
+    if fewest >= max_train_steps:
+        raise ValueError(f"the curriculum's first stage lasts at least {steps(fewest)}, so a {max_train_steps}-step run never "
+                         f"leaves it and trains only on its easiest cluster")
+    transitions = num_stages - 1
+    if fewest * transitions >= max_train_steps:
+        reachable = 1 + (max_train_steps - 1) // fewest
+        return (f"the curriculum cannot reach its last stage in {max_train_steps} steps: each of its {num_stages} stages "
+                f"lasts at least {steps(fewest)}, so the run ends in stage {reachable} of {num_stages} at best and never "
+                f"trains the full range")
+    if most is None or most * transitions >= max_train_steps:
+        length = f"{steps(fewest)} or more, with no cap" if most is None else f"{fewest} to {steps(most)}"
+        return (f"the curriculum may not reach its last stage in {max_train_steps} steps: each of its {num_stages} stages "
+                f"lasts {length}, and {transitions} stage changes come before the full range")
+    return None
+
+
 def describe_pacing(pacing) -> Dict[str, Any]:
     """The pacing's settings (not its running state), for the record."""
     return {"policy": type(pacing).__name__, **{k: v for k, v in asdict(pacing).items() if k not in pacing.STATE_FIELDS}}
