@@ -128,3 +128,49 @@ def test_resume_with_class_dropout_reproduces_the_uninterrupted_run(script, tmp_
     resumed = run(script, tmp_path, tiny_flags, *flags, "--resume_from_checkpoint", "latest", name="resumed")
     assert resumed["losses"] == pytest.approx(straight["losses"][4:], rel=1e-5)
     assert resumed["regime_state"]["sampler"]["stage"] == straight["regime_state"]["sampler"]["stage"]
+
+
+FASHION_MNIST_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+
+
+def test_card_states_the_facts_of_the_run(script, tmp_path, tiny_flags):
+    """Each fact on the card, checked against the run: examples, steps, samples seen, model size, regime, classes."""
+    run(script, tmp_path, tiny_flags, "--max_train_steps", "6", "--regime", "ant", "--ant_clusters", "3", "--snr_gamma", "2")
+    out = tmp_path / "run"
+    card, record = (out / "README.md").read_text(), read_training_regime(out)
+    # data: 64 images (--max_train_samples), 6 steps of 8 = 48 images = 0.75 passes
+    assert "on 64 images of **zalando-datasets/fashion_mnist**" in card
+    assert "Trained on the first 64 images of Fashion-MNIST's training split" in card and "`--max_train_samples 64`" in card
+    assert "6 optimizer steps at a total batch of 8 saw 48 examples, 0.75 passes over the data." in card
+    assert "60,000" not in card and "all " not in card.split("## Training data")[1].split("##")[0]
+    # model size: counted on the saved UNet
+    unet = UNet2DModel.from_pretrained(out / "unet")
+    assert f"Model size: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters." in card
+    # the regime in words, against the record
+    clusters = ", ".join(f"[{a}, {b})" for a, b in record["clusters"])
+    assert len(record["clusters"]) == 3
+    assert f"- Clusters: 3 timestep intervals by ANT's exact interval DP on the log-SNR: {clusters}." in card
+    assert "- Timesteps: every batch stratified over the clusters" in card
+    assert "- Loss: Min-SNR-γ loss weighting, γ = 2." in card
+    assert "- Balancer: Uncertainty Weighting of the clusters' losses (ANT; learning rate 0.025)." in card
+    assert "{'" not in card and "[{" not in card  # no Python reprs
+    # classes by name, and the snippet's labels named
+    for label, name in enumerate(FASHION_MNIST_NAMES):
+        assert f"| {label} | {name} |" in card
+    assert "class_labels=[0, 1, 2, 3], guidance_scale=3.0" in card and "# T-shirt/top, Trouser, Pullover, Dress" in card
+    # settings the optimizer ran with, and the Hub's gallery
+    assert "| adam_beta1 | `0.95` |" in card and "| adam_weight_decay | `1e-06` |" in card
+    assert "widget:\n- output:\n    url: samples/final.png" in card
+    assert "## Evaluation" in card and "## Limitations" in card
+
+
+def test_class_names_come_from_a_folder_of_class_subfolders(tmp_path):
+    from diffusers_curriculum.data import build_dataset, class_names
+
+    for label in ("cat", "dog"):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / "data" / label / f"{i}.png")
+    dataset = build_dataset(None, str(tmp_path / "data"), 8, label_column="label")
+    assert class_names(None, dataset, 2) == ["cat", "dog"]
+    assert class_names(None, dataset, 3) is None  # more classes than the data names: no names rather than wrong ones

@@ -7,7 +7,9 @@ from diffusers_curriculum import read_training_regime
 from diffusers_curriculum.clustering import boundaries_to_clusters, check_boundaries, equal_boundaries, partition
 from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.regimes import Regime, build_regime
-from diffusers_curriculum.regimes.timesteps import AdaptivePacing, CurriculumSampler, FixedPacing, stage_interval
+from diffusers_curriculum.regimes.timesteps import (
+    AdaptivePacing, CurriculumSampler, FixedPacing, curriculum_outlook, stage_interval, stage_step_cap, stage_steps_range,
+)
 
 from conftest import regime_args as conftest_regime_args
 
@@ -154,7 +156,9 @@ def test_script_records_stage_history_in_the_regime_file_and_card(train_uncondit
         {"stage": 1, "start_step": 0, "t_min": 75}, {"stage": 2, "start_step": 3, "t_min": 50},
         {"stage": 3, "start_step": 6, "t_min": 25}, {"stage": 4, "start_step": 9, "t_min": 0},
     ]
-    assert "stage_history" in (tmp_path / "run" / "README.md").read_text()
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert "Curriculum pacing: fixed pacing: 3 steps per stage." in card
+    assert "The curriculum reached stage 4 of 4 (the full range) at step 9 of 14" in card
 
 
 def test_resume_mid_stage_reproduces_stage_history_and_draws(train_unconditional, tmp_path, tiny_flags):
@@ -184,3 +188,80 @@ def test_curriculum_cluster_cost_is_wired_to_the_stages():
     assert expected != equal_boundaries(1000, 4)
     assert regime.sampler.clusters == boundaries_to_clusters(expected) and regime.boundaries == expected
     assert regime.sampler.t_min == expected[3]  # stage 1: the highest-t cluster of the DP
+
+
+# ---- the preset's defaults fit the run (--curriculum_share) ----------------------------------------------------
+def test_stage_cap_and_stage_lengths_by_hand():
+    assert stage_step_cap(200, 0.2, 5) == 8 and stage_step_cap(1000, 0.2, 5) == 40 and stage_step_cap(10, 0.2, 5) == 1
+    assert stage_steps_range(FixedPacing(7)) == (7, 7)
+    # first check sets the best, then 5 failed checks of 50 steps: 300 steps at the earliest, no cap
+    assert stage_steps_range(AdaptivePacing(patience=5, check_every=50)) == (300, None)
+    assert stage_steps_range(AdaptivePacing(patience=5, check_every=20, max_stage_steps=40)) == (40, 40)
+
+
+def test_outlook_names_how_far_the_old_twenty_stage_default_got():
+    old = AdaptivePacing(patience=5, check_every=50)  # the preset before --curriculum_share: 20 stages, no cap
+    assert "stage 4 of 20 at best" in curriculum_outlook(20, old, 1000)  # stages change at 300, 600, 900
+    with pytest.raises(ValueError, match="never leaves it"):
+        curriculum_outlook(20, old, 200)
+    assert "may not reach" in curriculum_outlook(5, AdaptivePacing(patience=1, check_every=10), 1000)  # no cap
+    assert curriculum_outlook(5, AdaptivePacing(patience=5, check_every=20, max_stage_steps=40), 1000) is None
+
+
+@pytest.mark.parametrize("max_train_steps", [200, 1000])
+@pytest.mark.parametrize("loss", ["improving", "flat"])
+def test_default_curriculum_reaches_its_last_stage_within_a_fifth_of_the_run(max_train_steps, loss):
+    """Whatever the loss does (an always-improving loss never trips the patience, so only the cap advances), the
+    default preset reaches the full range within --curriculum_share 0.2 of the run."""
+    regime = build_regime(regime_args(), DDPMScheduler(num_train_timesteps=1000), max_train_steps=max_train_steps)
+    sampler = regime.sampler
+    assert sampler.num_stages == 5 and stage_interval(sampler.clusters, 1) == (800, 1000)
+    for step in range(1, max_train_steps + 1):
+        sampler.advance(1.0 / step if loss == "improving" else 1.0, step)
+    last = sampler.stage_history[-1]
+    assert last["stage"] == 5 and last["t_min"] == 0 and last["start_step"] <= 0.2 * max_train_steps
+
+
+def test_a_curriculum_out_of_reach_warns_up_front_naming_the_numbers(caplog):
+    args = regime_args("--curriculum_clusters", "20", "--curriculum_check_every", "50", "--curriculum_max_stage_steps", "1000")
+    with caplog.at_level("WARNING"):
+        build_regime(args, DDPMScheduler(num_train_timesteps=1000), max_train_steps=1000)
+    assert "cannot reach its last stage in 1000 steps" in caplog.text and "stage 4 of 20" in caplog.text
+    assert "--curriculum_max_stage_steps 1000" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        build_regime(regime_args(), DDPMScheduler(num_train_timesteps=1000), max_train_steps=1000)
+    assert caplog.text == ""
+
+
+def test_a_curriculum_that_never_leaves_its_first_stage_is_refused(train_unconditional, tmp_path, tiny_flags):
+    with pytest.raises(UsageError, match="never leaves it .*--curriculum_steps_per_stage 300"):
+        train_unconditional.parse_args(["--output_dir", str(tmp_path / "run"), *tiny_flags, "--regime", "curriculum",
+                                        "--curriculum_pacing", "fixed", "--curriculum_steps_per_stage", "300",
+                                        "--max_train_steps", "200"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_fixed_pacing_takes_its_stage_length_from_the_share():
+    regime = build_regime(regime_args("--curriculum_pacing", "fixed"), DDPMScheduler(num_train_timesteps=1000), max_train_steps=500)
+    assert regime.sampler.pacing.steps_per_stage == 20  # 0.2 · 500 / 5
+    with pytest.raises(UsageError, match="--curriculum_pacing fixed needs --curriculum_steps_per_stage"):
+        build_regime(regime_args("--curriculum_pacing", "fixed"), DDPMScheduler(num_train_timesteps=1000))
+
+
+DIGITS = ["--dataset_name", "digits", "--resolution", "8", "--block_out_channels", "16,32", "--train_batch_size", "8",
+          "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--ddpm_num_steps", "100", "--ddpm_num_inference_steps", "2",
+          "--eval_batch_size", "4", "--report_to", "none", "--seed", "0", "--max_train_samples", "64"]
+
+
+def test_a_200_step_default_curriculum_run_trains_the_full_range_and_says_so(train_unconditional, tmp_path):
+    out = tmp_path / "run"
+    train_unconditional.main(train_unconditional.parse_args(["--output_dir", str(out), *DIGITS, "--max_train_steps", "200",
+                                                             "--regime", "curriculum", "--no_validation"]))
+    record = read_training_regime(out)
+    # cap ⌊0.2 · 200 / 5⌋ = 8 steps; adaptive checks every 4 steps cannot end a stage before 6 · 4 = 24 steps
+    assert [h["start_step"] for h in record["stage_history"]] == [0, 8, 16, 24, 32]
+    assert [h["t_min"] for h in record["stage_history"]] == [80, 60, 40, 20, 0]
+    card = (out / "README.md").read_text()
+    assert ("The curriculum reached stage 5 of 5 (the full range) at step 32 of 200, and trained on every timestep for "
+            "the remaining 168 steps.") in card

@@ -48,6 +48,51 @@ DIFFUSERS_FLAGS = {
 }
 
 
+# Their defaults (diffusers main, 2026-11: train_unconditional.py, train_text_to_image.py, and for the last two
+# text-to-image flags train_text_to_image_lora.py). A flag whose default differs here must be named in the README's
+# "Same name, other default" row, and a flag named there must differ.
+DIFFUSERS_DEFAULTS = {
+    "train_unconditional": {
+        "dataset_name": None, "output_dir": "ddpm-model-64", "resolution": 64, "center_crop": False, "random_flip": False,
+        "train_batch_size": 16, "eval_batch_size": 16, "dataloader_num_workers": 0, "num_epochs": 100,
+        "save_images_epochs": 10, "save_model_epochs": 10, "gradient_accumulation_steps": 1, "learning_rate": 1e-4,
+        "lr_scheduler": "cosine", "lr_warmup_steps": 500, "adam_beta1": 0.95, "adam_beta2": 0.999,
+        "adam_weight_decay": 1e-6, "adam_epsilon": 1e-08, "use_ema": False, "ema_inv_gamma": 1.0, "ema_power": 0.75,
+        "ema_max_decay": 0.9999, "report_to": "tensorboard", "logging_dir": "logs", "mixed_precision": "no",
+        "prediction_type": "epsilon", "ddpm_num_steps": 1000, "ddpm_num_inference_steps": 1000,
+        "ddpm_beta_schedule": "linear", "checkpointing_steps": 500, "checkpoints_total_limit": None,
+    },
+    "train_text_to_image": {
+        "dataset_name": None, "image_column": "image", "caption_column": "text", "max_train_samples": None,
+        "output_dir": "sd-model-finetuned", "seed": None, "resolution": 512, "center_crop": False, "random_flip": False,
+        "train_batch_size": 16, "num_train_epochs": 100, "max_train_steps": None, "gradient_accumulation_steps": 1,
+        "learning_rate": 1e-4, "scale_lr": False, "lr_scheduler": "constant", "lr_warmup_steps": 500, "snr_gamma": None,
+        "use_ema": False, "dataloader_num_workers": 0, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 1e-2,
+        "adam_epsilon": 1e-08, "max_grad_norm": 1.0, "prediction_type": None, "logging_dir": "logs",
+        "mixed_precision": None, "report_to": "tensorboard", "checkpointing_steps": 500, "checkpoints_total_limit": None,
+        "noise_offset": 0.0, "validation_epochs": 5, "tracker_project_name": "text2image-fine-tune",
+        "image_interpolation_mode": "lanczos", "num_validation_images": 4, "rank": 4,
+    },
+}
+
+
+def readme_row_flags(title):
+    text = (ROOT / "README.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| {title}"))
+    return {word[2:] for word in row.replace("`", " ").replace(",", " ").replace(":", " ").split() if word.startswith("--")}
+
+
+def test_defaults_are_diffusers_or_named_in_the_readme():
+    named, differing = readme_row_flags("Same name, other default"), set()
+    for name, theirs in DIFFUSERS_DEFAULTS.items():
+        ours = vars(parser_of(name).parse_args(["--pretrained_model_name_or_path", "x"] if name == "train_text_to_image" else []))
+        assert set(theirs) <= set(ours)
+        here = {flag for flag, value in theirs.items() if ours[flag] != value}
+        assert here <= named, f"{name}: defaults differ from diffusers' and the README does not say so: {here - named}"
+        differing |= here
+    assert named & set().union(*DIFFUSERS_DEFAULTS.values()) == differing  # the README names no difference that is not
+
+
 def parser_of(name):
     module = load_script(name)
     return module.build_parser()

@@ -22,11 +22,16 @@ def test_build_regime_gives_uniform_with_min_snr():
     assert isinstance(logit.sampler, LogitNormalSampler) and logit.sampler.std == 0.5
 
 
+def test_min_snr_without_gamma_uses_diffusers_recommended_five():
+    regime = build_regime(regime_args("--weighting", "min_snr"), DDPMScheduler(num_train_timesteps=100))
+    assert regime.weighting.name == "min_snr" and regime.describe()["snr_gamma"] == 5.0
+
+
 @pytest.mark.parametrize(
     "argv, flag",
     [
         (["--regime", "warp"], "--regime"),
-        (["--weighting", "min_snr"], "--snr_gamma"),
+        (["--weighting", "min_snr", "--snr_gamma", "0"], "--snr_gamma"),
         (["--snr_gamma", "5", "--weighting", "p2"], "--snr_gamma"),
         (["--snr_gamma", "-1"], "--snr_gamma"),
         (["--logit_std", "0"], "--logit_std"),

@@ -103,6 +103,11 @@ def test_lora_trains_only_adapters_and_load_lora_weights_restores_them(script, t
     base.unload_lora_weights()
     without = base(**prompt, generator=torch.Generator().manual_seed(0)).images
     assert not np.allclose(with_lora, without)
+    # the card's snippet loads the base the adapters were trained on: a local folder of unknown origin, by its path
+    card = (out / "README.md").read_text()
+    assert f'StableDiffusionPipeline.from_pretrained("{tiny_sd}")' in card and "<base model>" not in card
+    adapters = sum(v.numel() for k, v in trained.items() if "lora" in k)
+    assert f"of which {adapters / 1e6:.3g}M trained" in card and "the first 32 images of Fashion-MNIST" in card
 
 
 def test_resume_keeps_the_regime_state(script, tiny_sd, tmp_path):

@@ -69,7 +69,8 @@ def curriculum_progress(stage_history: Sequence[Dict[str, int]], num_stages: int
 
 def regime_in_words(record: Dict[str, Any], trained_steps: Optional[int] = None) -> List[str]:
     """One sentence per axis of ``record`` (and, for a curriculum, how far it got in ``trained_steps``)."""
-    lines = [f"Timesteps: {SAMPLING.get(record['timestep_sampling'], record['timestep_sampling'])}."]
+    sampling = record.get("timestep_sampling", "uniform")
+    lines = [f"Timesteps: {SAMPLING.get(sampling, sampling)}."]
     lines.append(f"Loss: {weighting_words(record)}.")
     if record.get("clusters"):
         clusters = record["clusters"]
