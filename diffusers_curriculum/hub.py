@@ -21,9 +21,10 @@ from .errors import UsageError, describe_exception
 from .export import needs_remote_code
 from .regimes.words import regime_in_words
 
+STAGING_DIR = ".hub-staging"  # --push_checkpoints: hard-linked snapshots of the checkpoints being uploaded
 # Never uploaded: training state and logs that live next to the pipeline in --output_dir.
 PUSH_IGNORE_PATTERNS = [
-    "checkpoint-*/**", ".checkpoint-*/**", "logs/**", "samples/step_*", "*.tmp", "*.tmp/**", ".*.old/**", ".write-test-*",
+    "checkpoint-*/**", ".checkpoint-*/**", f"{STAGING_DIR}/**", "logs/**", "samples/step_*", "*.tmp", "*.tmp/**", ".*.old/**", ".write-test-*",
 ]
 
 
@@ -188,11 +189,11 @@ def base_model_fields(name_or_path: str) -> Dict[str, Optional[str]]:
     return {"base_model": repo_id, "license": base_model_license(name_or_path, repo_id)}
 
 
-def resolve_hub_token(hub_token: Optional[str]) -> str:
-    """The token a push will use: ``--hub_token`` or the one saved by ``hf auth login``."""
+def resolve_hub_token(hub_token: Optional[str], flag: str = "--push_to_hub") -> str:
+    """The token a push will use: ``--hub_token`` or the one saved by ``hf auth login`` (or ``HF_TOKEN``)."""
     token = hub_token or get_token()
     if not token:
-        raise UsageError("--push_to_hub needs a token: pass --hub_token or log in with `hf auth login`")
+        raise UsageError(f"{flag} needs a token: pass --hub_token or log in with `hf auth login`")
     return token
 
 

@@ -16,14 +16,16 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.training_utils import EMAModel
+from huggingface_hub import get_token
 from packaging.version import Version
 
 from .checkpointing import (
-    check_resume, checkpoint_step, clean_leftovers, finished_at, load_checkpoint, resolve_resume_path, save_checkpoint,
-    start_over,
+    check_resume, checkpoint_step, clean_leftovers, finished_at, list_checkpoints, load_checkpoint, resolve_resume_path,
+    save_checkpoint, start_over,
 )
-from .errors import UsageError
-from .hub import publish_or_exit
+from .errors import UsageError, describe_exception
+from .hub import STAGING_DIR, publish_or_exit, resolve_hub_token
+from .hub_checkpoints import CheckpointUploader, download_checkpoint, is_hub_repo_id
 from .distributed import force_cpu_backend
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from .regimes import check_launch, needs_unused_parameters
@@ -50,6 +52,12 @@ def check_run_flags(args) -> None:
     """The checks of flags both script families share, before any work: trackers installed, 8-bit Adam able to
     run here."""
     check_report_to(args.report_to)
+    if getattr(args, "push_checkpoints", False):
+        if not args.push_checkpoints_timeout > 0:
+            raise UsageError(f"--push_checkpoints_timeout must be > 0, got {args.push_checkpoints_timeout}")
+        args.hub_token_resolved = resolve_hub_token(args.hub_token, "--push_checkpoints")
+    elif is_hub_repo_id(args.resume_from_checkpoint):  # a public repo needs no token; a private one takes the login's
+        args.hub_token_resolved = args.hub_token or get_token()
     if getattr(args, "use_8bit_adam", False):
         if importlib.util.find_spec("bitsandbytes") is None:
             raise UsageError("--use_8bit_adam: bitsandbytes is not installed (pip install 'diffusers-curriculum[8bit]')")
@@ -149,11 +157,53 @@ def begin_run(accelerator, args, logger) -> Optional[Path]:
             removed = start_over(args.output_dir)
             if removed:
                 logger.warning(f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)}")
+    resume_from = args.resume_from_checkpoint
+    hub_repo = hub_resume_repo(args)
+    if hub_repo is not None:  # the main process fetches the Hub's newest complete checkpoint; every rank takes it
+        if accelerator.is_main_process:
+            found = download_checkpoint(hub_repo, args.output_dir, getattr(args, "hub_token_resolved", None))
+            accelerator.print(f"Resuming from {hub_repo}: {found.name}" if found else f"No checkpoint in {hub_repo} on the Hub.")
+        resume_from = "latest"
     accelerator.wait_for_everyone()
-    path = resolve_resume_path(args.output_dir, args.resume_from_checkpoint)
-    if path is None and args.resume_from_checkpoint == "latest":
+    path = resolve_resume_path(args.output_dir, resume_from)
+    if path is None and resume_from == "latest":
         accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
     return path
+
+
+def hub_resume_repo(args) -> Optional[str]:
+    """The Hub repo a resume downloads from: ``--resume_from_checkpoint owner/name``, or with ``--push_checkpoints``,
+    ``latest`` when ``--output_dir`` holds no checkpoint (the machine that wrote them is gone) looks in the repo
+    the checkpoints were pushed to."""
+    if is_hub_repo_id(args.resume_from_checkpoint):
+        return args.resume_from_checkpoint
+    if (args.resume_from_checkpoint == "latest" and getattr(args, "push_checkpoints", False)
+            and not list_checkpoints(args.output_dir)):
+        return checkpoint_repo_id(args)
+    return None
+
+
+def checkpoint_repo_id(args) -> str:
+    """The repo checkpoints go to: ``--hub_model_id``, else ``<user>/<output_dir name>`` (the token's user)."""
+    from huggingface_hub import HfApi
+
+    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    if "/" not in repo_id:
+        try:
+            repo_id = f"{HfApi().whoami(token=getattr(args, 'hub_token_resolved', None))['name']}/{repo_id}"
+        except Exception as e:
+            raise UsageError(f"--push_checkpoints: cannot ask the Hub who the token belongs to ({describe_exception(e)}); "
+                             f"give --hub_model_id owner/name") from None
+    return repo_id
+
+
+def checkpoint_uploader(accelerator, args) -> Optional[CheckpointUploader]:
+    """With ``--push_checkpoints``, on the main process: the background uploader of every checkpoint the run writes."""
+    if not getattr(args, "push_checkpoints", False) or not accelerator.is_main_process:
+        return None
+    return CheckpointUploader(checkpoint_repo_id(args), getattr(args, "hub_token_resolved", None),
+                              os.path.join(args.output_dir, STAGING_DIR), args.checkpoints_total_limit,
+                              private=getattr(args, "hub_private_repo", False))
 
 
 def is_finished(resume_path: Optional[Path], max_train_steps: int, output_dir: str, done_file: str) -> bool:
@@ -255,15 +305,19 @@ def after_sync_step(accelerator, regime, model, ema_model, loss: float, lr_sched
     return logs
 
 
-def checkpoint_and_preempt(accelerator, args, global_step: int, preemption, logger, record=None) -> None:
+def checkpoint_and_preempt(accelerator, args, global_step: int, preemption, logger, record=None, uploader=None) -> None:
     """Every ``--checkpointing_steps`` and at the last step (so the steps after the last periodic checkpoint
-    are never lost to a crash while the result is saved): a checkpoint. On SIGTERM: a checkpoint now, then
-    exit 143."""
+    are never lost to a crash while the result is saved): a checkpoint, handed to ``uploader`` (the Hub push of
+    ``--push_checkpoints``) when there is one. On SIGTERM: a checkpoint now, its upload waited for, then exit 143."""
     stop = preemption.requested(accelerator) and global_step < args.max_train_steps  # at the last step: finish instead
     if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
         path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, record)
         logger.info(f"Saved state to {path}")
+        if uploader is not None:
+            uploader.submit(path)
     if stop:
+        if uploader is not None:
+            uploader.close(args.push_checkpoints_timeout)
         logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
         accelerator.end_training()
         sys.exit(PREEMPTED_EXIT_CODE)

@@ -43,7 +43,8 @@ from diffusers_curriculum.regimes import (
 )
 from diffusers_curriculum.regimes.words import regime_in_words
 from diffusers_curriculum.training import (
-    after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, configure_logging, end_training, epoch_batches,
+    after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, checkpoint_uploader, configure_logging,
+    end_training, epoch_batches,
     log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
     run_record, shipped_weights,
 )
@@ -139,6 +140,12 @@ def build_parser() -> ArgumentParser:
     output.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN or the saved login).")
     output.add_argument("--hub_model_id", type=str, default=None, help="The repo to push to (default: <user>/<output_dir name>).")
     output.add_argument("--hub_private_repo", action="store_true", help="Create the repo private.")
+    output.add_argument("--push_checkpoints", action="store_true",
+                        help="Upload each checkpoint to the repo (checkpoints/checkpoint-<step>/) in the background as it is "
+                             "written, with --checkpoints_total_limit mirrored there; --resume_from_checkpoint latest then "
+                             "finds them on the Hub when --output_dir has none.")
+    output.add_argument("--push_checkpoints_timeout", type=float, default=600.0,
+                        help="Seconds the end of a run (or a SIGTERM) waits for checkpoint uploads still pending.")
     add_regime_args(parser)
     return parser
 
@@ -303,6 +310,7 @@ def main(args):
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(args, trainable, learning_rate, accelerator.device)
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
+    uploader = checkpoint_uploader(accelerator, args)  # --push_checkpoints: each checkpoint to the Hub, in the background
     done = already_done(accelerator, args, resume_path, done_file(args), regime)  # a finished run's re-run: nothing to train
     if done is not None:
         return done
@@ -360,7 +368,7 @@ def main(args):
                     logs = after_sync_step(accelerator, regime, unet, ema_unet, losses[-1], lr_scheduler, global_step, args.offload_ema)
                     progress_bar.set_postfix(**logs)
                     accelerator.log(logs, step=global_step)
-                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record)
+                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record, uploader)
                 if global_step >= args.max_train_steps:
                     break
             if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
@@ -373,7 +381,7 @@ def main(args):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step,
-                   len(dataset), total_batch_size)
+                   len(dataset), total_batch_size, uploader)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
     del unet, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
@@ -428,7 +436,7 @@ def save_lora(unet, output_dir):
 
 
 def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step, num_examples,
-           total_batch_size):
+           total_batch_size, uploader=None):
     """Saves the pipeline (the EMA weights with --use_ema) or the LoRA weights, the validation images and the
     model card; then pushes when asked."""
     record = {**regime.describe(), "trained_steps": global_step}
@@ -461,6 +469,8 @@ def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, nois
         use_lora=args.use_lora, validation=validation, num_inference_steps=args.num_validation_inference_steps,
     )
     logger.info(f"Saved {'LoRA weights' if args.use_lora else 'StableDiffusionPipeline'} to {args.output_dir}")
+    if uploader is not None:  # the checkpoints' commits first: one writer to the repo at a time
+        uploader.close(args.push_checkpoints_timeout)
     publish_or_exit(args, write_card)
 
 

@@ -37,7 +37,8 @@ from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
 from diffusers_curriculum.regimes.words import regime_in_words
 from diffusers_curriculum.training import (
-    after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, configure_logging, end_training, epoch_batches,
+    after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, checkpoint_uploader, configure_logging,
+    end_training, epoch_batches,
     log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
     run_record, shipped_weights,
 )
@@ -137,6 +138,12 @@ def build_parser(task_cls=Unconditional) -> ArgumentParser:
     hub.add_argument("--hub_token", type=str, default=None, help="Hub token (default: HF_TOKEN or the saved login).")
     hub.add_argument("--hub_model_id", type=str, default=None, help="The repo to push to (default: <user>/<output_dir name>).")
     hub.add_argument("--hub_private_repo", action="store_true", help="Create the repo private.")
+    hub.add_argument("--push_checkpoints", action="store_true",
+                     help="Upload each checkpoint to the repo (checkpoints/checkpoint-<step>/) in the background as it is "
+                          "written, with --checkpoints_total_limit mirrored there; --resume_from_checkpoint latest then "
+                          "finds them on the Hub when --output_dir has none.")
+    hub.add_argument("--push_checkpoints_timeout", type=float, default=600.0,
+                     help="Seconds the end of a run (or a SIGTERM) waits for checkpoint uploads still pending.")
     add_regime_args(parser)
     task_cls.add_args(parser)
     return parser
@@ -246,6 +253,7 @@ def main(args, evaluate=None):
     ema_model = make_ema(args, model)
     optimizer = make_optimizer(args, model.parameters(), args.learning_rate, accelerator.device)
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
+    uploader = checkpoint_uploader(accelerator, args)  # --push_checkpoints: each checkpoint to the Hub, in the background
     done = already_done(accelerator, args, resume_path, "model_index.json", regime)  # a finished run's re-run: nothing to train
     if done is not None:
         return done
@@ -313,7 +321,7 @@ def main(args, evaluate=None):
 
                     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                         validate(args, task, accelerator, model, ema_model, noise_scheduler, global_step, f"step_{global_step}", evaluate)
-                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record)
+                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record, uploader)
                 if global_step >= args.max_train_steps:
                     break
             if global_step >= args.max_train_steps:
@@ -332,7 +340,7 @@ def main(args, evaluate=None):
         if accelerator.is_main_process:
             validated = bool(args.validation_steps) and global_step % args.validation_steps == 0  # this step's grid is out
             finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, dataset, total_batch_size,
-                   evaluate, validated)
+                   evaluate, validated, uploader)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
     del model, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
@@ -352,7 +360,7 @@ def validate(args, task, accelerator, model, ema_model, noise_scheduler, global_
 
 
 def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, dataset, total_batch_size,
-           evaluate=None, validated=False):
+           evaluate=None, validated=False, uploader=None):
     """Saves the pipeline (the EMA weights with --use_ema), a sample grid and the model card; unless the last
     step was ``validated`` already, sends the grid to the trackers and calls ``evaluate``; then pushes when asked."""
     with shipped_weights(accelerator, model, ema_model, final=True) as shipped:  # training is over: no restore
@@ -384,6 +392,8 @@ def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, g
         **task.card_kwargs(dataset),
     )
     logger.info(f"Saved {type(pipeline).__name__} to {args.output_dir}")
+    if uploader is not None:  # the checkpoints' commits first: one writer to the repo at a time
+        uploader.close(args.push_checkpoints_timeout)
     publish_or_exit(args, write_card)
     return pipeline
 
