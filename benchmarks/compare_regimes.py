@@ -57,10 +57,10 @@ TDC_EXPERTS = 4  # the tdc arms' groups
 
 
 def curriculum_flags(total_steps, share=0.5, clusters=5):
-    """The curriculum as a warm-up of at most ``share`` of the run: ``clusters`` stages under adaptive pacing,
-    each capped at share · total / clusters steps, then the full range."""
-    cap = max(1, int(share * total_steps / clusters))
-    return ["--curriculum_check_every", str(max(1, min(cap, total_steps // 50))), "--curriculum_max_stage_steps", str(cap)]
+    """The curriculum as a warm-up of at most ``share`` of the run: ``clusters`` stages under adaptive pacing, each
+    capped at share · total / clusters steps, then the full range (the training scripts' ``--curriculum_share``;
+    earlier rounds passed the same cap and check interval as explicit flags)."""
+    return ["--curriculum_share", str(share)]
 
 
 def arms(total_steps, curriculum_share=0.5, curriculum_clusters=5):
@@ -163,7 +163,7 @@ def parse_args(argv=None):
     parser.add_argument("--job", type=str, default=None, help=argparse.SUPPRESS)  # "seed:arm,arm" (a worker's share)
     parser.add_argument("--checkpointing_steps", type=int, default=None,
                         help="Checkpoint each arm every N steps (a multiple of --eval_every): a stopped run's half-done arms "
-                             "resume from their last checkpoint instead of restarting (long runs, short GPU leases).")
+                             "resume from their last checkpoint instead of restarting (long runs, short GPU sessions).")
     parser.add_argument("--class_conditional", action="store_true",
                         help="Train with train_class_conditional.py and also report the classifier's agreement with the requested class.")
     parser.add_argument("--quick", action="store_true", help="Tiny settings that finish in minutes (CI).")

@@ -8,12 +8,12 @@ got in fine-tuning (a stage-2 step trains each of the 4 experts on a quarter of 
 trained before the pruning, so a run cut short still holds what the pruned rows are judged by. Every
 model is scored with the feature-FID of ``compare_regimes.py`` (same images, sampler and extractor) and its
 sampling FLOPs. Rows go to ``results.jsonl`` as they come (a rerun skips what is there); ``summary.json`` holds
-mean ± std per model and the verdict of the must-show: at least 20 % fewer FLOPs at an FID no worse than the
+mean ± std per model and the verdict of the target: at least 20 % fewer FLOPs at an FID no worse than the
 unpruned model's mean by more than its seed spread (std).
 
     python benchmarks/pruned_tdc.py --output_dir benchmarks/results/pruned_tdc
     # prune 4 steps after the branch point and spend stage 2 on the pruned experts at stage 2's per-expert batch:
-    # TDC 500 + 900 steps vs 504 + 4 x 896 steps of 8 samples (the README's run that met the must-show)
+    # TDC 500 + 900 steps vs 504 + 4 x 896 steps of 8 samples (the run in benchmarks/RESULTS.md that met the target)
     python benchmarks/pruned_tdc.py --max_train_steps 504 --tdc_base_steps 500 --finetune_steps 896 \
         --finetune_batch_size 8 --prune_learning_rate 2e-3 --prune_ema --distill_weights 0 \
         --output_dir benchmarks/results/pruned_tdc_at_branch

@@ -191,11 +191,17 @@ def test_every_arm_builds_the_regime_its_name_says(train_unconditional):
     assert build_regime(round_robin, DDPMScheduler(num_train_timesteps=1000)).axes()["experts"]["schedule"] == "round_robin"
 
 
-@pytest.mark.parametrize("share, cap", [(0.5, 30), (0.05, 3), (0.2, 12)])
-def test_the_curriculum_share_caps_its_stages(share, cap):
+@pytest.mark.parametrize("share, cap, check_every", [(0.5, 30, 6), (0.05, 3, 3), (0.2, 12, 6)])
+def test_the_curriculum_share_caps_its_stages(train_unconditional, share, cap, check_every):
+    """The arm's stages, as the training script builds them: cap ⌊share · 300 / 5⌋, a check every min(cap, 300 // 50)."""
+    from diffusers import DDPMScheduler
+
+    from diffusers_curriculum.regimes import build_regime
+
     flags = load_benchmark().arms(300, curriculum_share=share, curriculum_clusters=5)["curriculum"]
-    assert flags[flags.index("--curriculum_max_stage_steps") + 1] == str(cap)
-    assert int(flags[flags.index("--curriculum_check_every") + 1]) <= cap
+    args = train_unconditional.parse_args(["--output_dir", "unused", "--max_train_steps", "300", *flags])
+    pacing = build_regime(args, DDPMScheduler(num_train_timesteps=1000)).sampler.pacing
+    assert (pacing.max_stage_steps, pacing.check_every, pacing.patience) == (cap, check_every, 5)
 
 
 def test_the_curriculum_sweep_adds_one_arm_per_share_and_stage_count():
@@ -205,7 +211,7 @@ def test_the_curriculum_sweep_adds_one_arm_per_share_and_stage_count():
     swept = {name: flags for name, flags in table.items() if name.startswith("curriculum_s")}
     assert set(swept) == {"curriculum_s5_c3", "curriculum_s5_c10", "curriculum_s40_c3", "curriculum_s40_c10"}
     flags = swept["curriculum_s40_c3"]
-    assert flags[flags.index("--curriculum_clusters") + 1] == "3" and flags[flags.index("--curriculum_max_stage_steps") + 1] == "40"
+    assert flags[flags.index("--curriculum_clusters") + 1] == "3" and flags[flags.index("--curriculum_share") + 1] == "0.4"
     with pytest.raises(SystemExit):
         bench.parse_args(["--sweep_shares", "0,0.5"])
 

@@ -80,24 +80,21 @@ def test_lora_trains_only_adapters_and_load_lora_weights_restores_them(script, t
     assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / "model_index.json").exists()
     assert json.loads((out / "training_regime.json").read_text())["name"] == "uniform"
     base = StableDiffusionPipeline.from_pretrained(tiny_sd, safety_checker=None)
-    base_unet = base.unet.state_dict()
-    trained = load_file(out / "checkpoint-4" / "model.safetensors")  # the UNet with its adapters, as trained
-    lora_keys = [k for k in trained if "lora" in k]
-    assert lora_keys and any(trained[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k)
-    for key, value in trained.items():
-        if "lora" not in key:  # every base weight is exactly the pretrained one
-            torch.testing.assert_close(value, base_unet[key.replace(".base_layer", "")], rtol=0, atol=0)
+    # the checkpoint holds the adapters only, as the stock LoRA file: one A and one B matrix per targeted projection
+    checkpoint = out / "checkpoint-4"
+    assert not (checkpoint / "model.safetensors").exists()
+    trained = load_file(checkpoint / "pytorch_lora_weights.safetensors")
+    targets = [n for n, _ in base.unet.named_modules() if n.endswith(("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0",
+                                                                       "attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"))]
+    assert len(trained) == 2 * len(targets) > 0 and all("lora" in k for k in trained)
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora.up" in k)  # B (up) starts at zero: the adapters trained
+    final = load_file(out / "pytorch_lora_weights.safetensors")
+    assert final.keys() == trained.keys() and all(torch.equal(final[k], trained[k]) for k in final)
 
-    base.load_lora_weights(out)
-
-    def lora_only(state, adapter):  # adapter names differ (training: "default", loaded: "default_0")
-        return {k.replace(f".{adapter}.", "."): v for k, v in state.items() if f".{adapter}." in k}
-
+    base.load_lora_weights(checkpoint)  # a checkpoint loads as a LoRA
     adapter = base.unet.active_adapters()[0]
-    restored, saved = lora_only(base.unet.state_dict(), adapter), lora_only(trained, "default")
-    assert restored.keys() == saved.keys()
-    for key, value in restored.items():
-        torch.testing.assert_close(value, saved[key])
+    restored = {k.replace(f".{adapter}.", "."): v for k, v in base.unet.state_dict().items() if f".{adapter}." in k}
+    assert len(restored) == len(trained)
     prompt = dict(prompt="a photo of a bag", num_inference_steps=2, output_type="np")
     with_lora = base(**prompt, generator=torch.Generator().manual_seed(0)).images
     base.unload_lora_weights()
@@ -213,3 +210,38 @@ def test_cluster_counts_are_checked_against_the_schedulers_timesteps(script, tin
     with pytest.raises(UsageError, match=message):
         run(script, base, tmp_path / "run", "--max_train_steps", "2", *extra)
     assert not (tmp_path / "run" / "model_index.json").exists()
+
+
+def test_lora_resume_from_an_adapter_only_checkpoint_is_exact(script, tiny_sd, tmp_path):
+    flags = ["--use_lora", "--rank", "2", "--lora_alpha", "4", "--max_train_steps", "4", "--checkpointing_steps", "2",
+             "--regime", "ant", "--ant_clusters", "2", "--weighting", "learned"]
+    straight = run(script, tiny_sd, tmp_path / "straight", *flags)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run(script, tiny_sd, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
+    assert resumed["losses"] == straight["losses"][2:]
+    a = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    b = load_file(tmp_path / "resumed" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(script, tiny_sd, tmp_path, monkeypatch):
+    from diffusers_curriculum import lora
+
+    trained = {}
+    register = lora.register_lora_hooks
+    monkeypatch.setattr(script, "register_lora_hooks", lambda accelerator, model, cls: (trained.update(unet=model),
+                                                                                       register(accelerator, model, cls)))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)  # the process's accelerate state is fp32 from earlier tests; bf16 for this run
+    try:
+        run(script, tiny_sd, tmp_path / "run", "--use_lora", "--rank", "2", "--max_train_steps", "2", "--mixed_precision", "bf16")
+    finally:
+        AcceleratorState._reset_state(True)
+    unet = trained["unet"]
+    frozen = {n: p.dtype for n, p in unet.named_parameters() if not p.requires_grad}
+    trainable = {n: p.dtype for n, p in unet.named_parameters() if p.requires_grad}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}
+    assert trainable and set(trainable.values()) == {torch.float32} and all("lora" in n for n in trainable)
+    assert load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors")  # and it trained and saved

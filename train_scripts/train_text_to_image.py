@@ -36,6 +36,7 @@ from diffusers_curriculum.export import stock_scheduler, write_training_regime
 from diffusers_curriculum.hub import (
     base_model_fields, publish_or_exit, resolve_hub_token, training_facts, write_model_card,
 )
+from diffusers_curriculum.lora import LORA_WEIGHTS, add_lora, lora_state_dict, register_lora_hooks
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import (
@@ -51,12 +52,10 @@ from diffusers_curriculum.training import (
 
 logger = get_logger(__name__, log_level="INFO")
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 CARD_SETTINGS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
-    "use_ema", "use_lora", "rank", "mixed_precision", "seed", "prediction_type", "noise_offset",
+    "use_ema", "use_lora", "rank", "lora_alpha", "lora_dropout", "mixed_precision", "seed", "prediction_type", "noise_offset",
 )
 
 
@@ -74,6 +73,8 @@ def build_parser() -> ArgumentParser:
                        help="What the UNet learns to predict; default: the pretrained scheduler's.")
     model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (peft) instead of the full UNet.")
     model.add_argument("--rank", type=int, default=4, help="LoRA rank.")
+    model.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha: the adapters are scaled by alpha / rank (default: the rank).")
+    model.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA adapters' input.")
     data = parser.add_argument_group("data (give --dataset_name or --train_data_dir)")
     data.add_argument("--dataset_name", type=str, default=None,
                       help="A datasets Hub id, or 'fashion_mnist' (embedded, offline, captioned from its labels).")
@@ -167,6 +168,12 @@ def validate_args(args):
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if not args.learning_rate > 0:
         raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
+    if args.lora_alpha is not None and not args.lora_alpha > 0:
+        raise UsageError(f"--lora_alpha must be > 0, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise UsageError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
+    if (args.lora_alpha is not None or args.lora_dropout) and not args.use_lora:
+        raise UsageError("--lora_alpha/--lora_dropout need --use_lora")
     if args.noise_offset < 0:
         raise UsageError(f"--noise_offset must be >= 0, got {args.noise_offset}")
     if args.use_lora and args.use_ema:
@@ -252,13 +259,6 @@ def collate(tokenizer):
     return fn
 
 
-def lora_state_dict(unet):
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-
-
 def main(args):
     accelerator = make_accelerator(args)
     configure_logging(accelerator, logger)
@@ -288,12 +288,12 @@ def main(args):
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
-    if args.use_lora:
-        from peft import LoraConfig
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if args.use_lora:  # the frozen UNet in the weight dtype, its adapters in fp32; checkpoints hold the adapters only
+        from diffusers import StableDiffusionPipeline
 
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                    target_modules=LORA_TARGET_MODULES))
+        add_lora(unet, args.rank, args.lora_alpha or args.rank, args.lora_dropout, weight_dtype, accelerator.device)
+        register_lora_hooks(accelerator, unet, StableDiffusionPipeline)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -301,7 +301,6 @@ def main(args):
     unet = regime.wrap_model(unet)
     ema_unet = make_ema(args, unet)
 
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
 
