@@ -375,7 +375,7 @@ class CaptionedDataset(ItemRandomness, torch.utils.data.Dataset):
         caption = self.captions[index]
         if isinstance(caption, (list, tuple)):
             caption = caption[int(self.item_rng(index).integers(len(caption)))]
-        return {"pixel_values": pixels, "caption": caption}
+        return {"pixel_values": pixels, "caption": caption, "index": index}
 
 
 def build_caption_dataset(

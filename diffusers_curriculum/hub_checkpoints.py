@@ -92,6 +92,7 @@ class CheckpointUploader:
         self.uploaded: List[int] = []
         self.condition = threading.Condition()
         self.closing = False
+        self.abandoned = threading.Event()  # set when close() stops waiting: no more attempts
         self.thread = threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True)
         self.thread.start()
 
@@ -123,6 +124,8 @@ class CheckpointUploader:
 
     def _attempts(self, what: str, call: Callable[[], object]) -> bool:
         for attempt in range(self.retries + 1):
+            if self.abandoned.is_set():
+                return False
             try:
                 call()
                 return True
@@ -133,7 +136,7 @@ class CheckpointUploader:
                     return False
                 delay = self.backoff * 2 ** attempt
                 logger.warning(f"{what} to {self.repo_id} failed ({message}); retry {attempt + 1}/{self.retries} in {delay:g} s")
-                time.sleep(delay)
+                self.abandoned.wait(delay)
         return False
 
     def _upload(self, staged: Path, step: int) -> bool:
@@ -181,6 +184,7 @@ class CheckpointUploader:
                     bar.n = total - len(self.pending)
                     bar.refresh()
                 left = [int(p.name.split("-")[1]) for p in self.pending]
+        self.abandoned.set()  # an upload still retrying stops at its next attempt; one in flight finishes or fails
         missing = sorted(self.failed + left)
         if missing:
             logger.warning(f"checkpoint-{', checkpoint-'.join(map(str, missing))} did not reach {self.repo_id}: "

@@ -250,3 +250,15 @@ def test_sigterm_checkpoints_then_waits_for_the_upload_before_exiting(tmp_path, 
         training.checkpoint_and_preempt(accelerator, args, 3, preemption, logging.getLogger("test"), None, uploader)
     assert exit_info.value.code == 143
     assert calls == [("save", 3), ("submit", "checkpoint-3"), ("close", 7.0), ("end",)]
+
+
+def test_the_wait_for_pending_uploads_is_bounded(hub, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(hub_checkpoints, "RETRY_BACKOFF", 30.0)  # the first retry is far beyond the timeout below
+    uploader = CheckpointUploader("run", TOKEN, str(tmp_path / "staging"))
+    hub.fail_commits.append(("500", "checkpoint-5"))
+    uploader.submit(make_checkpoint(tmp_path / "out", 5))
+    start = time.monotonic()
+    with caplog.at_level("WARNING"):
+        assert uploader.close(timeout=1.0) == [5]
+    assert time.monotonic() - start < 10
+    assert "checkpoint-5 did not reach testuser/run: still uploading after 1 s" in caplog.text

@@ -245,3 +245,20 @@ def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(
     assert frozen and set(frozen.values()) == {torch.bfloat16}
     assert trainable and set(trainable.values()) == {torch.float32} and all("lora" in n for n in trainable)
     assert load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors")  # and it trained and saved
+
+
+def test_cache_latents_runs_the_vae_encoder_once_per_image_and_trains_as_without(script, tiny_sd, tmp_path, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    flags = ["--max_train_steps", "24", "--regime", "curriculum", "--weighting", "p2"]  # 32 images, batch 4: 3 epochs
+    plain = run(script, tiny_sd, tmp_path / "plain", *flags)
+    encoded = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: (encoded.append(x.shape[0]), encode(self, x, *a, **k))[1])
+    cached = run(script, tiny_sd, tmp_path / "cached", *flags, "--cache_latents")
+    assert sum(encoded) == 32  # each of the 32 images once, over three epochs
+    # the cached posterior is sampled with the same generator: the run's losses are the uncached run's
+    np.testing.assert_allclose(cached["losses"], plain["losses"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(UsageError, match="--cache_latents encodes each image once"):
+        script.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(tmp_path / "x"), *FLAGS,
+                           "--cache_latents", "--random_flip"])

@@ -29,6 +29,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
+from diffusers_curriculum.caching import LatentCache, TextEmbeddingCache
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, move_into_place, save_pipeline
 from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, build_caption_dataset, describe_data
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
@@ -90,6 +91,9 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
                       help="The filter images are resized with.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading processes (0: in the main process).")
+    data.add_argument("--cache_latents", action="store_true",
+                      help="Encode each image with the VAE once (and each caption with the text encoder once) and reuse "
+                           "them every epoch; latents are still drawn from the cached posterior each step.")
     validation = parser.add_argument_group("validation")
     validation.add_argument("--validation_prompts", type=str, nargs="+", default=None, help="Prompts sampled every --validation_epochs and at the end.")
     validation.add_argument("--validation_prompt", type=str, default=None, help="One validation prompt (diffusers' LoRA script's flag).")
@@ -174,6 +178,8 @@ def validate_args(args):
         raise UsageError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if (args.lora_alpha is not None or args.lora_dropout) and not args.use_lora:
         raise UsageError("--lora_alpha/--lora_dropout need --use_lora")
+    if args.cache_latents and args.random_flip:
+        raise UsageError("--cache_latents encodes each image once, so it cannot flip it anew each epoch: drop --random_flip")
     if args.noise_offset < 0:
         raise UsageError(f"--noise_offset must be >= 0, got {args.noise_offset}")
     if args.use_lora and args.use_ema:
@@ -254,7 +260,8 @@ def collate(tokenizer):
         captions = [e["caption"] for e in examples]
         input_ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                               return_tensors="pt").input_ids
-        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(), "input_ids": input_ids}
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(), "input_ids": input_ids,
+                "captions": captions, "index": torch.tensor([e["index"] for e in examples])}
 
     return fn
 
@@ -322,6 +329,11 @@ def main(args):
         accelerator.register_for_checkpointing(ema_unet)
     accelerator.register_for_checkpointing(regime)
     regime.attach(optimizer=optimizer, ema_model=ema_unet)
+    latent_cache = text_cache = None
+    if args.cache_latents:  # every image through the VAE once, every caption through the text encoder once
+        latent_cache = LatentCache(vae, dataset, args.train_batch_size, accelerator.device, weight_dtype,
+                                   disable_progress=not accelerator.is_local_main_process)
+        text_cache = TextEmbeddingCache(text_encoder)
 
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -348,10 +360,15 @@ def main(args):
                 if global_step >= args.max_train_steps:  # before the step: a resumed finished run trains no more
                     break
                 with torch.no_grad():
-                    latent_dist = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
+                    if latent_cache is not None:
+                        mean, std = latent_cache.posterior(batch["index"], accelerator.device)
+                        encoder_hidden_states = text_cache(batch["captions"], batch["input_ids"])
+                    else:
+                        posterior = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
+                        mean, std = posterior.mean, posterior.std
+                        encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
                     # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
-                    latents = (latent_dist.mean + latent_dist.std * regime.randn_like(latent_dist.mean)) * vae.config.scaling_factor
-                    encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+                    latents = (mean + std * regime.randn_like(mean)) * vae.config.scaling_factor
                 noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 with accelerator.accumulate(unet), regime.forward_context(accelerator, unet):
