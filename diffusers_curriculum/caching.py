@@ -8,7 +8,7 @@ differ per epoch cannot be cached: a random flip is refused up front; a random c
 
 from __future__ import annotations
 
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -38,17 +38,21 @@ class LatentCache:
 
 
 class TextEmbeddingCache:
-    """The text encoder's output per caption, computed the first time a caption is seen."""
+    """The text side's output per caption (the UNet's context and, for SDXL, the pooled embedding), computed the first
+    time a caption is seen. ``encode(input_ids)`` is the family's
+    (:meth:`~diffusers_curriculum.families.StableDiffusionText.encode`), over one tensor of ids per tokenizer."""
 
-    def __init__(self, text_encoder):
-        self.text_encoder = text_encoder
-        self.embeddings: Dict[str, torch.Tensor] = {}
+    def __init__(self, encode: Callable[[Sequence[torch.Tensor]], Tuple[torch.Tensor, Optional[torch.Tensor]]]):
+        self.encode = encode
+        self.embeddings: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
 
-    def __call__(self, captions: Sequence[str], input_ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, captions: Sequence[str], input_ids: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         missing = [i for i, caption in enumerate(captions) if caption not in self.embeddings]
         if missing:
             with torch.no_grad():
-                encoded = self.text_encoder(input_ids[missing].to(self.text_encoder.device), return_dict=False)[0]
-            for i, embedding in zip(missing, encoded):
-                self.embeddings.setdefault(captions[i], embedding)
-        return torch.stack([self.embeddings[caption] for caption in captions])
+                hidden, pooled = self.encode([ids[missing] for ids in input_ids])
+            for row, i in enumerate(missing):
+                self.embeddings.setdefault(captions[i], (hidden[row], None if pooled is None else pooled[row]))
+        rows = [self.embeddings[caption] for caption in captions]
+        pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])
+        return torch.stack([r[0] for r in rows]), pooled

@@ -111,6 +111,7 @@ class TensorImageDataset(ItemRandomness, torch.utils.data.Dataset):
     def __init__(self, images: np.ndarray, labels: np.ndarray, resolution: int, random_flip: bool = False, seed: int = 0,
                  interpolation: str = "bilinear"):
         images = np.asarray(images)
+        self.original_size = torch.tensor(images.shape[1:3])  # (height, width); resized whole: no crop
         if images.shape[-1] != resolution and interpolation not in ("nearest", "bilinear", "bicubic"):  # PIL-only filters
             images = np.stack([np.asarray(Image.fromarray(image).resize((resolution, resolution), PIL_FILTERS[interpolation]))
                                for image in images])
@@ -131,17 +132,21 @@ class TensorImageDataset(ItemRandomness, torch.utils.data.Dataset):
         pixels = self.pixels[index]
         if self.random_flip and self.item_rng(index).random() < 0.5:
             pixels = pixels.flip(-1)
-        return {"pixel_values": pixels, "labels": self.labels[index]}
+        return {"pixel_values": pixels, "labels": self.labels[index], "original_size": self.original_size,
+                "crop_top_left": torch.zeros(2, dtype=torch.long)}
 
 
 def pil_to_tensor(
     image: Image.Image, resolution: int, mode: str, center_crop: bool = True, random_flip: bool = False,
-    rng: Optional[np.random.Generator] = None, interpolation: str = "bilinear",
+    rng: Optional[np.random.Generator] = None, interpolation: str = "bilinear", geometry: Optional[dict] = None,
 ) -> torch.Tensor:
     """Resize (shorter side) → crop → optional flip → (C, H, W) float in [-1, 1]; PIL + numpy only. The random
-    crop and flip draw from ``rng`` (default: a fresh unseeded one)."""
+    crop and flip draw from ``rng`` (default: a fresh unseeded one). ``geometry``, when given, receives the image's
+    ``original_size`` (height, width) and the ``crop_top_left`` (top, left) of the crop in the resized image, of
+    the flipped image when flipped (SDXL's size and crop conditioning)."""
     rng = rng if rng is not None else np.random.default_rng()
     image = image.convert(mode)
+    original = (image.height, image.width)
     scale = resolution / min(image.size)
     width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
     image = image.resize((width, height), PIL_FILTERS[interpolation])
@@ -155,6 +160,9 @@ def pil_to_tensor(
     tensor = torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
     if random_flip and rng.random() < 0.5:
         tensor = tensor.flip(-1)
+        left = width - left - resolution
+    if geometry is not None:
+        geometry.update(original_size=torch.tensor(original), crop_top_left=torch.tensor((top, left)))
     return tensor.contiguous()
 
 
@@ -173,12 +181,13 @@ class HFImageDataset(ItemRandomness, torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         try:
             row = self.dataset[index]  # datasets decodes the image here
+            geometry = {}
             pixels = pil_to_tensor(row[self.image_column], self.resolution, self.mode, self.center_crop, self.random_flip,
-                                   self.item_rng(index), self.interpolation)
+                                   self.item_rng(index), self.interpolation, geometry)
         except (OSError, ValueError, AttributeError) as e:
             raise UsageError(f"image {index} of the training data cannot be read ({describe_exception(e)})") from None
         label = int(row[self.label_column]) if self.label_column else -1
-        return {"pixel_values": pixels, "labels": torch.tensor(label)}
+        return {"pixel_values": pixels, "labels": torch.tensor(label), **geometry}
 
 
 def image_check_cache() -> Path:
@@ -369,13 +378,15 @@ class CaptionedDataset(ItemRandomness, torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int):
-        pixels = self.images[index]["pixel_values"]
+        item = self.images[index]
+        pixels = item["pixel_values"]
         if pixels.shape[0] == 1:
             pixels = pixels.expand(3, -1, -1)
         caption = self.captions[index]
         if isinstance(caption, (list, tuple)):
             caption = caption[int(self.item_rng(index).integers(len(caption)))]
-        return {"pixel_values": pixels, "caption": caption, "index": index}
+        return {"pixel_values": pixels, "caption": caption, "index": index, "original_size": item["original_size"],
+                "crop_top_left": item["crop_top_left"]}
 
 
 def build_caption_dataset(

@@ -48,6 +48,10 @@ def example_inputs(model: nn.Module, batch_size: int = 1) -> Dict[str, torch.Ten
         dim = config.cross_attention_dim
         dim = dim[0] if isinstance(dim, (list, tuple)) else dim
         inputs["encoder_hidden_states"] = torch.zeros(batch_size, 77, dim, device=device)
+    if getattr(config, "addition_embed_type", None) == "text_time":  # SDXL: pooled text + six size/crop ids
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {"text_embeds": torch.zeros(batch_size, pooled, device=device),
+                                       "time_ids": torch.zeros(batch_size, 6, device=device)}
     return inputs
 
 

@@ -1,9 +1,12 @@
-"""A tiny random Stable Diffusion (UNet2DConditionModel, AutoencoderKL, CLIPTextModel and a CLIP tokenizer
-built locally) for offline tests and examples. Nothing here touches the Hub.
+"""A tiny random Stable Diffusion or SDXL (UNet2DConditionModel, AutoencoderKL, CLIP text encoders and CLIP
+tokenizers built locally) for offline tests and examples. Nothing here touches the Hub.
 
-    python -m diffusers_curriculum.tiny_sd --output_dir tiny-sd     # then --pretrained_model_name_or_path tiny-sd
+    python -m diffusers_curriculum.tiny_sd --output_dir tiny-sd                 # then --pretrained_model_name_or_path tiny-sd
+    python -m diffusers_curriculum.tiny_sd --output_dir tiny-sdxl --family sdxl
 
-Its VAE halves the resolution once and its UNet works on 8×8 latents: 16×16 images, 16-token prompts.
+Its VAE halves the resolution once and its UNet works on 8×8 latents: 16×16 images, 16-token prompts. The SDXL
+one has SDXL's conditioning: two text encoders (the second with a projection), their penultimate hidden states side
+by side as cross-attention context, the pooled projection and six size/crop ids as ``text_time`` embeddings.
 """
 
 import argparse
@@ -12,7 +15,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 UNET_CONFIG = dict(
     sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
@@ -48,22 +51,51 @@ def tiny_tokenizer(folder: Path) -> CLIPTokenizer:
     return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
 
 
+# SDXL: cross-attention over both encoders' hidden states (12 + 12), `text_time` added embeddings of the pooled
+# projection (12) and the six size/crop ids (6 × 4).
+SDXL_UNET_CONFIG = dict(UNET_CONFIG, cross_attention_dim=24, addition_embed_type="text_time", addition_time_embed_dim=4,
+                        projection_class_embeddings_input_dim=12 + 6 * 4, use_linear_projection=True)
+
+
+def tiny_text_config(tokenizer: CLIPTokenizer, **changes) -> CLIPTextConfig:
+    vocab = tokenizer.get_vocab()
+    config = dict(vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                  max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                  pad_token_id=vocab["<|endoftext|>"])
+    return CLIPTextConfig(**{**config, **changes})
+
+
+def tiny_vae() -> AutoencoderKL:
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         norm_num_groups=4, sample_size=16)
+
+
+def tiny_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False)
+
+
 def tiny_stable_diffusion(folder: Path, unet=None, seed: int = 0) -> StableDiffusionPipeline:
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer(folder / "tokenizer-src")
-    vocab = tokenizer.get_vocab()
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(vocab), hidden_size=12, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
-        max_position_embeddings=16, bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    ))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=4, sample_size=16)
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer))
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet or UNet2DConditionModel(**UNET_CONFIG),
-        scheduler=DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1, clip_sample=False),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet or UNet2DConditionModel(**UNET_CONFIG),
+        scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def tiny_stable_diffusion_xl(folder: Path, seed: int = 0):
+    """SDXL's conditioning at the tiny SD's size (two-layer encoders, so the penultimate hidden state is a layer's)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(folder / "tokenizer-src")
+    text_encoder = CLIPTextModel(tiny_text_config(tokenizer, num_hidden_layers=2))
+    text_encoder_2 = CLIPTextModelWithProjection(tiny_text_config(tokenizer, num_hidden_layers=2, projection_dim=12))
+    return StableDiffusionXLPipeline(
+        vae=tiny_vae(), text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer,
+        unet=UNet2DConditionModel(**SDXL_UNET_CONFIG), scheduler=tiny_scheduler(), add_watermarker=False,
     )
 
 
@@ -71,13 +103,16 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Write a tiny random Stable Diffusion pipeline to a folder.")
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--family", type=str, default="sd", choices=["sd", "sdxl"], help="Stable Diffusion 1.x-style or SDXL.")
     args = parser.parse_args(argv)
     folder = Path(args.output_dir)
-    tiny_stable_diffusion(folder / ".build", seed=args.seed).save_pretrained(folder)
+    build = tiny_stable_diffusion if args.family == "sd" else tiny_stable_diffusion_xl
+    pipeline = build(folder / ".build", seed=args.seed)
+    pipeline.save_pretrained(folder)
     import shutil
 
     shutil.rmtree(folder / ".build", ignore_errors=True)
-    print(f"Saved a tiny StableDiffusionPipeline to {folder}")
+    print(f"Saved a tiny {type(pipeline).__name__} to {folder}")
 
 
 if __name__ == "__main__":

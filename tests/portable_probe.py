@@ -13,17 +13,18 @@ import sys
 import traceback
 from pathlib import Path
 
-TEXT_TO_IMAGE = ("text_to_image", "text_to_image_tdc", "lora")
+TEXT_TO_IMAGE = ("text_to_image", "text_to_image_tdc", "lora", "sdxl", "sdxl_lora")
+LORA = ("lora", "sdxl_lora")
 # Kinds whose folders carry code of their own: the README's call adds trust_remote_code=True for them only.
 REMOTE_CODE = ("tdc", "tdc_pruned", "class_conditional", "class_conditional_tdc", "text_to_image_tdc")
 
 
 def load_stock(kind: str, folder: str, base: str = None):
     """The README's call for ``kind``."""
-    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-    if kind == "lora":
-        pipeline = StableDiffusionPipeline.from_pretrained(base)
+    if kind in LORA:  # the base's own pipeline class (StableDiffusionPipeline, StableDiffusionXLPipeline), then the adapters
+        pipeline = DiffusionPipeline.from_pretrained(base)
         pipeline.load_lora_weights(folder)
     elif kind in REMOTE_CODE:
         pipeline = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)

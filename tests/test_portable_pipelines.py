@@ -26,6 +26,8 @@ SD_FLAGS = ["--dataset_name", "fashion_mnist", "--train_batch_size", "4", "--max
             "--lr_warmup_steps", "0", "--learning_rate", "1e-3", "--max_train_steps", "2",
             "--num_validation_inference_steps", "2"]
 BASE_ID, BASE_LICENSE = "testuser/tiny-sd", "creativeml-openrail-m"
+SDXL_BASE_ID, SDXL_LICENSE = "testuser/tiny-sdxl", "openrail++"
+COMPOSED = ["--timestep_sampling", "curriculum", "--balancer", "uw", "--clusters", "2", "--weighting", "learned"]
 KINDS = {  # kind -> (script, flags)
     "unconditional_uniform": ("train_unconditional", PIXEL_FLAGS),
     "unconditional_curriculum": ("train_unconditional", [*PIXEL_FLAGS, "--regime", "curriculum", "--curriculum_clusters", "2"]),
@@ -36,6 +38,8 @@ KINDS = {  # kind -> (script, flags)
     "text_to_image": ("train_text_to_image", SD_FLAGS),
     "text_to_image_tdc": ("train_text_to_image", [*SD_FLAGS, *TDC_FLAGS]),
     "lora": ("train_text_to_image", [*SD_FLAGS, "--use_lora", "--rank", "2"]),
+    "sdxl": ("train_text_to_image", [*SD_FLAGS, *COMPOSED]),
+    "sdxl_lora": ("train_text_to_image", [*SD_FLAGS, *COMPOSED, "--use_lora", "--rank", "2"]),
 }
 ALL_KINDS = [*KINDS, "tdc_pruned"]
 
@@ -61,17 +65,20 @@ def card_metadata(card: str) -> dict:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Every kind trained for a step or two and saved; the base Stable Diffusion sits in a Hub cache as testuser/tiny-sd."""
-    from diffusers_curriculum.tiny_sd import tiny_stable_diffusion
+    from diffusers_curriculum.tiny_sd import tiny_stable_diffusion, tiny_stable_diffusion_xl
 
     root = tmp_path_factory.mktemp("portable")
     cache = root / "hub-cache"
-    tiny_stable_diffusion(root / "build").save_pretrained(root / "tiny-sd")
-    (root / "tiny-sd" / "README.md").write_text(f"---\nlicense: {BASE_LICENSE}\nlibrary_name: diffusers\n---\n# tiny sd\n")
-    base = put_in_hub_cache(cache, BASE_ID, root / "tiny-sd")  # a snapshot path: the card must name its repo id
+    bases = {}
+    for name, build, repo_id, license in (("tiny-sd", tiny_stable_diffusion, BASE_ID, BASE_LICENSE),
+                                          ("tiny-sdxl", tiny_stable_diffusion_xl, SDXL_BASE_ID, SDXL_LICENSE)):
+        build(root / f"build-{name}").save_pretrained(root / name)
+        (root / name / "README.md").write_text(f"---\nlicense: {license}\nlibrary_name: diffusers\n---\n# {name}\n")
+        bases[repo_id] = put_in_hub_cache(cache, repo_id, root / name)  # a snapshot path: the card must name its repo id
     folders = {}
     for kind, (name, flags) in KINDS.items():
         script = load_script(name)
-        base_flags = ["--pretrained_model_name_or_path", str(base)] if name == "train_text_to_image" else []
+        base_flags = ["--pretrained_model_name_or_path", str(bases[base_of(kind)])] if name == "train_text_to_image" else []
         out = root / kind
         script.main(script.parse_args(["--output_dir", str(out), *base_flags, *flags, "--hub_model_id", f"testuser/{kind}"]))
         folders[kind] = out
@@ -85,13 +92,17 @@ def saved(tmp_path_factory):
     ]))
     for kind, folder in folders.items():
         put_in_hub_cache(cache, f"testuser/{kind}", folder)
-    return {"root": root, "cache": cache, "base": base, "folders": folders}
+    return {"root": root, "cache": cache, "folders": folders, "bases": bases}
+
+
+def base_of(kind: str) -> str:
+    return SDXL_BASE_ID if kind.startswith("sdxl") else BASE_ID
 
 
 @pytest.fixture(scope="module")
 def without_package(saved):
     """The probe's report and sample arrays from a process in which diffusers_curriculum cannot be imported."""
-    spec = {kind: {"folder": str(folder), "base": BASE_ID, "snippet": card_snippet((folder / "README.md").read_text())}
+    spec = {kind: {"folder": str(folder), "base": base_of(kind), "snippet": card_snippet((folder / "README.md").read_text())}
             for kind, folder in saved["folders"].items()}
     spec_path, out = saved["root"] / "spec.json", saved["root"] / "probe"
     spec_path.write_text(json.dumps(spec))
@@ -108,7 +119,7 @@ def without_package(saved):
 def test_stock_diffusers_loads_each_kind_and_samples_exactly_as_with_the_package(saved, without_package, kind):
     report, out = without_package
     assert report["package_modules"] == []  # nothing of the package ran in the probe
-    pipeline = load_stock(kind, saved["folders"][kind], saved["base"])  # this process has the package imported
+    pipeline = load_stock(kind, saved["folders"][kind], saved["bases"][base_of(kind)])  # this process has the package imported
     expected = sample(kind, pipeline)
     assert np.array_equal(np.load(out / f"{kind}.npy"), expected)
     pipeline_class, unet_class, unet_module = report["types"][kind]
@@ -116,6 +127,8 @@ def test_stock_diffusers_loads_each_kind_and_samples_exactly_as_with_the_package
         assert unet_class == "TimestepRoutedExperts" and unet_module.startswith("diffusers_modules.")
     if kind.startswith("class_conditional"):
         assert pipeline_class == "ClassConditionalPipeline"
+    if kind.startswith("sdxl"):
+        assert pipeline_class == "StableDiffusionXLPipeline" and unet_class == "UNet2DConditionModel"
     if kind == "tdc_pruned":  # the pruned widths were rebuilt from the folder
         unpruned = load_stock("tdc", saved["folders"]["tdc"]).unet
         assert sum(p.numel() for p in pipeline.unet.parameters()) < sum(p.numel() for p in unpruned.parameters())
@@ -133,11 +146,14 @@ def test_model_card_snippet_runs_without_the_package_and_metadata_follows_hub_co
     assert "diffusers_curriculum" not in snippet and "pip install" not in card and "github.com" not in card
     assert meta["library_name"] == "diffusers"
     assert {"diffusers", "diffusers-training", "diffusers-curriculum"} <= set(meta["tags"])
-    regime = "tdc" if "tdc" in kind else kind.rsplit("_", 1)[-1] if kind.startswith("unconditional") else "uniform"
+    regime = ("tdc" if "tdc" in kind else kind.rsplit("_", 1)[-1] if kind.startswith("unconditional")
+              else "curriculum+uw" if kind.startswith("sdxl") else "uniform")
     assert regime in meta["tags"]
-    if kind.startswith(("text_to_image", "lora")):
+    if kind.startswith(("text_to_image", "lora", "sdxl")):
         assert meta["pipeline_tag"] == "text-to-image"
-        assert meta["base_model"] == BASE_ID and meta["license"] == BASE_LICENSE
+        license = SDXL_LICENSE if kind.startswith("sdxl") else BASE_LICENSE
+        assert meta["base_model"] == base_of(kind) and meta["license"] == license
+        assert ("Stable Diffusion XL (`StableDiffusionXLPipeline`)" in card) == kind.startswith("sdxl")
         assert "| resolution | `16` |" in card
     else:
         assert meta.get("pipeline_tag") == (None if kind.startswith("class_conditional") else "unconditional-image-generation")

@@ -262,3 +262,106 @@ def test_cache_latents_runs_the_vae_encoder_once_per_image_and_trains_as_without
     with pytest.raises(UsageError, match="--cache_latents encodes each image once"):
         script.parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(tmp_path / "x"), *FLAGS,
                            "--cache_latents", "--random_flip"])
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl(tmp_path_factory):
+    from diffusers_curriculum.tiny_sd import tiny_stable_diffusion_xl
+
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    tiny_stable_diffusion_xl(folder / "build").save_pretrained(folder / "sdxl")
+    return folder / "sdxl"
+
+
+COMPOSED = ["--timestep_sampling", "curriculum", "--balancer", "uw", "--clusters", "2", "--weighting", "learned",
+            "--curriculum_pacing", "fixed", "--curriculum_steps_per_stage", "2"]
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sdxl_trains_with_a_composed_regime_and_resumes_exactly(script, tiny_sdxl, tmp_path, lora):
+    flags = [*COMPOSED, "--max_train_steps", "4", "--checkpointing_steps", "2", *(["--use_lora", "--rank", "2"] if lora else [])]
+    straight = run(script, tiny_sdxl, tmp_path / "straight", *flags)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run(script, tiny_sdxl, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
+    assert resumed["losses"] == straight["losses"][2:]
+    weights = "pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"
+    a, b = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    record = read_training_regime(tmp_path / "straight")
+    assert record["name"] == "curriculum+uw" and record["weighting"] == "learned"
+    if lora:
+        assert all("lora" in k for k in load_file(tmp_path / "straight" / "checkpoint-4" / "pytorch_lora_weights.safetensors"))
+
+
+def test_sdxl_conditions_the_unet_on_pooled_text_and_each_images_size_and_crop(script, tiny_sdxl, tmp_path, monkeypatch):
+    """The UNet gets both encoders' penultimate hidden states, the second's pooled projection, and per image
+    (original height, width, crop top, left, target height, width), as diffusers' SDXL script builds them."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    calls = []
+    forward = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+        calls.append((encoder_hidden_states.detach().clone(), {k: v.detach().clone() for k, v in kwargs["added_cond_kwargs"].items()}))
+        return forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    run(script, tiny_sdxl, tmp_path / "run", "--max_train_steps", "1", "--max_train_samples", "4", "--seed", "3")
+    hidden, added = calls[0]
+    assert hidden.shape == (4, 16, 24) and added["text_embeds"].shape == (4, 12)
+    # Fashion-MNIST images are 28×28, resized whole to the 16-pixel target: no crop
+    assert added["time_ids"].tolist() == [[28, 28, 0, 0, 16, 16]] * 4
+    # the text side computed independently: the same captions through both encoders, penultimate layers, pooled
+    tokenizer = CLIPTokenizer.from_pretrained(tiny_sdxl, subfolder="tokenizer")
+    one = CLIPTextModel.from_pretrained(tiny_sdxl, subfolder="text_encoder")
+    two = CLIPTextModelWithProjection.from_pretrained(tiny_sdxl, subfolder="text_encoder_2")
+    captions = [f"a photo of a {name}" for name in ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                                                     "sneaker", "bag")] + ["a photo of an ankle boot"]
+    expected = {}
+    for caption in captions:
+        ids = tokenizer([caption], max_length=16, padding="max_length", truncation=True, return_tensors="pt").input_ids
+        out1, out2 = one(ids, output_hidden_states=True), two(ids, output_hidden_states=True)
+        expected[caption] = (torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], -1)[0], out2.text_embeds[0])
+    for row in range(4):  # each row is one of the captions' conditioning
+        assert any(torch.allclose(hidden[row], h, atol=1e-5) and torch.allclose(added["text_embeds"][row], p, atol=1e-5)
+                   for h, p in expected.values())
+
+
+def test_a_crop_is_recorded_in_the_resized_image_and_mirrored_by_a_flip():
+    from PIL import Image
+
+    from diffusers_curriculum.data import pil_to_tensor
+
+    image = Image.fromarray(np.zeros((40, 80, 3), np.uint8))  # height 40, width 80 -> resized to 16 × 32
+    geometry = {}
+    pil_to_tensor(image, 16, "RGB", center_crop=True, geometry=geometry)
+    assert geometry["original_size"].tolist() == [40, 80] and geometry["crop_top_left"].tolist() == [0, 8]
+
+    class Heads:  # a generator whose first draw crops at the left edge and whose flip coin says "flip"
+        def integers(self, low, high):
+            return 0
+
+        def random(self):
+            return 0.0
+
+    pil_to_tensor(image, 16, "RGB", center_crop=False, random_flip=True, rng=Heads(), geometry=geometry)
+    assert geometry["crop_top_left"].tolist() == [0, 16]  # the left-edge crop is the right edge of the flipped image
+
+
+def test_tdc_on_sdxl_is_refused_before_work(script, tiny_sdxl, tmp_path):
+    with pytest.raises(UsageError, match="--regime tdc is not supported for SDXL yet"):
+        script.parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl), "--output_dir", str(tmp_path / "run"), *FLAGS,
+                           "--regime", "tdc", "--tdc_base_steps", "2"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_families_not_supported_yet_are_refused_naming_what_is(tmp_path):
+    from diffusers_curriculum.families import family_of
+
+    (tmp_path / "sd3").mkdir()
+    (tmp_path / "sd3" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    with pytest.raises(UsageError, match="StableDiffusion3Pipeline: SD3/SD3.5 train with flow matching.*supported: Stable "
+                                         "Diffusion 1.x/2.x .* and SDXL"):
+        family_of(str(tmp_path / "sd3"))

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""Stable Diffusion fine-tuning (full or LoRA) with a timestep-aware training regime.
+"""Stable Diffusion 1.x/2.x and SDXL fine-tuning (full or LoRA) with a timestep-aware training regime.
 
-Shaped like diffusers' ``examples/text_to_image/train_text_to_image.py`` and ``train_text_to_image_lora.py``
-(same flag names) plus ``--regime`` and its flags. Frozen VAE and text encoder; the UNet learns on latents,
+Shaped like diffusers' ``examples/text_to_image/train_text_to_image.py``, ``train_text_to_image_lora.py`` and
+``train_text_to_image_sdxl.py`` (same flag names) plus ``--regime`` and its flags. The family comes from the base's
+``model_index.json`` (``diffusers_curriculum.families``). Frozen VAE and text encoders; the UNet learns on latents,
 epsilon or v-prediction. ``--use_lora --rank 4`` trains peft LoRA adapters and saves them the diffusers way
 (``pytorch_lora_weights.safetensors``, read by ``pipe.load_lora_weights``). Data: ``--dataset_name`` (a Hub id,
 or ``fashion_mnist``: Fashion-MNIST captioned from its labels, "a photo of a sneaker", offline) or
@@ -33,6 +34,7 @@ from diffusers_curriculum.caching import LatentCache, TextEmbeddingCache
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, move_into_place, save_pipeline
 from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, build_caption_dataset, describe_data
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
+from diffusers_curriculum.families import family_of, load_text_conditioning
 from diffusers_curriculum.export import stock_scheduler, write_training_regime
 from diffusers_curriculum.hub import (
     base_model_fields, publish_or_exit, resolve_hub_token, training_facts, write_model_card,
@@ -196,6 +198,9 @@ def validate_args(args):
         args.validation_prompts = [*(args.validation_prompts or []), args.validation_prompt]
     check_run_flags(args)
     validate_regime_args(args, num_train_timesteps=pretrained_num_timesteps(args))
+    if needs_unused_parameters(args) and family_of(args.pretrained_model_name_or_path, args.revision) == "sdxl":
+        raise UsageError(f"{'--regime tdc' if args.regime == 'tdc' else '--experts'} is not supported for SDXL yet: the stock "
+                         "StableDiffusionXLPipeline reads UNet attributes the routed experts do not expose")
     check_fresh_start(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, done_file(args))
     check_writable(args.output_dir)
 
@@ -212,6 +217,7 @@ def pretrained_num_timesteps(args) -> int:
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
         raise UsageError(f"--pretrained_model_name_or_path {path}: no such folder (a Hub id has the form owner/name)")
+    family_of(path, args.revision)  # SD 1.x/2.x or SDXL, else a one-line error naming what is supported
     try:
         config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=args.revision)
     except Exception as e:
@@ -220,19 +226,17 @@ def pretrained_num_timesteps(args) -> int:
 
 
 def load_components(args):
-    """Tokenizer, text encoder, VAE, UNet and noise scheduler of the pretrained pipeline (one-line error if not)."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+    """The family's text side (tokenizers, text encoders), VAE, UNet and noise scheduler of the pretrained pipeline
+    (one-line error if not)."""
     path, kwargs = args.pretrained_model_name_or_path, {"revision": args.revision}
+    text = load_text_conditioning(path, args.revision, args.variant)
     try:
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", revision=args.revision)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", variant=args.variant, **kwargs)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **kwargs)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **kwargs)
         noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
     except Exception as e:
         raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a Stable Diffusion pipeline ({describe_exception(e)})") from None
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
+    return text, vae, unet, noise_scheduler
 
 
 def check_resolution(args) -> int:
@@ -255,13 +259,12 @@ def check_resolution(args) -> int:
     return resolution
 
 
-def collate(tokenizer):
+def collate(text):
     def fn(examples):
         captions = [e["caption"] for e in examples]
-        input_ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                              return_tensors="pt").input_ids
-        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(), "input_ids": input_ids,
-                "captions": captions, "index": torch.tensor([e["index"] for e in examples])}
+        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(), "input_ids": text.tokenize(captions),
+                "captions": captions, "index": torch.tensor([e["index"] for e in examples]),
+                **{key: torch.stack([e[key] for e in examples]) for key in ("original_size", "crop_top_left")}}
 
     return fn
 
@@ -273,7 +276,7 @@ def main(args):
         set_seed(args.seed)
 
     args.resolution = resolution = check_resolution(args)  # the card shows the resolution trained at
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args)
+    text, vae, unet, noise_scheduler = load_components(args)
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     dataset = build_caption_dataset(
@@ -283,7 +286,7 @@ def main(args):
         interpolation=args.image_interpolation_mode,
     )
     train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                   collate_fn=collate(tokenizer), num_workers=args.dataloader_num_workers,
+                                                   collate_fn=collate(text), num_workers=args.dataloader_num_workers,
                                                    drop_last=True)
     if len(train_dataloader) == 0:
         raise UsageError(f"--train_batch_size {args.train_batch_size} is larger than the data set ({len(dataset)} images)")
@@ -294,13 +297,12 @@ def main(args):
     regime = build_regime(args, noise_scheduler, accelerator, args.max_train_steps)  # the run's length sizes a curriculum
 
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for encoder in text.text_encoders:
+        encoder.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     if args.use_lora:  # the frozen UNet in the weight dtype, its adapters in fp32; checkpoints hold the adapters only
-        from diffusers import StableDiffusionPipeline
-
         add_lora(unet, args.rank, args.lora_alpha or args.rank, args.lora_dropout, weight_dtype, accelerator.device)
-        register_lora_hooks(accelerator, unet, StableDiffusionPipeline)
+        register_lora_hooks(accelerator, unet, text.pipeline_class)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -309,7 +311,8 @@ def main(args):
     ema_unet = make_ema(args, unet)
 
     vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    for encoder in text.text_encoders:
+        encoder.to(accelerator.device, dtype=weight_dtype)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
@@ -333,7 +336,7 @@ def main(args):
     if args.cache_latents:  # every image through the VAE once, every caption through the text encoder once
         latent_cache = LatentCache(vae, dataset, args.train_batch_size, accelerator.device, weight_dtype,
                                    disable_progress=not accelerator.is_local_main_process)
-        text_cache = TextEmbeddingCache(text_encoder)
+        text_cache = TextEmbeddingCache(text.encode)
 
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -362,17 +365,18 @@ def main(args):
                 with torch.no_grad():
                     if latent_cache is not None:
                         mean, std = latent_cache.posterior(batch["index"], accelerator.device)
-                        encoder_hidden_states = text_cache(batch["captions"], batch["input_ids"])
+                        encoder_hidden_states, pooled = text_cache(batch["captions"], batch["input_ids"])
                     else:
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
                         mean, std = posterior.mean, posterior.std
-                        encoder_hidden_states = text_encoder(batch["input_ids"].to(accelerator.device), return_dict=False)[0]
+                        encoder_hidden_states, pooled = text.encode(batch["input_ids"])
+                    conditioning = text.unet_kwargs(pooled, batch, resolution)  # SDXL: pooled text, size and crop ids
                     # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
                     latents = (mean + std * regime.randn_like(mean)) * vae.config.scaling_factor
                 noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
                 noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
                 with accelerator.accumulate(unet), regime.forward_context(accelerator, unet):
-                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **conditioning)[0]
                     per_sample = denoising_loss(model_pred, noise_scheduler, latents, noise, timesteps)
                     loss = regime.backward(accelerator, per_sample, timesteps, unet)
                     optimizer_step(accelerator, trainable, optimizer, lr_scheduler, args.max_grad_norm)
@@ -389,14 +393,14 @@ def main(args):
                     break
             if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
                     and global_step < args.max_train_steps):
-                validate(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, f"epoch_{epoch}", global_step)
+                validate(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, f"epoch_{epoch}", global_step)
             if global_step >= args.max_train_steps:
                 break
         progress_bar.close()
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step,
+            finish(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, regime, global_step,
                    len(dataset), total_batch_size, uploader)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
@@ -405,15 +409,9 @@ def main(args):
     return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
 
 
-def build_pipeline(unet, tokenizer, text_encoder, vae, noise_scheduler):
-    from diffusers import StableDiffusionPipeline  # imports transformers' image processors: only when needed
-
-    pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-        scheduler=stock_scheduler(noise_scheduler, "ddim"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+def build_pipeline(unet, text, vae, noise_scheduler):
+    """The family's stock pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) with a DDIM scheduler."""
+    return text.pipeline(unet, vae, stock_scheduler(noise_scheduler, "ddim"))
 
 
 def log_validation(args, accelerator, pipeline, name, global_step):
@@ -434,32 +432,31 @@ def log_validation(args, accelerator, pipeline, name, global_step):
     return firsts
 
 
-def validate(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, name, global_step):
+def validate(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, name, global_step):
     """Validation images of the weights that would ship; the training weights are back in place afterwards."""
     with shipped_weights(accelerator, unet, ema_unet) as shipped:
-        log_validation(args, accelerator, build_pipeline(shipped, tokenizer, text_encoder, vae, noise_scheduler), name, global_step)
+        log_validation(args, accelerator, build_pipeline(shipped, text, vae, noise_scheduler), name, global_step)
 
 
-def save_lora(unet, output_dir):
-    """Writes the LoRA weights the diffusers way, through a temp folder (never half-written)."""
-    from diffusers import StableDiffusionPipeline
-
+def save_lora(unet, output_dir, pipeline_cls):
+    """Writes the LoRA weights the diffusers way (``pipeline_cls.save_lora_weights``), through a temp folder (never
+    half-written)."""
     tmp = Path(output_dir) / ".lora.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+    pipeline_cls.save_lora_weights(str(tmp), unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
     move_into_place(tmp / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
     shutil.rmtree(tmp)
 
 
-def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, noise_scheduler, regime, global_step, num_examples,
+def finish(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, regime, global_step, num_examples,
            total_batch_size, uploader=None):
     """Saves the pipeline (the EMA weights with --use_ema) or the LoRA weights, the validation images and the
     model card; then pushes when asked."""
     record = {**regime.describe(), "trained_steps": global_step}
     with shipped_weights(accelerator, unet, ema_unet, final=True) as shipped:  # training is over: no restore
-        pipeline = build_pipeline(shipped, tokenizer, text_encoder, vae, noise_scheduler)
+        pipeline = build_pipeline(shipped, text, vae, noise_scheduler)
         if args.use_lora:
-            save_lora(shipped, args.output_dir)
+            save_lora(shipped, args.output_dir, text.pipeline_class)
             write_training_regime(args.output_dir, record)  # last: the record's trained_steps marks the run finished
         else:
             save_pipeline(pipeline, args.output_dir, training_regime=record)
@@ -478,13 +475,14 @@ def finish(args, accelerator, unet, ema_unet, tokenizer, text_encoder, vae, nois
     base = base_model_fields(args.pretrained_model_name_or_path)
     write_card = functools.partial(
         write_model_card, args.output_dir, "text_to_image", regime=record, settings=settings, facts=facts,
-        pipeline_class="StableDiffusionPipeline", pipeline_tag="text-to-image", dataset=dataset,
-        tags=["stable-diffusion", "text-to-image", *(["lora"] if args.use_lora else [])], **base,
+        pipeline_class=text.pipeline_class_name, pipeline_tag="text-to-image", dataset=dataset, family=text.label,
+        tags=["stable-diffusion", *(["stable-diffusion-xl"] if text.family == "sdxl" else []), "text-to-image",
+              *(["lora"] if args.use_lora else [])], **base,
         widget=[{"text": prompt, "output": {"url": image}} for prompt, image in validation],
         base_model_path=None if base["base_model"] else args.pretrained_model_name_or_path,
         use_lora=args.use_lora, validation=validation, num_inference_steps=args.num_validation_inference_steps,
     )
-    logger.info(f"Saved {'LoRA weights' if args.use_lora else 'StableDiffusionPipeline'} to {args.output_dir}")
+    logger.info(f"Saved {'LoRA weights' if args.use_lora else text.pipeline_class_name} to {args.output_dir}")
     if uploader is not None:  # the checkpoints' commits first: one writer to the repo at a time
         uploader.close(args.push_checkpoints_timeout)
     publish_or_exit(args, write_card)
