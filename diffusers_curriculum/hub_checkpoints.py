@@ -42,8 +42,10 @@ def scrub(text: str, token: Optional[str]) -> str:
 
 
 def is_hub_repo_id(value: Optional[str]) -> bool:
-    """True for ``owner/name`` that is not an existing local path (``--resume_from_checkpoint``)."""
-    return bool(value) and REPO_ID.match(value) is not None and not os.path.exists(value)
+    """True for ``owner/name`` that is neither an existing local path nor a ``…/checkpoint-<step>`` folder name
+    (``--resume_from_checkpoint``)."""
+    return (bool(value) and REPO_ID.match(value) is not None and not os.path.exists(value)
+            and re.match(r"^checkpoint-\d+$", value.split("/")[-1]) is None)
 
 
 def snapshot(checkpoint: Path, staging: Path) -> Path:

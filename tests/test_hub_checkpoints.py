@@ -181,6 +181,8 @@ def test_resume_looks_at_the_hub_only_when_asked_or_when_the_folder_is_empty(tmp
     assert training.hub_resume_repo(args) == "other/repo"
     args.resume_from_checkpoint = str(tmp_path / "run" / "checkpoint-4")  # a local path is never a repo id
     assert training.hub_resume_repo(args) is None
+    args.resume_from_checkpoint = "out/checkpoint-9"  # nor a checkpoint folder's name, there or not
+    assert training.hub_resume_repo(args) is None
     args.push_checkpoints, args.resume_from_checkpoint = False, "latest"
     (tmp_path / "empty").mkdir()
     args.output_dir = str(tmp_path / "empty")
