@@ -362,12 +362,15 @@ def fashion_mnist_caption(label: int) -> str:
 
 class CaptionedDataset(ItemRandomness, torch.utils.data.Dataset):
     """``{"pixel_values": (3, H, W) in [-1, 1], "caption": str}`` items. ``captions[i]`` is a string or a list
-    of strings (one is picked at random per epoch, like diffusers' script)."""
+    of strings (one is picked at random per epoch, like diffusers' script). With ``empty_prompt_prob`` p, a caption
+    is replaced by "" with probability p, drawn anew per item and epoch (caption dropout, for classifier-free
+    guidance: diffusers' ``--proportion_empty_prompts``); every draw comes from (seed, epoch, index), so a resumed
+    run drops the same captions."""
 
     stream = 1
 
-    def __init__(self, images: torch.utils.data.Dataset, captions):
-        self.images, self.captions = images, captions
+    def __init__(self, images: torch.utils.data.Dataset, captions, empty_prompt_prob: float = 0.0):
+        self.images, self.captions, self.empty_prompt_prob = images, captions, empty_prompt_prob
         self.seed = getattr(images, "seed", 0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -382,9 +385,11 @@ class CaptionedDataset(ItemRandomness, torch.utils.data.Dataset):
         pixels = item["pixel_values"]
         if pixels.shape[0] == 1:
             pixels = pixels.expand(3, -1, -1)
-        caption = self.captions[index]
+        caption, rng = self.captions[index], self.item_rng(index)
         if isinstance(caption, (list, tuple)):
-            caption = caption[int(self.item_rng(index).integers(len(caption)))]
+            caption = caption[int(rng.integers(len(caption)))]
+        if self.empty_prompt_prob and rng.random() < self.empty_prompt_prob:
+            caption = ""
         return {"pixel_values": pixels, "caption": caption, "index": index, "original_size": item["original_size"],
                 "crop_top_left": item["crop_top_left"]}
 
@@ -402,13 +407,15 @@ def build_caption_dataset(
     max_train_samples: Optional[int] = None,
     seed: int = 0,
     interpolation: str = "bilinear",
+    empty_prompt_prob: float = 0.0,
 ) -> CaptionedDataset:
     """Captioned training images. ``fashion_mnist`` is captioned from its labels ("a photo of a sneaker");
-    image folders need a ``metadata.jsonl`` with the caption column; Hub sets need both columns."""
+    image folders need a ``metadata.jsonl`` with the caption column; Hub sets need both columns. ``empty_prompt_prob``:
+    caption dropout (:class:`CaptionedDataset`)."""
     if train_data_dir is None and dataset_name == "fashion_mnist":
         images = build_dataset("fashion_mnist", resolution=resolution, random_flip=random_flip,
                                max_train_samples=max_train_samples, seed=seed, interpolation=interpolation)
-        return CaptionedDataset(images, [fashion_mnist_caption(y) for y in images.labels.tolist()])
+        return CaptionedDataset(images, [fashion_mnist_caption(y) for y in images.labels.tolist()], empty_prompt_prob)
     if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
         raise UsageError(f"--dataset_name {dataset_name} has no captions; use fashion_mnist or a captioned set")
 
@@ -419,4 +426,4 @@ def build_caption_dataset(
     if getattr(inner, "dtype", None) not in ("string", "large_string"):
         raise UsageError(f"--caption_column {caption_column!r} must hold strings or lists of strings, not {feature}")
     images = HFImageDataset(hf, image_column, None, resolution, "RGB", center_crop, random_flip, seed, interpolation)
-    return CaptionedDataset(images, hf[caption_column])
+    return CaptionedDataset(images, hf[caption_column], empty_prompt_prob)

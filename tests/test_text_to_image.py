@@ -365,3 +365,27 @@ def test_families_not_supported_yet_are_refused_naming_what_is(tmp_path):
     with pytest.raises(UsageError, match="StableDiffusion3Pipeline: SD3/SD3.5 train with flow matching.*supported: Stable "
                                          "Diffusion 1.x/2.x .* and SDXL"):
         family_of(str(tmp_path / "sd3"))
+
+
+def test_caption_dropout_is_drawn_per_image_and_epoch_and_resumes_the_same():
+    from diffusers_curriculum.data import build_caption_dataset
+
+    dataset = build_caption_dataset("fashion_mnist", resolution=16, max_train_samples=400, seed=0, empty_prompt_prob=0.3)
+    first = [dataset[i]["caption"] for i in range(400)]
+    assert 0.2 < first.count("") / 400 < 0.4 and all(c.startswith("a photo of") for c in first if c)
+    assert [dataset[i]["caption"] for i in range(400)] == first  # the same epoch draws the same
+    dataset.set_epoch(1)
+    assert [dataset[i]["caption"] for i in range(400)] != first  # a new epoch draws anew
+    plain = build_caption_dataset("fashion_mnist", resolution=16, max_train_samples=400, seed=0)
+    assert all(c == "" or c == plain[i]["caption"] for i, c in enumerate(first))  # only ever dropped, never changed
+
+
+def test_validation_takes_the_negative_prompt_and_guidance_scale(script, tiny_sd, tmp_path, monkeypatch):
+    calls = []
+    call = StableDiffusionPipeline.__call__
+    monkeypatch.setattr(StableDiffusionPipeline, "__call__", lambda self, *a, **k: (calls.append(k), call(self, *a, **k))[1])
+    run(script, tiny_sd, tmp_path / "run", "--max_train_steps", "1", "--validation_prompts", "a photo of a bag",
+        "--num_validation_images", "1", "--num_validation_inference_steps", "2", "--validation_negative_prompt", "blurry",
+        "--validation_guidance_scale", "3.5", "--proportion_empty_prompts", "0.5")
+    assert calls and all(k["negative_prompt"] == "blurry" and k["guidance_scale"] == 3.5 for k in calls)
+    assert "| proportion_empty_prompts | `0.5` |" in (tmp_path / "run" / "README.md").read_text()

@@ -58,7 +58,7 @@ logger = get_logger(__name__, log_level="INFO")
 CARD_SETTINGS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
-    "use_ema", "use_lora", "rank", "lora_alpha", "lora_dropout", "mixed_precision", "seed", "prediction_type", "noise_offset",
+    "use_ema", "use_lora", "rank", "lora_alpha", "lora_dropout", "proportion_empty_prompts", "mixed_precision", "seed", "prediction_type", "noise_offset",
 )
 
 
@@ -93,6 +93,9 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
                       help="The filter images are resized with.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading processes (0: in the main process).")
+    data.add_argument("--proportion_empty_prompts", type=float, default=0.0,
+                      help="Share of captions replaced by the empty prompt, drawn per image and epoch (caption dropout, for "
+                           "classifier-free guidance; diffusers' SDXL script's flag).")
     data.add_argument("--cache_latents", action="store_true",
                       help="Encode each image with the VAE once (and each caption with the text encoder once) and reuse "
                            "them every epoch; latents are still drawn from the cached posterior each step.")
@@ -102,6 +105,9 @@ def build_parser() -> ArgumentParser:
     validation.add_argument("--num_validation_images", type=int, default=4, help="Images per validation prompt.")
     validation.add_argument("--validation_epochs", type=int, default=5, help="Sample the validation prompts every N epochs.")
     validation.add_argument("--num_validation_inference_steps", type=int, default=25, help="Sampling steps of the validation images.")
+    validation.add_argument("--validation_negative_prompt", type=str, default=None, help="Negative prompt of the validation images.")
+    validation.add_argument("--validation_guidance_scale", type=float, default=None,
+                            help="Classifier-free guidance scale of the validation images (default: the pipeline's).")
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the pipeline (or LoRA weights), checkpoints and logs go.")
     training.add_argument("--overwrite_output_dir", action="store_true",
@@ -180,6 +186,10 @@ def validate_args(args):
         raise UsageError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}")
     if (args.lora_alpha is not None or args.lora_dropout) and not args.use_lora:
         raise UsageError("--lora_alpha/--lora_dropout need --use_lora")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise UsageError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.validation_guidance_scale is not None and args.validation_guidance_scale < 0:
+        raise UsageError(f"--validation_guidance_scale must be >= 0, got {args.validation_guidance_scale}")
     if args.cache_latents and args.random_flip:
         raise UsageError("--cache_latents encodes each image once, so it cannot flip it anew each epoch: drop --random_flip")
     if args.noise_offset < 0:
@@ -283,7 +293,7 @@ def main(args):
         args.dataset_name, args.train_data_dir, resolution, args.image_column, args.caption_column,
         center_crop=args.center_crop, random_flip=args.random_flip, dataset_config_name=args.dataset_config_name,
         cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=args.seed or 0,
-        interpolation=args.image_interpolation_mode,
+        interpolation=args.image_interpolation_mode, empty_prompt_prob=args.proportion_empty_prompts,
     )
     train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
                                                    collate_fn=collate(text), num_workers=args.dataloader_num_workers,
@@ -422,7 +432,9 @@ def log_validation(args, accelerator, pipeline, name, global_step):
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     for i, prompt in enumerate(args.validation_prompts or []):
         for j in range(args.num_validation_images):
-            images.append(pipeline(prompt, num_inference_steps=args.num_validation_inference_steps, generator=generator).images[0])
+            guidance = {} if args.validation_guidance_scale is None else {"guidance_scale": args.validation_guidance_scale}
+            images.append(pipeline(prompt, negative_prompt=args.validation_negative_prompt, generator=generator,
+                                   num_inference_steps=args.num_validation_inference_steps, **guidance).images[0])
             path = f"samples/{name}_{i}.png" if j == 0 else f"samples/{name}_{i}_{j}.png"
             images[-1].save(os.path.join(args.output_dir, path))
             if j == 0:
