@@ -13,10 +13,10 @@ import sys
 import traceback
 from pathlib import Path
 
-TEXT_TO_IMAGE = ("text_to_image", "text_to_image_tdc", "lora", "sdxl", "sdxl_lora")
+TEXT_TO_IMAGE = ("text_to_image", "text_to_image_tdc", "lora", "sdxl", "sdxl_lora", "sdxl_tdc")
 LORA = ("lora", "sdxl_lora")
 # Kinds whose folders carry code of their own: the README's call adds trust_remote_code=True for them only.
-REMOTE_CODE = ("tdc", "tdc_pruned", "class_conditional", "class_conditional_tdc", "text_to_image_tdc")
+REMOTE_CODE = ("tdc", "tdc_pruned", "class_conditional", "class_conditional_tdc", "text_to_image_tdc", "sdxl_tdc")
 
 
 def load_stock(kind: str, folder: str, base: str = None):

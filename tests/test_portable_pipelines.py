@@ -40,6 +40,7 @@ KINDS = {  # kind -> (script, flags)
     "lora": ("train_text_to_image", [*SD_FLAGS, "--use_lora", "--rank", "2"]),
     "sdxl": ("train_text_to_image", [*SD_FLAGS, *COMPOSED]),
     "sdxl_lora": ("train_text_to_image", [*SD_FLAGS, *COMPOSED, "--use_lora", "--rank", "2"]),
+    "sdxl_tdc": ("train_text_to_image", [*SD_FLAGS, *TDC_FLAGS, "--weighting", "p2"]),
 }
 ALL_KINDS = [*KINDS, "tdc_pruned"]
 
@@ -123,12 +124,13 @@ def test_stock_diffusers_loads_each_kind_and_samples_exactly_as_with_the_package
     expected = sample(kind, pipeline)
     assert np.array_equal(np.load(out / f"{kind}.npy"), expected)
     pipeline_class, unet_class, unet_module = report["types"][kind]
-    if kind in ("tdc", "tdc_pruned", "class_conditional_tdc", "text_to_image_tdc"):
+    if kind in ("tdc", "tdc_pruned", "class_conditional_tdc", "text_to_image_tdc", "sdxl_tdc"):
         assert unet_class == "TimestepRoutedExperts" and unet_module.startswith("diffusers_modules.")
     if kind.startswith("class_conditional"):
         assert pipeline_class == "ClassConditionalPipeline"
     if kind.startswith("sdxl"):
-        assert pipeline_class == "StableDiffusionXLPipeline" and unet_class == "UNet2DConditionModel"
+        assert pipeline_class == "StableDiffusionXLPipeline"
+        assert unet_class == ("TimestepRoutedExperts" if kind == "sdxl_tdc" else "UNet2DConditionModel")
     if kind == "tdc_pruned":  # the pruned widths were rebuilt from the folder
         unpruned = load_stock("tdc", saved["folders"]["tdc"]).unet
         assert sum(p.numel() for p in pipeline.unet.parameters()) < sum(p.numel() for p in unpruned.parameters())
@@ -147,7 +149,7 @@ def test_model_card_snippet_runs_without_the_package_and_metadata_follows_hub_co
     assert meta["library_name"] == "diffusers"
     assert {"diffusers", "diffusers-training", "diffusers-curriculum"} <= set(meta["tags"])
     regime = ("tdc" if "tdc" in kind else kind.rsplit("_", 1)[-1] if kind.startswith("unconditional")
-              else "curriculum+uw" if kind.startswith("sdxl") else "uniform")
+              else "curriculum+uw" if kind in ("sdxl", "sdxl_lora") else "uniform")
     assert regime in meta["tags"]
     if kind.startswith(("text_to_image", "lora", "sdxl")):
         assert meta["pipeline_tag"] == "text-to-image"

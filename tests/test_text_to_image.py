@@ -350,13 +350,6 @@ def test_a_crop_is_recorded_in_the_resized_image_and_mirrored_by_a_flip():
     assert geometry["crop_top_left"].tolist() == [0, 16]  # the left-edge crop is the right edge of the flipped image
 
 
-def test_tdc_on_sdxl_is_refused_before_work(script, tiny_sdxl, tmp_path):
-    with pytest.raises(UsageError, match="--regime tdc is not supported for SDXL yet"):
-        script.parse_args(["--pretrained_model_name_or_path", str(tiny_sdxl), "--output_dir", str(tmp_path / "run"), *FLAGS,
-                           "--regime", "tdc", "--tdc_base_steps", "2"])
-    assert not (tmp_path / "run").exists()
-
-
 def test_families_not_supported_yet_are_refused_naming_what_is(tmp_path):
     from diffusers_curriculum.families import family_of
 

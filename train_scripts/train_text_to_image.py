@@ -208,9 +208,6 @@ def validate_args(args):
         args.validation_prompts = [*(args.validation_prompts or []), args.validation_prompt]
     check_run_flags(args)
     validate_regime_args(args, num_train_timesteps=pretrained_num_timesteps(args))
-    if needs_unused_parameters(args) and family_of(args.pretrained_model_name_or_path, args.revision) == "sdxl":
-        raise UsageError(f"{'--regime tdc' if args.regime == 'tdc' else '--experts'} is not supported for SDXL yet: the stock "
-                         "StableDiffusionXLPipeline reads UNet attributes the routed experts do not expose")
     check_fresh_start(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, done_file(args))
     check_writable(args.output_dir)
 

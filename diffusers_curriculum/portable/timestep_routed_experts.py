@@ -113,6 +113,12 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
     def boundaries(self) -> List[int]:
         return list(self.config.boundaries)
 
+    @property
+    def add_embedding(self):
+        """SDXL pipelines read the width of the added (pooled text + size/crop) embedding: every expert takes the
+        same inputs, so the first expert's layer answers for all."""
+        return self.experts[0].add_embedding
+
     def group_of(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Expert index of each timestep."""
         return bucketize(timesteps, self._boundaries)
