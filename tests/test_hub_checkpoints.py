@@ -203,8 +203,10 @@ def test_a_killed_run_resumes_from_the_hub_into_an_empty_folder_bit_identically(
     script = str(ROOT / "train_scripts" / "train_unconditional.py")
     with HubStandIn(token=TOKEN) as hub:
         env = {**os.environ, "HF_ENDPOINT": hub.endpoint, "HF_HUB_OFFLINE": "0", "HF_TOKEN": TOKEN, "PYTHONUNBUFFERED": "1"}
+        # the token as a flag (machine 1) and from HF_TOKEN (machine 2); TensorBoard records the run's config
         first = subprocess.Popen([sys.executable, script, "--output_dir", str(tmp_path / "machine1"), *flags,
-                                  "--push_checkpoints", "--hub_model_id", f"{USER}/run"],
+                                  "--push_checkpoints", "--hub_model_id", f"{USER}/run", "--hub_token", TOKEN,
+                                  "--report_to", "tensorboard"],
                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert wait_for(lambda: any(f.startswith("checkpoints/checkpoint-10/checkpoint_complete")
                                     for f in hub.files(f"{USER}/run")), timeout=120)
@@ -228,6 +230,7 @@ def test_a_killed_run_resumes_from_the_hub_into_an_empty_folder_bit_identically(
     # no token in any stream, any file of either machine, or anything stored on the Hub
     secret = TOKEN.encode()
     assert secret not in first_output and secret not in second.stdout + second.stderr
+    assert list((tmp_path / "machine1" / "logs").rglob("events.out.tfevents.*"))  # the tracker's files were scanned too
     for machine in ("machine1", "machine2"):
         for path in (tmp_path / machine).rglob("*"):
             if path.is_file():
