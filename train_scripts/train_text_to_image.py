@@ -326,10 +326,10 @@ def main(args):
     trainable = [p for p in unet.parameters() if p.requires_grad]
     optimizer = make_optimizer(args, trainable, learning_rate, accelerator.device)
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
-    uploader = checkpoint_uploader(accelerator, args)  # --push_checkpoints: each checkpoint to the Hub, in the background
     done = already_done(accelerator, args, resume_path, done_file(args), regime)  # a finished run's re-run: nothing to train
     if done is not None:
         return done
+    uploader = checkpoint_uploader(accelerator, args)  # --push_checkpoints: each checkpoint to the Hub, in the background
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)

@@ -253,10 +253,10 @@ def main(args, evaluate=None):
     ema_model = make_ema(args, model)
     optimizer = make_optimizer(args, model.parameters(), args.learning_rate, accelerator.device)
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
-    uploader = checkpoint_uploader(accelerator, args)  # --push_checkpoints: each checkpoint to the Hub, in the background
     done = already_done(accelerator, args, resume_path, "model_index.json", regime)  # a finished run's re-run: nothing to train
     if done is not None:
         return done
+    uploader = checkpoint_uploader(accelerator, args)  # --push_checkpoints: each checkpoint to the Hub, in the background
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
