@@ -28,9 +28,6 @@ class LatentCache:
                 stds.append(posterior.std.cpu())
         self.mean, self.std = torch.cat(means), torch.cat(stds)
 
-    def __len__(self) -> int:
-        return self.mean.shape[0]
-
     def posterior(self, index: torch.Tensor, device) -> Tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the images at ``index`` (a batch's dataset indices), on ``device``."""
         index = index.cpu()

@@ -472,7 +472,6 @@ def finish(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, regime
         images = log_validation(args, accelerator, pipeline, "final", global_step) if args.validation_prompts else []
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings.update(trained_steps=global_step, prediction_type=noise_scheduler.config.prediction_type)
-    record = regime.describe()
     if record.get("stage_history"):
         logger.info(regime_in_words(record, global_step)[-1])  # how far the curriculum got
     dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)

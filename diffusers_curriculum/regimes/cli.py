@@ -30,9 +30,9 @@ from .regime import Regime
 from .timesteps import (
     CLUSTERED, TIMESTEP_SAMPLING, AdaptivePacing, FixedPacing, curriculum_outlook, make_timestep_sampler, stage_step_cap,
 )
+from .weighting import Weighting
 
 logger = logging.getLogger(__name__)
-from .weighting import Weighting
 
 # The registry: presets name the axes they set; nothing is added to it by importing a module.
 PRESETS: Dict[str, Dict[str, Any]] = {
