@@ -1,6 +1,7 @@
-"""Exact interval clustering of timesteps by dynamic programming (ANT, Go et al., NeurIPS 2023).
+"""Exact interval clustering of noise levels by dynamic programming (ANT, Go et al., NeurIPS 2023).
 
-[0, T) is split into k contiguous clusters [b_0=0, b_1), [b_1, b_2), …, [b_{k-1}, b_k=T) minimising the
+The DP runs on the noise process's grid of T levels (:mod:`diffusers_curriculum.noise`): DDPM's timesteps, or the
+cells [i, i + 1) of a continuous coordinate (rectified flow), whose SNR is taken at the cell's centre. [0, T) is split into k contiguous clusters [b_0=0, b_1), [b_1, b_2), …, [b_{k-1}, b_k=T) minimising the
 sum of interval costs. ``cost[a, b]`` is the cost of the interval [a, b) (``inf`` where a ≥ b); every cost
 matrix is computed for all O(T²) intervals at once, and the DP
 
@@ -74,18 +75,21 @@ def affinity_costs(affinity: np.ndarray) -> np.ndarray:
     return np.where(b > a, -best, np.inf)
 
 
-def interval_costs(cost: str, num_train_timesteps: int, alphas_cumprod=None, affinity=None) -> np.ndarray:
+def interval_costs(cost: str, num_train_timesteps: int, alphas_cumprod=None, affinity=None, snr=None) -> np.ndarray:
     """The (T+1, T+1) interval-cost matrix for ``cost`` (see the module docstring).
 
-    ``alphas_cumprod`` (length T) is needed for snr/log_snr; ``affinity`` (T, T) for affinity.
+    snr/log_snr need each level's SNR: ``snr`` (length T, e.g. a noise process's ``level_snr()``) or DDPM's
+    ``alphas_cumprod`` (SNR = ᾱ / (1 − ᾱ)); affinity needs ``affinity`` (T, T).
     """
     if cost == "timestep":
         return absolute_deviation_costs(np.arange(num_train_timesteps, dtype=np.float64))
     if cost in ("snr", "log_snr"):
-        if alphas_cumprod is None:
-            raise ValueError(f"cost {cost!r} needs alphas_cumprod")
-        a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).numpy()[:num_train_timesteps]
-        snr = a / (1 - a)
+        if snr is None and alphas_cumprod is None:
+            raise ValueError(f"cost {cost!r} needs the levels' SNR (snr or alphas_cumprod)")
+        if snr is None:
+            a = torch.as_tensor(alphas_cumprod, dtype=torch.float64).numpy()[:num_train_timesteps]
+            snr = a / (1 - a)
+        snr = np.asarray(snr, dtype=np.float64)[:num_train_timesteps]
         return absolute_deviation_costs(np.log(snr) if cost == "log_snr" else snr)
     if cost == "affinity":
         if affinity is None:
@@ -156,7 +160,7 @@ def equal_boundaries(num_train_timesteps: int, k: int) -> List[int]:
 
 
 def partition(cost: str, k: int, num_train_timesteps: int, alphas_cumprod=None, affinity: Optional[np.ndarray] = None,
-              group_size: int = 1) -> List[int]:
+              group_size: int = 1, snr=None) -> List[int]:
     """The boundaries ``[0, b_1, …, T]`` of ``k`` clusters: equal intervals (``cost="equal"``) or the exact DP
     under ``cost``. An affinity matrix is over groups of ``group_size`` timesteps: the DP runs on the groups
     and the boundaries are scaled back to timesteps."""
@@ -165,4 +169,4 @@ def partition(cost: str, k: int, num_train_timesteps: int, alphas_cumprod=None, 
     if cost == "affinity":
         boundaries, _ = cluster_intervals(interval_costs("affinity", affinity.shape[0], affinity=affinity), k)
         return [min(num_train_timesteps, b * group_size) for b in boundaries[:-1]] + [num_train_timesteps]
-    return cluster_intervals(interval_costs(cost, num_train_timesteps, alphas_cumprod=alphas_cumprod), k)[0]
+    return cluster_intervals(interval_costs(cost, num_train_timesteps, alphas_cumprod=alphas_cumprod, snr=snr), k)[0]

@@ -20,9 +20,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
-from diffusers import DDIMScheduler, DDPMScheduler
 
 from .errors import UsageError
+from .noise import as_process
 
 REGIME_FILE = "training_regime.json"
 INDEX_FILE = "model_index.json"
@@ -32,19 +32,19 @@ PORTABLE_COMPONENTS = {"TimestepRoutedExperts": "timestep_routed_experts"}
 PORTABLE_PIPELINES = {"ClassConditionalPipeline": "class_conditional_pipeline"}
 # Libraries whose classes a stock diffusers install resolves by name.
 STOCK_LIBRARIES = ("diffusers", "transformers")
-STOCK_SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
 
 def stock_scheduler(noise_scheduler, sampler: str = "ddpm"):
-    """The scheduler to ship: ``noise_scheduler``'s config as a stock ``DDPMScheduler`` or ``DDIMScheduler``.
+    """The scheduler to ship: ``noise_scheduler``'s config as a stock ``DDPMScheduler`` or ``DDIMScheduler``; a
+    rectified flow's ``FlowMatchEulerDiscreteScheduler`` as it is (:meth:`~diffusers_curriculum.noise.NoiseProcess.pipeline_scheduler`).
 
     A ``training_regime`` entry in the config (left by a base pipeline saved in the old layout) is dropped:
     the record of *this* run is ``training_regime.json``.
     """
-    if sampler not in STOCK_SCHEDULERS:
-        raise ValueError(f"sampler must be one of {sorted(STOCK_SCHEDULERS)}, got {sampler!r}")
-    config = {k: v for k, v in noise_scheduler.config.items() if k != "training_regime"}
-    return STOCK_SCHEDULERS[sampler].from_config(config)
+    process = as_process(noise_scheduler)
+    if process.name != "ddpm":  # a flow pipeline ships its own FlowMatchEulerDiscreteScheduler
+        return process.pipeline_scheduler()
+    return process.pipeline_scheduler(sampler)
 
 
 def _portable_module(library: Optional[str], class_name: Optional[str]) -> Optional[str]:

@@ -28,7 +28,10 @@ import torch
 from torch import nn
 
 from .experts import count_flops, count_params, example_inputs, sync_sampler_widths
+from .clustering import bucketize
 from .losses import denoising_loss
+from .noise import as_process
+from .sampling import real_uniform
 
 Config = Dict[str, float]
 
@@ -189,14 +192,29 @@ def proxy_loss(model, noise_scheduler, clean, noise, timesteps, teacher: Optiona
                distill_weight: float = 0.0) -> torch.Tensor:
     """The batch's mean :func:`~diffusers_curriculum.losses.denoising_loss` of ``model``, plus
     ``distill_weight`` × :func:`distillation_loss` against ``teacher`` when one is given."""
-    noisy = noise_scheduler.add_noise(clean, noise, timesteps)
-    prediction = model(noisy, timesteps).sample
-    loss = denoising_loss(prediction, noise_scheduler, clean, noise, timesteps).mean()
+    process = as_process(noise_scheduler)
+    noisy = process.add_noise(clean, noise, timesteps)
+    prediction = model(noisy, process.model_timesteps(timesteps)).sample
+    loss = denoising_loss(prediction, process, clean, noise, timesteps).mean()
     if teacher is not None and distill_weight > 0:
         with torch.no_grad():
-            target = teacher(noisy, timesteps).sample
+            target = teacher(noisy, process.model_timesteps(timesteps)).sample
         loss = loss + distill_weight * distillation_loss(prediction, target)
     return loss
+
+
+def draw_levels(noise_scheduler, t_range: Tuple[float, float], batch_size: int, generator: torch.Generator) -> torch.Tensor:
+    """Noise levels uniform on ``t_range`` = [low, high) of the process's coordinate: integers (DDPM) or reals (flow)."""
+    if as_process(noise_scheduler).continuous:
+        return real_uniform(t_range[0], t_range[1], torch.rand(batch_size, generator=generator, dtype=torch.float64))
+    return torch.randint(*t_range, (batch_size,), generator=generator)
+
+
+def expert_level_range(noise_scheduler, experts_model, index: int) -> Tuple[float, float]:
+    """Expert ``index``'s group as noise levels: its routing boundaries are in the timesteps the network is fed."""
+    process = as_process(noise_scheduler)
+    low, high = experts_model.boundaries[index], experts_model.boundaries[index + 1]
+    return process.level_of(low), process.level_of(high)
 
 
 def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: Tuple[int, int], steps: int,
@@ -217,7 +235,7 @@ def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: T
     model.train()
     for step in range(steps):
         clean = next(batches).to(device)
-        timesteps = torch.randint(*t_range, (clean.shape[0],), generator=generator).to(device)
+        timesteps = draw_levels(noise_scheduler, t_range, clean.shape[0], generator).to(device)
         noise = torch.randn(clean.shape, generator=generator).to(device)
         loss = proxy_loss(model, noise_scheduler, clean, noise, timesteps, teacher, distill_weight)
         loss.backward()
@@ -236,11 +254,14 @@ def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: T
 class ValidationSet:
     """A fixed batch (images, noise, timesteps in the group) on which every candidate is scored."""
 
-    def __init__(self, images: torch.Tensor, t_range: Tuple[int, int], seed: int = 0):
+    def __init__(self, images: torch.Tensor, t_range: Tuple[int, int], seed: int = 0, noise_scheduler=None):
         generator = torch.Generator().manual_seed(seed)
         self.images = images
         self.noise = torch.randn(images.shape, generator=generator)
-        self.timesteps = torch.randint(*t_range, (images.shape[0],), generator=generator)
+        if noise_scheduler is None:
+            self.timesteps = torch.randint(*t_range, (images.shape[0],), generator=generator)
+        else:
+            self.timesteps = draw_levels(noise_scheduler, t_range, images.shape[0], generator)
 
     @torch.no_grad()
     def loss(self, model, noise_scheduler, teacher: Optional[nn.Module] = None, distill_weight: float = 0.0) -> float:
@@ -393,8 +414,7 @@ def search_pruning(model: nn.Module, budget_fraction: float, proxy: Callable[[nn
 
 def sampling_flops(expert_flops: Sequence[int], boundaries: Sequence[int], timesteps: Sequence[int]) -> int:
     """FLOPs to generate one sample: each inference timestep runs the expert of its group once."""
-    inner = torch.tensor(list(boundaries[1:-1]), dtype=torch.long)
-    groups = torch.bucketize(torch.as_tensor(list(timesteps), dtype=torch.long), inner, right=True)
+    groups = bucketize(torch.as_tensor(list(timesteps)), list(boundaries))
     return int(sum(expert_flops[g] for g in groups.tolist()))
 
 
@@ -430,10 +450,10 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
     validation_images = torch.stack([dataset[i]["pixel_values"] for i in range(min(validation_size, len(dataset)))])
     reports = []
     for index, (original, budget) in enumerate(zip(list(experts_model.experts), budgets)):
-        t_range = (experts_model.boundaries[index], experts_model.boundaries[index + 1])
+        t_range = expert_level_range(noise_scheduler, experts_model, index)
         batches = infinite_batches(dataset, batch_size, seed + index)
         teacher = copy.deepcopy(original).eval().requires_grad_(False) if distill_weight > 0 else None
-        validation = ValidationSet(validation_images, t_range, seed + index)
+        validation = ValidationSet(validation_images, t_range, seed + index, noise_scheduler)
         proxy = Proxy(batches, noise_scheduler, validation, t_range, proxy_steps, learning_rate, seed + index,
                       teacher, distill_weight)
         params_before, flops_before = count_params(original), count_flops(original)

@@ -1,6 +1,8 @@
 """Timestep samplers: which denoising tasks a training batch holds.
 
-A sampler draws integer DDPM timesteps in ``[0, num_train_timesteps)``. Adaptive samplers learn from the
+A sampler draws noise levels t in ``[0, num_train_timesteps)``: integer DDPM timesteps, or, with
+``continuous = True`` (set from the noise process, :mod:`diffusers_curriculum.noise`), real values whose grid cell
+[i, i + 1) is level i of the clustering and of the per-level histories. Adaptive samplers learn from the
 per-sample losses passed to :meth:`TimestepSampler.observe`. Every sampler owns its random generator, so
 its draws are reproducible and survive checkpoint/resume through :meth:`state_dict`.
 """
@@ -13,6 +15,14 @@ import torch
 from diffusers.training_utils import compute_density_for_timestep_sampling
 
 from .clustering import bucketize, check_boundaries
+
+
+def real_uniform(low, high, fraction: torch.Tensor) -> torch.Tensor:
+    """low + fraction·(high − low) as float32, kept below ``high`` (fraction in [0, 1]): rounding to float32 must
+    not carry a draw into the next cluster or onto T."""
+    high = torch.as_tensor(high, dtype=torch.float32)
+    values = (low + fraction * (torch.as_tensor(high, dtype=torch.float64) - low)).float()
+    return torch.minimum(values, torch.nextafter(high, torch.full_like(high, -float("inf"))))
 
 
 class TimestepSampler:
@@ -29,18 +39,35 @@ class TimestepSampler:
         self.num_train_timesteps = num_train_timesteps
         self.generator = torch.Generator().manual_seed(seed)
 
+    # Real-valued noise levels (rectified flow) instead of integer timesteps (DDPM).
+    continuous = False
+
     def sample(
         self, batch_size: int, device: Optional[torch.device] = None, generator: Optional[torch.Generator] = None
-    ) -> torch.LongTensor:
-        """Returns ``batch_size`` timesteps, a LongTensor of shape ``(batch_size,)`` on ``device``.
+    ) -> torch.Tensor:
+        """Returns ``batch_size`` noise levels of shape ``(batch_size,)`` on ``device``: a LongTensor, or float32
+        when :attr:`continuous`.
 
         Draws on the sampler's own generator unless a CPU ``generator`` is given.
         """
         draws = self._draw(batch_size, self.generator if generator is None else generator)
-        return draws.to(device=device, dtype=torch.long)
+        return draws.to(device=device, dtype=torch.float32 if self.continuous else torch.long)
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         raise NotImplementedError
+
+    def _uniform(self, low, high, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform draws on [low, high): integers, or reals when :attr:`continuous`."""
+        if self.continuous:
+            return real_uniform(low, high, torch.rand(batch_size, generator=generator, dtype=torch.float64))
+        return torch.randint(low, high, (batch_size,), generator=generator)
+
+    def _within_levels(self, levels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Grid levels drawn by index (weighted samplers) as noise levels: uniform inside each cell when
+        :attr:`continuous`, the integer levels themselves otherwise."""
+        if self.continuous:
+            return real_uniform(levels, levels + 1, torch.rand(levels.shape[0], generator=generator, dtype=torch.float64))
+        return levels
 
     # True for samplers that learn from losses: the regime then gathers every rank's losses for observe.
     observes_losses = False
@@ -67,7 +94,7 @@ class UniformSampler(TimestepSampler):
     """t ~ U{0, …, T-1} (DDPM, Ho et al. 2020)."""
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(0, self.num_train_timesteps, (batch_size,), generator=generator)
+        return self._uniform(0, self.num_train_timesteps, batch_size, generator)
 
 
 class IntervalSampler(TimestepSampler):
@@ -83,7 +110,7 @@ class IntervalSampler(TimestepSampler):
         self.low, self.high = int(low), int(high)
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(self.low, self.high, (batch_size,), generator=generator)
+        return self._uniform(self.low, self.high, batch_size, generator)
 
 
 class DensitySampler(TimestepSampler):
@@ -97,6 +124,8 @@ class DensitySampler(TimestepSampler):
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         u = compute_density_for_timestep_sampling(self.scheme, batch_size, generator=generator, **self.density_kwargs())
+        if self.continuous:  # t = T·u on [0, T): u = 1 (a float32 sigmoid can round to it) is kept just below T
+            return real_uniform(0, self.num_train_timesteps, u.double().clamp(0, 1))
         return (u * self.num_train_timesteps).long().clamp_(0, self.num_train_timesteps - 1)
 
 
@@ -143,7 +172,8 @@ class WeightedSampler(TimestepSampler):
         self.weights = weights / weights.sum()
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+        levels = torch.multinomial(self.weights, batch_size, replacement=True, generator=generator)
+        return self._within_levels(levels, generator)
 
 
 def timestep_bias_weights(num_train_timesteps: int, strategy: str = "none", multiplier: float = 1.0,
@@ -199,15 +229,17 @@ class LossAwareSampler(TimestepSampler):
         return weights * (1 - self.uniform_prob) + self.uniform_prob / self.num_train_timesteps
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.multinomial(self.weights(), batch_size, replacement=True, generator=generator)
+        levels = torch.multinomial(self.weights(), batch_size, replacement=True, generator=generator)
+        return self._within_levels(levels, generator)
 
     def importance_weights(self, timesteps: torch.Tensor) -> torch.Tensor:
-        """1 / (T·p(t)) under the distribution the batch was drawn from (no loss is observed in between)."""
-        p = self.weights()[timesteps.cpu()]
+        """1 / (T·p(t)) under the distribution the batch was drawn from (no loss is observed in between); p is
+        per grid level, so for real-valued levels it is the density on the level's cell."""
+        p = self.weights()[timesteps.cpu().long()]
         return (1.0 / (self.num_train_timesteps * p)).float().to(timesteps.device)
 
     def observe(self, timesteps: torch.Tensor, per_sample_loss: torch.Tensor) -> None:
-        for t, loss in zip(timesteps.tolist(), per_sample_loss.double().cpu().tolist()):
+        for t, loss in zip(timesteps.long().tolist(), per_sample_loss.double().cpu().tolist()):
             if self.counts[t] == self.history:
                 self.losses[t, :-1] = self.losses[t, 1:].clone()
                 self.losses[t, -1] = loss
@@ -246,6 +278,8 @@ class StratifiedSampler(TimestepSampler):
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         cluster = torch.repeat_interleave(torch.arange(self.k), self.counts(batch_size, generator))
         low, high = self.boundaries[cluster], self.boundaries[cluster + 1]
+        if self.continuous:
+            return real_uniform(low, high, torch.rand(batch_size, generator=generator, dtype=torch.float64))
         return low + (torch.rand(batch_size, generator=generator) * (high - low)).long().clamp_max(high - low - 1)
 
     def cluster_of(self, timesteps: torch.Tensor) -> torch.Tensor:
@@ -267,7 +301,7 @@ class GroupCycleSampler(StratifiedSampler):
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         low, high = int(self.boundaries[self.current]), int(self.boundaries[self.current + 1])
-        return torch.randint(low, high, (batch_size,), generator=generator)
+        return self._uniform(low, high, batch_size, generator)
 
     def state_dict(self) -> Dict[str, Any]:
         return {**super().state_dict(), "current": self.current}
@@ -275,9 +309,3 @@ class GroupCycleSampler(StratifiedSampler):
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.current = int(state["current"])
-
-
-SAMPLERS = {
-    "uniform": UniformSampler, "logit_normal": LogitNormalSampler, "loss_aware": LossAwareSampler,
-    "speed": WeightedSampler, "timestep_bias": WeightedSampler,
-}

@@ -1,7 +1,16 @@
-"""Per-sample loss weights as functions of the timestep's signal-to-noise ratio.
+"""Per-sample loss weights as functions of the noise level's signal-to-noise ratio.
 
-Each function maps a batch of timesteps to weights of shape ``(batch,)`` that multiply the per-sample
-MSE of the model's prediction. SNR(t) = ᾱ_t / (1 − ᾱ_t), computed by diffusers' ``compute_snr``.
+Each function maps a batch of noise levels to weights of shape ``(batch,)`` that multiply the per-sample MSE of
+the model's prediction. SNR comes from the noise process (:mod:`diffusers_curriculum.noise`): ᾱ_t / (1 − ᾱ_t)
+under DDPM (diffusers' ``compute_snr``), ((1 − σ) / σ)² under rectified flow.
+
+A weighting defined on one parametrisation's error carries over to another through how the errors relate. Under
+rectified flow x_σ = (1 − σ) x₀ + σ ε and the network predicts v = ε − x₀, so x₀ = x_σ − σ v and ε = x_σ + (1 − σ) v:
+
+    x̂₀ − x₀ = −σ (v̂ − v),        ε̂ − ε = (1 − σ) (v̂ − v).
+
+A weight w_x on the x₀-MSE is therefore w_x·σ² on the velocity MSE, and a weight w_ε on the ε-MSE is w_ε·(1 − σ)².
+With √SNR = (1 − σ) / σ: σ = 1 / (1 + √SNR) and 1 − σ = √SNR / (1 + √SNR).
 """
 
 from __future__ import annotations
@@ -10,17 +19,22 @@ import math
 from typing import Any, Dict, Optional
 
 import torch
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_loss_weighting_for_sd3
 from torch import nn
 
-WEIGHTINGS = ("none", "min_snr", "p2", "learned")
+from .noise import SIGMA_EPS, as_process
+
+WEIGHTINGS = ("none", "min_snr", "p2", "learned", "sigma_sqrt", "cosmap")
+# SD3's loss weights (diffusers' compute_loss_weighting_for_sd3): functions of the flow's σ, nothing under DDPM.
+FLOW_WEIGHTINGS = ("sigma_sqrt", "cosmap")
 
 
 def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str = "epsilon") -> torch.Tensor:
     """Min-SNR-γ weights (Hang et al. 2023, arXiv 2303.09556), expressed for the model's target.
 
     The x0-loss weight is min(SNR, γ); for an ε target this becomes min(SNR, γ) / SNR, for a v target
-    min(SNR, γ) / (SNR + 1). Same convention as diffusers' ``train_text_to_image.py --snr_gamma``.
+    min(SNR, γ) / (SNR + 1) (same convention as diffusers' ``train_text_to_image.py --snr_gamma``), and for the
+    flow velocity (``"flow"``) min(SNR, γ)·σ² = min(SNR, γ) / (1 + √SNR)² (module docstring).
     """
     clipped = torch.clamp(snr, max=gamma)
     if prediction_type == "epsilon":
@@ -29,34 +43,45 @@ def min_snr_weights(snr: torch.Tensor, gamma: float, prediction_type: str = "eps
         return clipped / (snr + 1)
     if prediction_type == "sample":
         return clipped
+    if prediction_type == "flow":
+        return clipped / (1 + snr.sqrt()) ** 2
     raise ValueError(f"unknown prediction_type {prediction_type!r}")
 
 
-def p2_weights(snr: torch.Tensor, gamma: float = 1.0, k: float = 1.0) -> torch.Tensor:
-    """P2 weights (Choi et al. 2022, arXiv 2204.00227) for an ε target: 1 / (k + SNR)^γ.
+def p2_weights(snr: torch.Tensor, gamma: float = 1.0, k: float = 1.0, prediction_type: str = "epsilon") -> torch.Tensor:
+    """P2 weights (Choi et al. 2022, arXiv 2204.00227) on the ε-MSE: 1 / (k + SNR)^γ; for the flow velocity
+    (``"flow"``) that weight times (1 − σ)² = SNR / (1 + √SNR)² (module docstring). DDPM's v- and x₀-targets keep
+    the ε form, as this project always trained them.
 
     Down-weights the clean, high-SNR timesteps whose details are perceptually unimportant.
     """
-    return (k + snr) ** -gamma
+    weights = (k + snr) ** -gamma
+    return weights * snr / (1 + snr.sqrt()) ** 2 if prediction_type == "flow" else weights
 
 
 def loss_weights(
-    noise_scheduler,
+    noise_process,
     timesteps: torch.Tensor,
     weighting: str = "none",
     snr_gamma: Optional[float] = None,
     p2_gamma: float = 1.0,
     p2_k: float = 1.0,
 ) -> Optional[torch.Tensor]:
-    """Weights of shape ``(batch,)`` for ``timesteps`` under ``weighting``; ``None`` means all ones (also for
-    ``"learned"``, which is not a factor: see :class:`LearnedWeighting`)."""
+    """Weights of shape ``(batch,)`` for the noise levels ``timesteps`` of ``noise_process`` (a
+    :class:`~diffusers_curriculum.noise.NoiseProcess` or a diffusers scheduler) under ``weighting``; ``None``
+    means all ones (also for ``"learned"``, which is not a factor: see :class:`LearnedWeighting`)."""
     if weighting in ("none", "learned"):
         return None
-    snr = compute_snr(noise_scheduler, timesteps)
+    process = as_process(noise_process)
+    if weighting in FLOW_WEIGHTINGS:
+        if process.name != "flow":
+            raise ValueError(f"weighting {weighting!r} is a rectified-flow loss weight (a function of σ); the process is {process.name}")
+        return compute_loss_weighting_for_sd3(weighting, process.sigmas(timesteps).clamp_min(SIGMA_EPS)).float()
+    snr = process.snr(timesteps)
     if weighting == "min_snr":
-        return min_snr_weights(snr, snr_gamma, noise_scheduler.config.prediction_type)
+        return min_snr_weights(snr, snr_gamma, process.prediction_type)
     if weighting == "p2":
-        return p2_weights(snr, p2_gamma, p2_k)
+        return p2_weights(snr, p2_gamma, p2_k, process.prediction_type)
     raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS}")
 
 

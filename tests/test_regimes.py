@@ -16,7 +16,7 @@ def test_build_regime_gives_uniform_with_min_snr():
     scheduler = DDPMScheduler(num_train_timesteps=100)
     regime = build_regime(regime_args("--snr_gamma", "5"), scheduler)
     assert regime.weighting.name == "min_snr" and isinstance(regime.sampler, UniformSampler)
-    assert regime.describe() == {"name": "uniform", "timestep_sampling": "uniform", "timestep_sampler": "UniformSampler",
+    assert regime.describe() == {"name": "uniform", "noise_process": "ddpm", "timestep_sampling": "uniform", "timestep_sampler": "UniformSampler",
                                  "weighting": "min_snr", "snr_gamma": 5.0, "balancer": "none"}
     logit = build_regime(regime_args("--timestep_sampling", "logit_normal", "--logit_std", "0.5"), scheduler)
     assert isinstance(logit.sampler, LogitNormalSampler) and logit.sampler.std == 0.5

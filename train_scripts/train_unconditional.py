@@ -17,7 +17,7 @@ import os
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
@@ -29,10 +29,10 @@ from diffusers_curriculum.data import (
     BUILTIN_DATASETS, HUB_DATASET_IDS, INTERPOLATION_MODES, build_dataset, describe_data, num_channels,
 )
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
-from diffusers_curriculum.export import stock_scheduler
 from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, training_facts, write_model_card
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import unet_config_from_args
+from diffusers_curriculum.noise import NOISE_PROCESSES, make_process
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
 from diffusers_curriculum.regimes.words import regime_in_words
@@ -50,8 +50,10 @@ logger = get_logger(__name__, log_level="INFO")
 CARD_SETTINGS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
     "lr_warmup_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
-    "use_ema", "ema_max_decay", "mixed_precision", "seed", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
+    "use_ema", "ema_max_decay", "mixed_precision", "seed", "noise_process", "prediction_type", "ddpm_num_steps", "ddpm_beta_schedule",
 )
+FLOW_CARD_SETTINGS = ("noise_process", "flow_shift", "ddpm_num_steps")  # under flow: no beta schedule, no ε/v/x₀ choice
+DDPM_ONLY_FLAGS = {"prediction_type": "epsilon", "ddpm_beta_schedule": "linear", "use_ddim": False}
 CARD_TILE = 64  # sample grids show each image at least this many pixels wide
 
 
@@ -82,9 +84,15 @@ def build_parser(task_cls=Unconditional) -> ArgumentParser:
                        help="UNet2DModel config (folder or JSON); default: a tiny CPU-sized UNet.")
     model.add_argument("--block_out_channels", type=str, default="32,64,64", help="Channels of the default UNet's blocks.")
     model.add_argument("--layers_per_block", type=int, default=1, help="ResNet layers per block of the default UNet.")
+    model.add_argument("--noise_process", type=str, default="ddpm", choices=NOISE_PROCESSES,
+                       help="ddpm: discrete DDPM time (DDPMScheduler); flow: rectified flow over a continuous noise level, "
+                            "velocity target, shipped with FlowMatchEulerDiscreteScheduler (as SD3, Flux).")
+    model.add_argument("--flow_shift", type=float, default=1.0,
+                       help="--noise_process flow: the scheduler's shift s, sigma -> s·sigma / (1 + (s - 1)·sigma) (SD3 uses 3).")
     model.add_argument("--prediction_type", type=str, default="epsilon", choices=["epsilon", "sample", "v_prediction"],
-                       help="What the UNet predicts.")
-    model.add_argument("--ddpm_num_steps", type=int, default=1000, help="T, the number of diffusion timesteps.")
+                       help="What the UNet predicts (ddpm; a flow model predicts the velocity).")
+    model.add_argument("--ddpm_num_steps", type=int, default=1000,
+                       help="T, the number of diffusion timesteps (flow: the grid of noise levels the clusters are cut on).")
     model.add_argument("--ddpm_num_inference_steps", type=int, default=1000, help="Sampling steps of validation grids and the saved pipeline's default.")
     model.add_argument("--ddpm_beta_schedule", type=str, default="linear", help="The noise schedule (a DDPMScheduler beta_schedule).")
     model.add_argument("--use_ddim", action="store_true", help="Sample (validation and the saved pipeline) with a DDIM scheduler.")
@@ -184,15 +192,26 @@ def validate_args(args):
         args.hub_token_resolved = resolve_hub_token(args.hub_token)
     if args.train_data_dir is None and args.dataset_name is None:
         raise UsageError("give --dataset_name or --train_data_dir")
-    validate_regime_args(args, num_train_timesteps=args.ddpm_num_steps)
+    if args.noise_process == "flow":
+        for name, default in DDPM_ONLY_FLAGS.items():
+            if getattr(args, name) != default:
+                raise UsageError(f"--{name} applies to --noise_process ddpm; a flow model predicts the velocity and samples "
+                                 "with FlowMatchEulerDiscreteScheduler")
+        if not args.flow_shift > 0:
+            raise UsageError(f"--flow_shift must be > 0, got {args.flow_shift}")
+    elif args.flow_shift != 1.0:
+        raise UsageError("--flow_shift applies to --noise_process flow")
+    validate_regime_args(args, num_train_timesteps=args.ddpm_num_steps, noise_process=args.noise_process)
     TASKS[args.task](args).validate_args()
     # Never train on top of another run by accident; --resume_from_checkpoint continues one.
     check_fresh_start(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, "model_index.json")
     check_writable(args.output_dir)
 
 
-def build_pipeline(args, task, unet, noise_scheduler):
-    return task.build_pipeline(unet, stock_scheduler(noise_scheduler, "ddim" if args.use_ddim else "ddpm"))
+def build_pipeline(args, task, unet, noise_process):
+    """The pipeline to ship: stock DDPM/DDIM schedulers, or the flow's FlowMatchEulerDiscreteScheduler."""
+    sampler = ("ddim" if args.use_ddim else "ddpm") if noise_process.name == "ddpm" else None
+    return task.build_pipeline(unet, noise_process.pipeline_scheduler(sampler))
 
 
 def save_sample_grid(args, task, pipeline, path, seed):
@@ -232,9 +251,8 @@ def main(args, evaluate=None):
     unet_config = task.unet_config(unet_config_from_args(
         args.model_config_name_or_path, args.resolution, num_channels(dataset), args.block_out_channels, args.layers_per_block
     ))
-    noise_scheduler = DDPMScheduler(
-        num_train_timesteps=args.ddpm_num_steps, beta_schedule=args.ddpm_beta_schedule, prediction_type=args.prediction_type
-    )
+    noise_process = make_process(args.noise_process, args.ddpm_num_steps, args.ddpm_beta_schedule, args.prediction_type,
+                                 args.flow_shift)  # owns time: noising, target, the network's timestep, the shipped scheduler
     train_dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=args.train_batch_size, shuffle=True, num_workers=args.dataloader_num_workers, drop_last=True
     )
@@ -244,7 +262,7 @@ def main(args, evaluate=None):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
     check_schedule(args, args.max_train_steps)
-    regime = build_regime(args, noise_scheduler, accelerator, args.max_train_steps)  # the run's length sizes a curriculum
+    regime = build_regime(args, noise_process, accelerator, args.max_train_steps)  # the run's length sizes a curriculum
 
     model = UNet2DModel.from_config(unet_config)
     if args.enable_xformers_memory_efficient_attention:
@@ -301,12 +319,13 @@ def main(args, evaluate=None):
                 if global_step >= args.max_train_steps:  # before the step: a resumed finished run trains no more
                     break
                 clean_images = batch["pixel_values"].to(accelerator.device)
-                noise, timesteps = regime.sample(clean_images)
-                noisy_images = noise_scheduler.add_noise(clean_images, noise, timesteps)
+                noise, timesteps = regime.sample(clean_images)  # noise levels: DDPM's integer t or the flow's real t
+                noisy_images = noise_process.add_noise(clean_images, noise, timesteps)
 
                 with accelerator.accumulate(model), regime.forward_context(accelerator, model):
-                    model_output = model(noisy_images, timesteps, **task.model_kwargs(batch, accelerator.device)).sample
-                    per_sample_loss = denoising_loss(model_output, noise_scheduler, clean_images, noise, timesteps)
+                    model_output = model(noisy_images, noise_process.model_timesteps(timesteps),
+                                         **task.model_kwargs(batch, accelerator.device)).sample
+                    per_sample_loss = denoising_loss(model_output, noise_process, clean_images, noise, timesteps)
                     loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
                     optimizer_step(accelerator, model.parameters(), optimizer, lr_scheduler, args.max_grad_norm)
 
@@ -320,7 +339,7 @@ def main(args, evaluate=None):
                     accelerator.log({**logs, "step": global_step}, step=global_step)
 
                     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                        validate(args, task, accelerator, model, ema_model, noise_scheduler, global_step, f"step_{global_step}", evaluate)
+                        validate(args, task, accelerator, model, ema_model, noise_process, global_step, f"step_{global_step}", evaluate)
                     checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record, uploader)
                 if global_step >= args.max_train_steps:
                     break
@@ -328,10 +347,10 @@ def main(args, evaluate=None):
                 break
             if accelerator.is_main_process:  # diffusers' per-epoch grid and pipeline (the last epoch's: finish)
                 if (epoch + 1) % args.save_images_epochs == 0:
-                    validate(args, task, accelerator, model, ema_model, noise_scheduler, global_step, f"epoch_{epoch}")
+                    validate(args, task, accelerator, model, ema_model, noise_process, global_step, f"epoch_{epoch}")
                 if (epoch + 1) % args.save_model_epochs == 0:
                     with shipped_weights(accelerator, model, ema_model) as shipped:
-                        save_pipeline(build_pipeline(args, task, shipped, noise_scheduler), args.output_dir,
+                        save_pipeline(build_pipeline(args, task, shipped, noise_process), args.output_dir,
                                       training_regime={**regime.describe(), "trained_steps": global_step})
                     logger.info(f"Saved the pipeline of epoch {epoch} (step {global_step}) to {args.output_dir}")
         progress_bar.close()
@@ -339,7 +358,7 @@ def main(args, evaluate=None):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             validated = bool(args.validation_steps) and global_step % args.validation_steps == 0  # this step's grid is out
-            finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, dataset, total_batch_size,
+            finish(args, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
                    evaluate, validated, uploader)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
@@ -348,23 +367,23 @@ def main(args, evaluate=None):
     return {"global_step": global_step, "losses": loss_history, "regime_state": regime.state_dict()}
 
 
-def validate(args, task, accelerator, model, ema_model, noise_scheduler, global_step, name, evaluate=None):
+def validate(args, task, accelerator, model, ema_model, noise_process, global_step, name, evaluate=None):
     """A sample grid of the weights that would ship (``samples/<name>.png``, and to the trackers); then
     ``evaluate(global_step, pipeline)`` when given. The training weights are back in place afterwards."""
     with shipped_weights(accelerator, model, ema_model) as shipped:
-        pipeline = build_pipeline(args, task, shipped, noise_scheduler)
+        pipeline = build_pipeline(args, task, shipped, noise_process)
         grid = save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", f"{name}.png"), args.seed or 0)
         log_images(accelerator, "samples", [grid], global_step)
         if evaluate is not None:
             evaluate(global_step, pipeline)
 
 
-def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, global_step, dataset, total_batch_size,
+def finish(args, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
            evaluate=None, validated=False, uploader=None):
     """Saves the pipeline (the EMA weights with --use_ema), a sample grid and the model card; unless the last
     step was ``validated`` already, sends the grid to the trackers and calls ``evaluate``; then pushes when asked."""
     with shipped_weights(accelerator, model, ema_model, final=True) as shipped:  # training is over: no restore
-        pipeline = build_pipeline(args, task, shipped, noise_scheduler)
+        pipeline = build_pipeline(args, task, shipped, noise_process)
         save_pipeline(pipeline, args.output_dir, training_regime={**regime.describe(), "trained_steps": global_step})
     validation_image = None
     if not args.no_validation:
@@ -375,6 +394,9 @@ def finish(args, task, accelerator, model, ema_model, noise_scheduler, regime, g
     if evaluate is not None and not validated:
         evaluate(global_step, pipeline)
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
+    if args.noise_process == "flow":
+        settings = {**{k: v for k, v in settings.items() if k not in ("prediction_type", "ddpm_beta_schedule")},
+                    **{key: getattr(args, key) for key in FLOW_CARD_SETTINGS}}
     settings["trained_steps"] = global_step
     settings.update(task.card_settings())
     record = regime.describe()

@@ -14,7 +14,9 @@ It keeps the wrapped model's ``forward`` signature and output type and mirrors t
 
 ``save_pretrained`` writes the routing config (``config.json``) plus one folder per expert
 (``expert_0/``, ``expert_1/``, ...); ``from_pretrained`` restores it from a folder or a Hub repo. A timestep
-equal to a boundary b_i belongs to group i (intervals are closed on the left).
+equal to a boundary b_i belongs to group i (intervals are closed on the left). Boundaries are in the timesteps
+the network is fed: integers for DDPM, reals for a rectified flow whose ``shift`` moves them off the integer grid
+(folders saved with integer boundaries load as before).
 
 Experts may differ in width after structured pruning: a pruned expert's folder holds its unpruned
 ``config.json``, its weights (whose shapes define the pruned widths) and ``pruning.json``; loading builds the
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Union
 
 import diffusers
 import torch
@@ -41,9 +43,15 @@ PRUNING_FILE = "pruning.json"
 EXPERT_LOAD_KWARGS = ("torch_dtype", "variant", "use_safetensors", "cache_dir", "local_files_only", "revision", "token")
 
 
-def check_boundaries(boundaries: Sequence[int], num_experts: Optional[int] = None) -> List[int]:
-    """Integer boundaries 0 = b_0 < b_1 < … < b_k = T; raises ValueError otherwise."""
-    boundaries = [int(b) for b in boundaries]
+def _level(value) -> Union[int, float]:
+    """A boundary as an int when it is integral (DDPM timesteps, flow levels on the grid), else a float."""
+    value = float(value)
+    return int(value) if value.is_integer() else value
+
+
+def check_boundaries(boundaries: Sequence[float], num_experts: Optional[int] = None) -> List[Union[int, float]]:
+    """Boundaries 0 = b_0 < b_1 < … < b_k = T (integral ones as ints); raises ValueError otherwise."""
+    boundaries = [_level(b) for b in boundaries]
     if len(boundaries) < 2 or boundaries[0] != 0:
         raise ValueError(f"boundaries {boundaries} must start at 0 and hold at least one group")
     if any(b <= a for a, b in zip(boundaries, boundaries[1:])):
@@ -54,10 +62,16 @@ def check_boundaries(boundaries: Sequence[int], num_experts: Optional[int] = Non
 
 
 def bucketize(timesteps: torch.Tensor, boundaries) -> torch.Tensor:
-    """Group index of each timestep for boundaries ``[0, b_1, …, T]`` (a sequence or a LongTensor):
-    t ∈ [b_i, b_{i+1}) → i. A tensor already on the timesteps' device is used as it is (no copy)."""
-    inner = torch.as_tensor(boundaries, dtype=torch.long)[1:-1]
-    return torch.bucketize(timesteps, inner.to(timesteps.device), right=True)
+    """Group index of each timestep for boundaries ``[0, b_1, …, T]`` (a sequence or a tensor):
+    t ∈ [b_i, b_{i+1}) → i. Integer timesteps against integer boundaries compare as integers, anything else in
+    float64. A tensor already on the timesteps' device is used as it is (no copy)."""
+    if not torch.is_tensor(boundaries):
+        integral = all(float(b).is_integer() for b in boundaries)
+        boundaries = torch.tensor([float(b) for b in boundaries], dtype=torch.float64).to(torch.long if integral else torch.float64)
+    inner = boundaries[1:-1].to(timesteps.device)
+    if inner.is_floating_point() or timesteps.is_floating_point():
+        inner, timesteps = inner.double(), timesteps.double()
+    return torch.bucketize(timesteps, inner, right=True)
 
 
 def _select(value: Any, index: torch.Tensor, batch_size: int) -> Any:
@@ -73,7 +87,7 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
     """One expert per timestep group, routed by each sample's timestep.
 
     Args:
-        boundaries: ``[0, b_1, …, T]``; expert i serves t ∈ [b_i, b_{i+1}).
+        boundaries: ``[0, b_1, …, T]`` in the timesteps the network is fed; expert i serves t ∈ [b_i, b_{i+1}).
         expert_class: the experts' diffusers class name (e.g. ``"UNet2DModel"``), used when loading.
         experts: the expert modules (same input/output shapes; widths may differ).
     """
@@ -82,11 +96,11 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
     ignore_for_config = ["experts"]
 
     @register_to_config
-    def __init__(self, boundaries: List[int], expert_class: str = "UNet2DModel", experts: Optional[Sequence[nn.Module]] = None):
+    def __init__(self, boundaries: List[float], expert_class: str = "UNet2DModel", experts: Optional[Sequence[nn.Module]] = None):
         super().__init__()
         if not experts:
             raise ValueError("TimestepRoutedExperts needs its experts; load saved ones with from_pretrained")
-        check_boundaries(boundaries, len(experts))
+        boundaries = check_boundaries(boundaries, len(experts))
         self.experts = nn.ModuleList(experts)
         # When set, every sample goes to this expert (TDC stage 1 trains the base model only).
         self.route_all_to: Optional[int] = None
@@ -94,8 +108,10 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         # batched(self, sample, t, groups, *args, **kwargs), it returns the model output or None to fall back to
         # one forward per group.
         self.batched = None
-        # Moves with the model, so routing a batch copies nothing to the device.
-        self.register_buffer("_boundaries", torch.tensor(boundaries, dtype=torch.long), persistent=False)
+        # Moves with the model, so routing a batch copies nothing to the device. Real boundaries (a shifted flow) stay a
+        # list: a floating buffer would follow the model's dtype (fp16 cannot hold them).
+        integral = all(isinstance(b, int) for b in boundaries)
+        self.register_buffer("_boundaries", torch.tensor(boundaries, dtype=torch.long) if integral else None, persistent=False)
         # Pipelines read e.g. unet.config.sample_size / in_channels: mirror the first expert's config.
         mirrored = {k: v for k, v in experts[0].config.items() if not k.startswith("_") and k not in ROUTING_KEYS}
         self.register_to_config(**mirrored)
@@ -110,7 +126,7 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         return cls(boundaries=boundaries, expert_class=type(model).__name__, experts=experts)
 
     @property
-    def boundaries(self) -> List[int]:
+    def boundaries(self) -> List[float]:
         return list(self.config.boundaries)
 
     @property
@@ -121,7 +137,7 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
 
     def group_of(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Expert index of each timestep."""
-        return bucketize(timesteps, self._boundaries)
+        return bucketize(timesteps, self._boundaries if self._boundaries is not None else self.boundaries)
 
     def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
         if self.route_all_to is not None:
@@ -129,7 +145,7 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         batch_size = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(batch_size).contiguous() if t.ndim == 0 else t
-        groups = self.group_of(t.long())
+        groups = self.group_of(t)
         if bool((groups == groups[0]).all()):  # sampling: one timestep, one expert
             return self.experts[int(groups[0])](sample, timestep, *args, return_dict=return_dict, **kwargs)
         if self.batched is not None:

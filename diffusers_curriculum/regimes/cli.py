@@ -2,8 +2,8 @@
 
 Four axes, each a flag, all composing, sharing one partition of [0, T) into clusters:
 
-    --timestep_sampling {uniform, logit_normal, speed, timestep_bias, loss_aware, stratified, curriculum}
-    --weighting {none, min_snr, p2, learned}
+    --timestep_sampling {uniform, logit_normal, mode, speed, timestep_bias, loss_aware, stratified, curriculum, two_phase}
+    --weighting {none, min_snr, p2, learned, sigma_sqrt, cosmap}
     --balancer {none, uw, pcgrad, nash}                 over the clusters
     --experts K --experts_base_steps N                  TDC's routed experts, one per cluster
       [--experts_schedule {stratified, round_robin}]    how stage 2 feeds them
@@ -12,6 +12,9 @@ Four axes, each a flag, all composing, sharing one partition of [0, T) into clus
 ``--regime uniform|curriculum|ant|tdc`` are presets (:data:`PRESETS`) that set axes; explicit axis flags win.
 Each preset keeps its own flags as aliases of the shared ones (:data:`ALIASES`: ``--ant_clusters`` is
 ``--clusters`` under ``--regime ant``), so every command of earlier versions still runs.
+
+Every axis works on the noise process's levels (:mod:`diffusers_curriculum.noise`): DDPM's integer timesteps or a
+rectified flow's continuous ones; the checks take the process's name, :func:`build_regime` the process itself.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any, Dict, Optional, Tuple
 from ..affinity import load_affinity
 from ..clustering import PARTITIONS, partition
 from ..errors import UsageError
-from ..weighting import WEIGHTINGS
+from ..noise import as_process
+from ..weighting import FLOW_WEIGHTINGS, WEIGHTINGS
 from .balancers import BALANCERS, SELF_FORMED, build_balancer
 from .experts import EXPERT_SCHEDULES, ExpertLayout
 from .regime import Regime
@@ -47,8 +51,11 @@ ALIASES: Dict[str, Dict[str, str]] = {
     "ant": {"clusters": "ant_clusters", "cluster_cost": "ant_cost", "balancer": "ant_method", "affinity_path": "ant_affinity_path"},
     "tdc": {"experts": "tdc_groups", "cluster_cost": "tdc_group_cost", "experts_base_steps": "tdc_base_steps"},
 }
-# diffusers' --weighting_scheme (SD3 scripts) -> this project's --timestep_sampling
-WEIGHTING_SCHEMES = {"logit_normal": "logit_normal", "mode": "mode", "cosmap": "uniform", "none": "uniform"}
+# diffusers' --weighting_scheme (SD3 scripts) -> this project's (--timestep_sampling, --weighting): logit_normal and
+# mode are densities of t, sigma_sqrt and cosmap rectified-flow loss weights on uniform t.
+WEIGHTING_SCHEMES = {"logit_normal": ("logit_normal", None), "mode": ("mode", None), "sigma_sqrt": ("uniform", "sigma_sqrt"),
+                     "cosmap": ("uniform", "cosmap"), "none": ("uniform", None)}
+DEFAULT_TWO_PHASE_SWITCH = 0.5  # --timestep_sampling two_phase: share of the run on the logit-normal phase
 AXES = ("timestep_sampling", "balancer", "experts", "experts_base_steps", "clusters", "cluster_cost", "affinity_path")
 DEFAULTS = {"timestep_sampling": "uniform", "balancer": "none"}
 DEFAULT_CLUSTER_COST = "log_snr"  # --clusters without --cluster_cost: ANT's DP on log-SNR
@@ -87,12 +94,14 @@ def add_regime_args(parser: argparse.ArgumentParser) -> None:
 
     sampling = parser.add_argument_group("timestep sampling settings")
     sampling.add_argument("--weighting_scheme", type=str, default=None, choices=sorted(WEIGHTING_SCHEMES),
-                          help="diffusers' SD3 scripts' name for the timestep density: logit_normal and mode select that "
-                               "--timestep_sampling; none and cosmap draw t uniformly (as diffusers' density does; cosmap's "
-                               "flow-matching loss weight has no DDPM counterpart).")
+                          help="diffusers' SD3 scripts' flag: logit_normal and mode select that --timestep_sampling; "
+                               "sigma_sqrt and cosmap select that --weighting (rectified flow only) on uniform t; none: uniform.")
     sampling.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal sampler.")
     sampling.add_argument("--logit_std", type=float, default=1.0, help="Std of the logit-normal sampler.")
     sampling.add_argument("--mode_scale", type=float, default=1.29, help="--timestep_sampling mode: the scale s of SD3's mode density.")
+    sampling.add_argument("--two_phase_switch", type=float, default=DEFAULT_TWO_PHASE_SWITCH,
+                          help="--timestep_sampling two_phase (Curriculum Sampling, arXiv 2603.12517): the share of "
+                               "--max_train_steps drawn logit-normal (--logit_mean, --logit_std) before uniform.")
     sampling.add_argument("--speed_tau", type=float, default=0.7,
                           help="--timestep_sampling speed: timesteps above tau·T are the suppressed convergence area.")
     sampling.add_argument("--speed_suppression", type=float, default=0.25,
@@ -161,7 +170,7 @@ def resolve_axes(args: argparse.Namespace) -> Dict[str, Tuple[Any, Optional[str]
         raise UsageError("--weighting_scheme and --timestep_sampling both choose the timestep density; give one")
     for axis in AXES:
         if axis == "timestep_sampling" and scheme is not None:
-            axes[axis] = (WEIGHTING_SCHEMES[scheme], "--weighting_scheme")
+            axes[axis] = (WEIGHTING_SCHEMES[scheme][0], "--weighting_scheme")
         elif getattr(args, axis) is not None:
             axes[axis] = (getattr(args, axis), f"--{axis}")
         elif axis in aliases and getattr(args, aliases[axis]) is not None:
@@ -213,10 +222,20 @@ def check_launch(args: argparse.Namespace, mixed_precision: Optional[str], distr
                          f"({kind}); launch with plain DDP or use --balancer uw")
 
 
-def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional[int] = None) -> None:
+def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional[int] = None, noise_process: str = "ddpm") -> None:
     """Checks every regime flag and their combination; raises a one-line :class:`UsageError` naming the flags.
     Checks against T (cluster counts, affinity coverage) run when ``num_train_timesteps`` is given
-    (:func:`build_regime` gives the scheduler's)."""
+    (:func:`build_regime` gives the scheduler's); ``noise_process`` (``"ddpm"`` or ``"flow"``) rules out the
+    weightings that make no sense for it."""
+    scheme = WEIGHTING_SCHEMES.get(getattr(args, "weighting_scheme", None) or "none")[1]
+    if scheme is not None:
+        if args.weighting not in (None, scheme):
+            raise UsageError(f"--weighting_scheme {scheme} is a loss weighting: it and --weighting {args.weighting} both set it; give one")
+        args.weighting = scheme
+    if args.weighting in FLOW_WEIGHTINGS and noise_process != "flow":
+        source = "--weighting_scheme" if scheme is not None else "--weighting"
+        raise UsageError(f"{source} {args.weighting} is a rectified-flow loss weight (a function of sigma): it needs "
+                         f"--noise_process flow (this run's process is {noise_process})")
     if args.weighting is None:
         args.weighting = "min_snr" if args.snr_gamma is not None else "none"
     if args.weighting == "min_snr" and args.snr_gamma is None:
@@ -280,6 +299,8 @@ def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional
             raise UsageError(f"{flag(axes, 'clusters')} {clusters} exceeds the {affinity.shape[0]} affinity groups")
     elif affinity_path is not None:
         raise UsageError(f"{flag(axes, 'affinity_path')} is only used with {flag(axes, 'cluster_cost')} affinity")
+    if sampling == "two_phase" and not 0 <= args.two_phase_switch <= 1:
+        raise UsageError(f"--two_phase_switch must be in [0, 1], got {args.two_phase_switch}")
     if sampling == "curriculum":
         check_pacing(args)
         if getattr(args, "max_train_steps", None) is not None:
@@ -356,13 +377,15 @@ def needs_unused_parameters(args: argparse.Namespace) -> bool:
 
 
 # ---- building -----------------------------------------------------------------------------------------------
-def build_regime(args: argparse.Namespace, noise_scheduler, accelerator=None, max_train_steps: Optional[int] = None) -> Regime:
-    """The regime the flags ask for, after checking them against the scheduler's T. ``accelerator`` gives this
-    rank and the world size (one process without it); ``max_train_steps`` (default: ``args.max_train_steps``) is
-    the run's length, which sizes the curriculum's stages (``--curriculum_share``) and warns when its last stage may
-    be out of reach."""
-    T = noise_scheduler.config.num_train_timesteps
-    validate_regime_args(args, T)
+def build_regime(args: argparse.Namespace, noise_process, accelerator=None, max_train_steps: Optional[int] = None) -> Regime:
+    """The regime the flags ask for, after checking them against the noise process (a
+    :class:`~diffusers_curriculum.noise.NoiseProcess` or a diffusers training scheduler) and its T. ``accelerator``
+    gives this rank and the world size (one process without it); ``max_train_steps`` (default:
+    ``args.max_train_steps``) is the run's length, which sizes the curriculum's stages (``--curriculum_share``) and
+    warns when its last stage may be out of reach."""
+    process = as_process(noise_process)
+    T = process.num_train_timesteps
+    validate_regime_args(args, T, process.name)
     axes = resolve_axes(args)
     max_train_steps = max_train_steps or getattr(args, "max_train_steps", None)
     seed = 0 if args.seed is None else args.seed
@@ -370,7 +393,7 @@ def build_regime(args: argparse.Namespace, noise_scheduler, accelerator=None, ma
     boundaries = None
     if k is not None:
         affinity, group_size = load_affinity(axes["affinity_path"][0]) if cost == "affinity" else (None, 1)
-        boundaries = partition(cost, k, T, noise_scheduler.alphas_cumprod, affinity, group_size)
+        boundaries = partition(cost, k, T, affinity=affinity, group_size=group_size, snr=process.level_snr())
     pacing = None
     if sampling == "curriculum":
         pacing = build_pacing(args, k, max_train_steps)
@@ -378,20 +401,27 @@ def build_regime(args: argparse.Namespace, noise_scheduler, accelerator=None, ma
         if warning and (accelerator is None or accelerator.is_main_process):
             logger.warning(warning[0].upper() + warning[1:])
     bias = {key: getattr(args, f"timestep_bias_{key}") for key in ("strategy", "multiplier", "portion", "begin", "end")}
+    switch_step = None
+    if sampling == "two_phase":
+        if not max_train_steps:
+            raise UsageError("--timestep_sampling two_phase needs the run's --max_train_steps to place --two_phase_switch")
+        switch_step = round(args.two_phase_switch * max_train_steps)
     try:
         sampler = make_timestep_sampler(sampling, T, seed, boundaries, pacing, args.logit_mean, args.logit_std,
-                                        args.mode_scale, args.speed_tau, args.speed_suppression, bias)
+                                        args.mode_scale, args.speed_tau, args.speed_suppression, bias, switch_step,
+                                        continuous=process.continuous)
     except ValueError as e:
         if sampling != "timestep_bias":
             raise
         raise UsageError(f"--timestep_bias_begin/--timestep_bias_end: {e}") from None
     experts = axes["experts"][0]
     return Regime(
-        noise_scheduler, sampler,
+        process, sampler,
         weighting=Weighting(args.weighting, args.snr_gamma, args.p2_gamma, args.p2_k, args.learned_weighting_lr, seed),
         balancer=build_balancer(axes["balancer"][0], k, args.uw_lr, args.nash_update_every, seed) if k else None,
         experts=(ExpertLayout(T, boundaries, axes["experts_base_steps"][0], seed, batched=getattr(args, "experts_forward", None) != "per_group",
-                              schedule=getattr(args, "experts_schedule", None) or "stratified")
+                              schedule=getattr(args, "experts_schedule", None) or "stratified",
+                              routing_boundaries=process.model_boundaries(boundaries), continuous=process.continuous)
                  if experts is not None else None),
         boundaries=boundaries, cluster_cost=cost, timestep_sampling=sampling, name=regime_name(args, axes), seed=seed,
         process_index=accelerator.process_index if accelerator is not None else 0,

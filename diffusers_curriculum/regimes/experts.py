@@ -45,16 +45,20 @@ class ExpertLayout:
     ``schedule`` (one of :data:`EXPERT_SCHEDULES`)."""
 
     def __init__(self, num_train_timesteps: int, boundaries: Sequence[int], base_steps: int, seed: int = 0,
-                 batched: bool = True, schedule: str = "stratified"):
+                 batched: bool = True, schedule: str = "stratified", routing_boundaries: Optional[Sequence[float]] = None,
+                 continuous: bool = False):
         if base_steps < 1:
             raise ValueError(f"base_steps must be >= 1, got {base_steps}")
         if schedule not in EXPERT_SCHEDULES:
             raise ValueError(f"schedule must be one of {list(EXPERT_SCHEDULES)}, got {schedule!r}")
         self.boundaries: List[int] = [int(b) for b in boundaries]
+        # The same cuts in the timesteps the network is fed (a shifted flow's are not the grid's): what the model routes on.
+        self.routing_boundaries = list(self.boundaries if routing_boundaries is None else routing_boundaries)
         self.base_steps = base_steps
         self.schedule = schedule
         self.batched = batched and schedule == "stratified"  # round robin runs one expert per step
         self.group_sampler = EXPERT_SCHEDULES[schedule](num_train_timesteps, self.boundaries, seed=seed + GROUP_SEED_SALT)
+        self.group_sampler.continuous = continuous
         self.stage = 1
         self.experts: Optional[TimestepRoutedExperts] = None
         self.optimizer = self.ema_model = None
@@ -68,7 +72,7 @@ class ExpertLayout:
 
     def wrap_model(self, model):
         """One copy of ``model`` per group, all routed to the base until branching."""
-        self.experts = TimestepRoutedExperts.from_model(model, self.boundaries)
+        self.experts = TimestepRoutedExperts.from_model(model, self.routing_boundaries)
         self.experts.route_all_to = 0 if self.stage == 1 else None
         self.experts.batched = BatchedExpertStep() if self.batched else None
         return self.experts

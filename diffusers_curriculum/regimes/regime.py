@@ -2,10 +2,11 @@
 
 A script's step is::
 
-    noise, timesteps = regime.sample(clean_images)
-    noisy = noise_scheduler.add_noise(clean_images, noise, timesteps)
+    noise, timesteps = regime.sample(clean_images)  # noise levels in the process's coordinate
+    noisy = noise_process.add_noise(clean_images, noise, timesteps)
     with accelerator.accumulate(model), regime.forward_context(accelerator, model):
-        per_sample_loss = denoising_loss(model(noisy, timesteps).sample, noise_scheduler, clean_images, noise, timesteps)
+        model_output = model(noisy, noise_process.model_timesteps(timesteps)).sample
+        per_sample_loss = denoising_loss(model_output, noise_process, clean_images, noise, timesteps)
         loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
         optimizer.step(); ...
     if accelerator.sync_gradients:
@@ -26,6 +27,7 @@ import torch
 
 from ..clustering import boundaries_to_clusters, bucketize
 from ..errors import UsageError
+from ..noise import as_process
 from ..sampling import TimestepSampler
 from .balancers import Balancer
 from .experts import ExpertLayout
@@ -35,6 +37,7 @@ from .weighting import Weighting
 NOISE_SEED_SALT = 0x9E3779B9
 # The flags behind each field of the record a checkpoint is checked against.
 AXIS_FLAGS = {
+    "noise_process": "--noise_process / --flow_shift",
     "timestep_sampling": "--timestep_sampling", "weighting": "--weighting and its flags", "balancer": "--balancer and its flags",
     "clusters": "--clusters / --cluster_cost", "experts": "--experts / --experts_base_steps / --experts_schedule", "pacing": "--curriculum_pacing and its flags",
 }
@@ -45,7 +48,8 @@ class Regime:
     ``boundaries`` and an :class:`ExpertLayout`.
 
     Args:
-        noise_scheduler: the diffusers scheduler used for ``add_noise`` (gives T and ᾱ_t).
+        noise_process: the :class:`~diffusers_curriculum.noise.NoiseProcess` (or the diffusers training scheduler it
+            is made from): T, the noise levels' SNR, whether levels are integers or reals.
         sampler: the timestep axis (see :mod:`.timesteps`); ``timestep_sampling`` names it for the record.
         boundaries: the clusters ``[0, b_1, …, T]`` shared by the sampler, the balancer and the experts.
         name: the preset or composition the record shows.
@@ -53,14 +57,16 @@ class Regime:
         process_index, num_processes: this rank and the data-parallel world size.
     """
 
-    def __init__(self, noise_scheduler, sampler: TimestepSampler, weighting: Optional[Weighting] = None,
+    def __init__(self, noise_process, sampler: TimestepSampler, weighting: Optional[Weighting] = None,
                  balancer: Optional[Balancer] = None, experts: Optional[ExpertLayout] = None,
                  boundaries: Optional[Sequence[int]] = None, cluster_cost: Optional[str] = None,
                  timestep_sampling: str = "uniform", name: str = "uniform", seed: int = 0,
                  process_index: int = 0, num_processes: int = 1):
         if balancer is not None and boundaries is None:
             raise ValueError("a balancer needs the clusters (boundaries)")
-        self.noise_scheduler, self.sampler = noise_scheduler, sampler
+        self.noise_process, self.sampler = as_process(noise_process), sampler
+        if self.noise_process.continuous and not sampler.continuous:
+            raise ValueError(f"the {self.noise_process.name} process has real-valued noise levels: give a continuous sampler")
         self.weighting = weighting or Weighting()
         self.balancer, self.experts = balancer, experts
         self.boundaries = None if boundaries is None else [int(b) for b in boundaries]
@@ -121,7 +127,7 @@ class Regime:
     def weighted(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample terms after the loss weighting and the sampler's importance weights (loss-aware)."""
         importance = self.active_sampler.importance_weights(timesteps)
-        return self.weighting(self.noise_scheduler, per_sample_loss, timesteps, importance)
+        return self.weighting(self.noise_process, per_sample_loss, timesteps, importance)
 
     def compute_loss(self, per_sample_loss: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The weighted mean of the per-sample losses (shape ``(B,)``): the scalar of an unbalanced step."""
@@ -198,7 +204,10 @@ class Regime:
     def axes(self) -> Dict[str, Any]:
         """What shapes training, field by field: the record a resumed run must match."""
         pacing = getattr(self.sampler, "pacing", None)
+        # A flow run's record names its process; DDPM's has no field, as checkpoints written before flow matching.
+        process = {} if self.noise_process.name == "ddpm" else {"noise_process": self.noise_process.describe()}
         return {
+            **process,
             "timestep_sampling": self.timestep_sampling,
             "weighting": self.weighting.describe(),
             "balancer": self.balancer.describe() if self.balancer is not None else {"method": "none"},
@@ -209,7 +218,7 @@ class Regime:
 
     def describe(self) -> Dict[str, Any]:
         """JSON-able summary for ``training_regime.json`` and the model card: every axis."""
-        info: Dict[str, Any] = {"name": self.name, "timestep_sampling": self.timestep_sampling,
+        info: Dict[str, Any] = {"name": self.name, **self.noise_process.describe(), "timestep_sampling": self.timestep_sampling,
                                 "timestep_sampler": type(self.sampler).__name__, **self.weighting.describe()}
         info["balancer"] = self.balancer.name if self.balancer is not None else "none"
         if self.balancer is not None:
@@ -237,10 +246,11 @@ class Regime:
         if saved is None:
             raise UsageError("--resume_from_checkpoint: the checkpoint holds no regime record (written by an older "
                              "diffusers-curriculum); start a new run or resume it with that version")
-        for field, value in self.axes().items():
-            if saved.get(field) != value:
+        axes = self.axes()
+        for field in [*axes, *(f for f in saved if f not in axes)]:
+            if saved.get(field) != axes.get(field):
                 raise UsageError(f"--resume_from_checkpoint: the checkpoint's {field} is {saved.get(field)}, this run's is "
-                                 f"{value} ({AXIS_FLAGS[field]}); resume with the flags the checkpoint was written with")
+                                 f"{axes.get(field)} ({AXIS_FLAGS[field]}); resume with the flags the checkpoint was written with")
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_axes(state.get("axes"))

@@ -6,6 +6,13 @@ clusters (ANT), and the difficulty curriculum (Kim et al., arXiv 2403.10348) def
 N clusters ordered easy → hard (high t → low t); stage n trains on the union of the n easiest clusters,
 [low_n, T); the last stage is the full range and training stays there. A pacing policy decides when to
 advance: fixed steps per stage, or adaptive (the stage's smoothed loss stopped improving, or a step cap).
+
+``two_phase`` is the Curriculum Sampling of Sun (arXiv 2603.12517, 2026), written for flow matching: a
+middle-biased logit-normal density first (fast structure), uniform after a switch step (the boundary levels,
+where the per-level loss is U-shaped and stays high).
+
+Under rectified flow the same samplers draw real-valued levels (``continuous``); the clusters stay intervals of
+the noise-level grid.
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ from ..sampling import (
     speed_weights, timestep_bias_weights,
 )
 
-TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "speed", "timestep_bias", "loss_aware", "stratified", "curriculum")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "speed", "timestep_bias", "loss_aware", "stratified", "curriculum",
+                     "two_phase")
 # Sources that need the clusters.
 CLUSTERED = ("stratified", "curriculum")
 
@@ -173,7 +181,7 @@ class CurriculumSampler(TimestepSampler):
         return stage_interval(self.clusters, self.stage)[0]
 
     def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-        return torch.randint(self.t_min, self.num_train_timesteps, (batch_size,), generator=generator)
+        return self._uniform(self.t_min, self.num_train_timesteps, batch_size, generator)
 
     def advance(self, step_loss: float, global_step: int) -> Dict[str, Any]:
         """One optimizer step's (rank-averaged) loss; moves to the next stage when the pacing says so."""
@@ -197,6 +205,46 @@ class CurriculumSampler(TimestepSampler):
             setattr(self.pacing, key, value)
 
 
+# ---- two-phase Curriculum Sampling --------------------------------------------------------------------------
+class TwoPhaseSampler(TimestepSampler):
+    """Logit-normal levels (``mean``, ``std``) until optimizer step ``switch_step``, uniform from then on
+    (Curriculum Sampling, arXiv 2603.12517). The regime calls :meth:`advance` once per optimizer step; the phase
+    is part of :meth:`state_dict`, so a resumed run switches at the same step."""
+
+    needs_step_loss = True  # the regime's per-step call; the loss itself does not matter
+
+    def __init__(self, num_train_timesteps: int, switch_step: int, mean: float = 0.0, std: float = 1.0, seed: int = 0):
+        super().__init__(num_train_timesteps, seed)
+        if switch_step < 0:
+            raise ValueError(f"switch_step must be >= 0, got {switch_step}")
+        self.switch_step = int(switch_step)
+        self.first = LogitNormalSampler(num_train_timesteps, mean, std)
+        self.second = UniformSampler(num_train_timesteps)
+        self.phase = 1 if switch_step > 0 else 2
+        self.switched_at: Optional[int] = None if switch_step > 0 else 0
+
+    def _draw(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
+        source = self.first if self.phase == 1 else self.second
+        source.continuous = self.continuous
+        return source._draw(batch_size, generator)
+
+    def advance(self, step_loss: float, global_step: int) -> Dict[str, Any]:
+        if self.phase == 1 and global_step >= self.switch_step:
+            self.phase, self.switched_at = 2, global_step
+        return {"two_phase": self.phase}
+
+    def describe(self) -> Dict[str, Any]:
+        return {"two_phase": {"first": f"logit_normal(mean={self.first.mean:g}, std={self.first.std:g})", "then": "uniform",
+                              "switch_step": self.switch_step, "switched_at": self.switched_at}}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {**super().state_dict(), "phase": self.phase, "switched_at": self.switched_at}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.phase, self.switched_at = state["phase"], state["switched_at"]
+
+
 def make_timestep_sampler(
     kind: str,
     num_train_timesteps: int,
@@ -209,12 +257,24 @@ def make_timestep_sampler(
     speed_tau: float = 0.7,
     speed_suppression: float = 0.25,
     bias: Optional[Dict[str, Any]] = None,
+    switch_step: Optional[int] = None,
+    continuous: bool = False,
 ) -> TimestepSampler:
-    """The sampler ``kind`` (one of :data:`TIMESTEP_SAMPLING`) for T = ``num_train_timesteps``.
+    """The sampler ``kind`` (one of :data:`TIMESTEP_SAMPLING`) for T = ``num_train_timesteps``, drawing real-valued
+    levels when ``continuous`` (rectified flow).
 
     ``boundaries`` are the clusters of ``stratified`` and ``curriculum``; ``pacing`` the curriculum's;
-    ``bias`` holds diffusers' ``timestep_bias_{strategy, multiplier, portion, begin, end}`` without the prefix.
+    ``bias`` holds diffusers' ``timestep_bias_{strategy, multiplier, portion, begin, end}`` without the prefix;
+    ``switch_step`` is ``two_phase``'s.
     """
+    sampler = _make_sampler(kind, num_train_timesteps, seed, boundaries, pacing, logit_mean, logit_std, mode_scale,
+                            speed_tau, speed_suppression, bias, switch_step)
+    sampler.continuous = continuous
+    return sampler
+
+
+def _make_sampler(kind, num_train_timesteps, seed, boundaries, pacing, logit_mean, logit_std, mode_scale, speed_tau,
+                  speed_suppression, bias, switch_step) -> TimestepSampler:
     T = num_train_timesteps
     if kind == "uniform":
         return UniformSampler(T, seed=seed)
@@ -234,4 +294,6 @@ def make_timestep_sampler(
         return StratifiedSampler(T, boundaries, seed=seed)
     if kind == "curriculum":
         return CurriculumSampler(T, boundaries, pacing, seed=seed)
+    if kind == "two_phase":
+        return TwoPhaseSampler(T, switch_step, logit_mean, logit_std, seed=seed)
     raise ValueError(f"unknown timestep sampling {kind!r}; choose one of {TIMESTEP_SAMPLING}")

@@ -1,4 +1,6 @@
-"""The loss-weighting axis (``--weighting``): none, Min-SNR-γ, P2, or EDM2's learned u(λ).
+"""The loss-weighting axis (``--weighting``): none, Min-SNR-γ, P2, EDM2's learned u(λ), and under rectified flow
+SD3's sigma_sqrt and cosmap. Every weighting reads the noise level through the noise process's (log-)SNR, so the
+same names apply to DDPM and flow matching.
 
 :class:`Weighting` turns per-sample losses into the per-sample terms whose mean is back-propagated. The
 formulas are the pure functions of :mod:`diffusers_curriculum.weighting`.
@@ -9,8 +11,7 @@ from __future__ import annotations
 from typing import Any, Dict, Optional
 
 import torch
-from diffusers.training_utils import compute_snr
-
+from ..noise import as_process
 from ..weighting import WEIGHTINGS, LearnedWeighting, loss_weights
 
 
@@ -29,13 +30,13 @@ class Weighting:
         self.name, self.snr_gamma, self.p2_gamma, self.p2_k = name, snr_gamma, p2_gamma, p2_k
         self.learned = LearnedWeighting(lr=learned_lr, seed=seed) if name == "learned" else None
 
-    def __call__(self, noise_scheduler, per_sample_loss: torch.Tensor, timesteps: torch.Tensor,
+    def __call__(self, noise_process, per_sample_loss: torch.Tensor, timesteps: torch.Tensor,
                  importance: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weighted per-sample terms; ``importance`` (a sampler's 1/(T·p(t))) multiplies the losses first."""
         losses = per_sample_loss if importance is None else per_sample_loss * importance.to(per_sample_loss.dtype)
         if self.learned is not None:
-            return self.learned.loss(losses, compute_snr(noise_scheduler, timesteps).log())
-        weights = loss_weights(noise_scheduler, timesteps, self.name, self.snr_gamma, self.p2_gamma, self.p2_k)
+            return self.learned.loss(losses, as_process(noise_process).log_snr(timesteps))
+        weights = loss_weights(noise_process, timesteps, self.name, self.snr_gamma, self.p2_gamma, self.p2_k)
         return losses if weights is None else losses * weights.to(losses.dtype)
 
     def step(self, accelerator) -> Dict[str, float]:

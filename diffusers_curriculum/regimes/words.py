@@ -17,6 +17,7 @@ SAMPLING = {
     "stratified": "every batch stratified over the clusters (an equal share of timesteps from each)",
     "curriculum": "a difficulty curriculum (Kim et al., arXiv 2403.10348): the easiest (noisiest) cluster first, one "
                   "harder cluster added per stage, then the full range",
+    "two_phase": "Curriculum Sampling (arXiv 2603.12517): noise levels drawn logit-normal first, uniformly after a switch step",
 }
 COSTS = {"equal": "equal intervals", "timestep": "ANT's exact interval DP on the timestep",
          "snr": "ANT's exact interval DP on the SNR", "log_snr": "ANT's exact interval DP on the log-SNR",
@@ -31,6 +32,10 @@ def weighting_words(record: Dict[str, Any]) -> str:
         return f"P2 loss weighting 1/(k + SNR)^γ, k = {record['p2_k']:g}, γ = {record['p2_gamma']:g}"
     if name == "learned":
         return f"EDM2's learned loss weighting u(λ) (its own Adam, learning rate {record['learned_weighting_lr']:g})"
+    if name == "sigma_sqrt":
+        return "SD3's sigma_sqrt loss weighting σ⁻²"
+    if name == "cosmap":
+        return "SD3's cosmap loss weighting 2 / (π (1 − 2σ + 2σ²))"
     return "the plain mean squared error (no loss weighting)"
 
 
@@ -70,7 +75,13 @@ def curriculum_progress(stage_history: Sequence[Dict[str, int]], num_stages: int
 def regime_in_words(record: Dict[str, Any], trained_steps: Optional[int] = None) -> List[str]:
     """One sentence per axis of ``record`` (and, for a curriculum, how far it got in ``trained_steps``)."""
     sampling = record.get("timestep_sampling", "uniform")
-    lines = [f"Timesteps: {SAMPLING.get(sampling, sampling)}."]
+    lines = []
+    if record.get("noise_process") == "flow":
+        lines.append(f"Noise process: rectified flow (x_σ = (1 − σ) x₀ + σ ε, velocity target ε − x₀, shift "
+                     f"{record.get('flow_shift', 1.0):g}); its noise levels t = 1000·σ play the timesteps' part below.")
+    elif record.get("noise_process") == "ddpm":
+        lines.append("Noise process: DDPM (discrete timesteps).")
+    lines.append(f"Timesteps: {SAMPLING.get(sampling, sampling)}.")
     lines.append(f"Loss: {weighting_words(record)}.")
     if record.get("clusters"):
         clusters = record["clusters"]
@@ -79,6 +90,10 @@ def regime_in_words(record: Dict[str, Any], trained_steps: Optional[int] = None)
     balancer = balancer_words(record)
     if balancer:
         lines.append(f"Balancer: {balancer}.")
+    if record.get("two_phase"):
+        phase = record["two_phase"]
+        switched = f"switched at step {phase['switched_at']}" if phase.get("switched_at") is not None else "had not switched yet"
+        lines.append(f"Two phases: {phase['first']} until step {phase['switch_step']}, then {phase['then']} ({switched}).")
     if record.get("pacing"):
         lines.append(f"Curriculum pacing: {pacing_words(record['pacing'])}.")
         if trained_steps is not None and record.get("stage_history"):
