@@ -16,7 +16,8 @@ from pathlib import Path
 TEXT_TO_IMAGE = ("text_to_image", "text_to_image_tdc", "lora", "sdxl", "sdxl_lora", "sdxl_tdc")
 LORA = ("lora", "sdxl_lora")
 # Kinds whose folders carry code of their own: the README's call adds trust_remote_code=True for them only.
-REMOTE_CODE = ("tdc", "tdc_pruned", "class_conditional", "class_conditional_tdc", "text_to_image_tdc", "sdxl_tdc")
+REMOTE_CODE = ("tdc", "tdc_pruned", "class_conditional", "class_conditional_tdc", "text_to_image_tdc", "sdxl_tdc",
+               "class_conditional_flow", "tdc_flow", "tdc_flow_pruned")
 
 
 def load_stock(kind: str, folder: str, base: str = None):
@@ -52,10 +53,11 @@ def main(spec_path: str, out_dir: str) -> None:
     import numpy as np
 
     spec = json.loads(Path(spec_path).read_text())
-    report = {"types": {}, "snippets": {}}
+    report = {"types": {}, "snippets": {}, "schedulers": {}}
     for kind, entry in spec.items():
         pipeline = load_stock(kind, entry["folder"], entry.get("base"))
         report["types"][kind] = [type(pipeline).__name__, type(pipeline.unet).__name__, type(pipeline.unet).__module__]
+        report["schedulers"][kind] = type(pipeline.scheduler).__name__
         np.save(Path(out_dir) / f"{kind}.npy", sample(kind, pipeline))
     for kind, entry in spec.items():
         try:

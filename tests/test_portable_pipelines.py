@@ -27,6 +27,7 @@ SD_FLAGS = ["--dataset_name", "fashion_mnist", "--train_batch_size", "4", "--max
             "--num_validation_inference_steps", "2"]
 BASE_ID, BASE_LICENSE = "testuser/tiny-sd", "creativeml-openrail-m"
 SDXL_BASE_ID, SDXL_LICENSE = "testuser/tiny-sdxl", "openrail++"
+FLOW = ["--noise_process", "flow"]
 COMPOSED = ["--timestep_sampling", "curriculum", "--balancer", "uw", "--clusters", "2", "--weighting", "learned"]
 KINDS = {  # kind -> (script, flags)
     "unconditional_uniform": ("train_unconditional", PIXEL_FLAGS),
@@ -41,8 +42,15 @@ KINDS = {  # kind -> (script, flags)
     "sdxl": ("train_text_to_image", [*SD_FLAGS, *COMPOSED]),
     "sdxl_lora": ("train_text_to_image", [*SD_FLAGS, *COMPOSED, "--use_lora", "--rank", "2"]),
     "sdxl_tdc": ("train_text_to_image", [*SD_FLAGS, *TDC_FLAGS, "--weighting", "p2"]),
+    # rectified flow: stock DDPMPipeline / the class-conditional pipeline with FlowMatchEulerDiscreteScheduler; the shifted
+    # flow's experts route on real-valued boundaries
+    "unconditional_flow": ("train_unconditional", [*PIXEL_FLAGS, *FLOW, "--weighting_scheme", "cosmap"]),
+    "class_conditional_flow": ("train_class_conditional", [*PIXEL_FLAGS, *FLOW, "--class_dropout_prob", "0.1"]),
+    "tdc_flow": ("train_unconditional", [*PIXEL_FLAGS, *TDC_FLAGS, *FLOW, "--flow_shift", "3"]),
 }
-ALL_KINDS = [*KINDS, "tdc_pruned"]
+PRUNED = {"tdc_pruned": "tdc", "tdc_flow_pruned": "tdc_flow"}  # pruned kind -> the kind it prunes
+ALL_KINDS = [*KINDS, *PRUNED]
+ROUTED = ("tdc", "tdc_pruned", "class_conditional_tdc", "text_to_image_tdc", "sdxl_tdc", "tdc_flow", "tdc_flow_pruned")
 
 
 def put_in_hub_cache(cache, repo_id, folder):
@@ -84,13 +92,14 @@ def saved(tmp_path_factory):
         script.main(script.parse_args(["--output_dir", str(out), *base_flags, *flags, "--hub_model_id", f"testuser/{kind}"]))
         folders[kind] = out
     prune = load_script("prune_experts")
-    folders["tdc_pruned"] = root / "tdc_pruned"
-    prune.main(prune.parse_args([
-        "--pretrained_model_name_or_path", str(folders["tdc"]), "--output_dir", str(folders["tdc_pruned"]),
-        "--prune_ratio", "0.5", "--search_rounds", "1", "--proxy_steps", "1", "--finetune_steps", "1",
-        "--max_train_samples", "32", "--validation_size", "8", "--train_batch_size", "8", "--num_inference_steps", "4",
-        "--hub_model_id", "testuser/tdc_pruned", "--max_loss_increase", "inf",  # prune whatever the quality gate says
-    ]))
+    for kind, unpruned in PRUNED.items():
+        folders[kind] = root / kind
+        prune.main(prune.parse_args([
+            "--pretrained_model_name_or_path", str(folders[unpruned]), "--output_dir", str(folders[kind]),
+            "--prune_ratio", "0.5", "--search_rounds", "1", "--proxy_steps", "1", "--finetune_steps", "1",
+            "--max_train_samples", "32", "--validation_size", "8", "--train_batch_size", "8", "--num_inference_steps", "4",
+            "--hub_model_id", f"testuser/{kind}", "--max_loss_increase", "inf",  # prune whatever the quality gate says
+        ]))
     for kind, folder in folders.items():
         put_in_hub_cache(cache, f"testuser/{kind}", folder)
     return {"root": root, "cache": cache, "folders": folders, "bases": bases}
@@ -124,15 +133,21 @@ def test_stock_diffusers_loads_each_kind_and_samples_exactly_as_with_the_package
     expected = sample(kind, pipeline)
     assert np.array_equal(np.load(out / f"{kind}.npy"), expected)
     pipeline_class, unet_class, unet_module = report["types"][kind]
-    if kind in ("tdc", "tdc_pruned", "class_conditional_tdc", "text_to_image_tdc", "sdxl_tdc"):
+    if kind in ROUTED:
         assert unet_class == "TimestepRoutedExperts" and unet_module.startswith("diffusers_modules.")
+    if "flow" in kind:
+        assert report["schedulers"][kind] == "FlowMatchEulerDiscreteScheduler"
     if kind.startswith("class_conditional"):
         assert pipeline_class == "ClassConditionalPipeline"
     if kind.startswith("sdxl"):
         assert pipeline_class == "StableDiffusionXLPipeline"
         assert unet_class == ("TimestepRoutedExperts" if kind == "sdxl_tdc" else "UNet2DConditionModel")
-    if kind == "tdc_pruned":  # the pruned widths were rebuilt from the folder
-        unpruned = load_stock("tdc", saved["folders"]["tdc"]).unet
+    if kind == "tdc_flow":  # shift 3 moves the log-SNR cut off the grid: the routing boundary is a real timestep
+        level = json.loads((saved["folders"][kind] / "training_regime.json").read_text())["clusters"][0][1] / 100  # T = 100
+        middle = pipeline.unet.config.boundaries[1]
+        assert isinstance(middle, float) and middle == pytest.approx(100 * 3 * level / (1 + 2 * level))
+    if kind in PRUNED:  # the pruned widths were rebuilt from the folder
+        unpruned = load_stock(PRUNED[kind], saved["folders"][PRUNED[kind]]).unet
         assert sum(p.numel() for p in pipeline.unet.parameters()) < sum(p.numel() for p in unpruned.parameters())
 
 
@@ -148,7 +163,7 @@ def test_model_card_snippet_runs_without_the_package_and_metadata_follows_hub_co
     assert "diffusers_curriculum" not in snippet and "pip install" not in card and "github.com" not in card
     assert meta["library_name"] == "diffusers"
     assert {"diffusers", "diffusers-training", "diffusers-curriculum"} <= set(meta["tags"])
-    regime = ("tdc" if "tdc" in kind else kind.rsplit("_", 1)[-1] if kind.startswith("unconditional")
+    regime = ("tdc" if "tdc" in kind else "uniform" if "flow" in kind else kind.rsplit("_", 1)[-1] if kind.startswith("unconditional")
               else "curriculum+uw" if kind in ("sdxl", "sdxl_lora") else "uniform")
     assert regime in meta["tags"]
     if kind.startswith(("text_to_image", "lora", "sdxl")):
