@@ -23,28 +23,38 @@ from tqdm.auto import tqdm
 
 from .errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from .losses import denoising_loss
+from .noise import as_process
+from .sampling import real_uniform
 
 
-def group_timesteps(num_train_timesteps: int, group_size: int, batch_size: int, generator: torch.Generator) -> torch.Tensor:
-    """(groups, batch_size) timesteps, uniform inside each group [g·size, min((g+1)·size, T))."""
+def group_timesteps(num_train_timesteps: int, group_size: int, batch_size: int, generator: torch.Generator,
+                    continuous: bool = False) -> torch.Tensor:
+    """(groups, batch_size) noise levels, uniform inside each group [g·size, min((g+1)·size, T)): integers, or reals
+    for a ``continuous`` process (rectified flow)."""
     groups = -(-num_train_timesteps // group_size)
     low = torch.arange(groups) * group_size
     width = torch.clamp(num_train_timesteps - low, max=group_size)
-    return low[:, None] + (torch.rand(groups, batch_size, generator=generator) * width[:, None]).long()
+    fraction = torch.rand(groups, batch_size, generator=generator)
+    if continuous:
+        return real_uniform(low[:, None], (low + width)[:, None], fraction.double())
+    return low[:, None] + (fraction * width[:, None]).long()
 
 
 def gradient_affinity(unet, scheduler, batches: Iterable[torch.Tensor], group_size: int = 10, seed: int = 0) -> np.ndarray:
-    """(G, G) mean cosine similarity of the denoising-loss gradients of the G timestep groups."""
+    """(G, G) mean cosine similarity of the denoising-loss gradients of the G timestep groups; ``scheduler`` is the
+    pipeline's (its noise process: DDPM or rectified flow)."""
+    process = as_process(scheduler)
     generator = torch.Generator().manual_seed(seed)
     params = [p for p in unet.parameters() if p.requires_grad]
-    T = scheduler.config.num_train_timesteps
+    T = process.num_train_timesteps
     total, count = None, 0
     for clean in batches:
         noise = torch.randn(clean.shape, generator=generator)
-        timesteps = group_timesteps(T, group_size, clean.shape[0], generator)
+        timesteps = group_timesteps(T, group_size, clean.shape[0], generator, process.continuous)
         grads = []
         for t in tqdm(timesteps, desc=f"affinity batch {count + 1}", leave=False):
-            loss = denoising_loss(unet(scheduler.add_noise(clean, noise, t), t).sample, scheduler, clean, noise, t).mean()
+            prediction = unet(process.add_noise(clean, noise, t), process.model_timesteps(t)).sample
+            loss = denoising_loss(prediction, process, clean, noise, t).mean()
             grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
         g = F.normalize(torch.stack(grads).double(), dim=1)
         cosine = (g @ g.T).numpy()

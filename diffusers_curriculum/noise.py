@@ -200,6 +200,15 @@ def as_process(scheduler_or_process) -> NoiseProcess:
                     "(alphas_cumprod) or FlowMatchEulerDiscreteScheduler")
 
 
+def process_from_config(config: Dict[str, Any]) -> NoiseProcess:
+    """The process of a pretrained pipeline's scheduler config (``scheduler/scheduler_config.json``): rectified flow
+    for a ``FlowMatch*`` scheduler, else DDPM from the config's betas (as diffusers' scripts build their
+    ``DDPMScheduler`` from any SD scheduler config)."""
+    if str(config.get("_class_name", "")).startswith("FlowMatch"):
+        return FlowProcess(FlowMatchEulerDiscreteScheduler.from_config(config))
+    return DDPMProcess(DDPMScheduler.from_config(config))
+
+
 def make_process(name: str, num_train_timesteps: int = 1000, beta_schedule: str = "linear",
                  prediction_type: str = "epsilon", shift: float = 1.0) -> NoiseProcess:
     """A fresh process for training from scratch: ``"ddpm"`` (a ``DDPMScheduler`` of ``beta_schedule`` and

@@ -24,8 +24,10 @@ def test_min_snr_v_prediction_and_sample_targets():
     snr = torch.tensor([1.0, 10.0])
     assert torch.allclose(min_snr_weights(snr, 5.0, "v_prediction"), torch.tensor([0.5, 5.0 / 11.0]))
     assert torch.allclose(min_snr_weights(snr, 5.0, "sample"), torch.tensor([1.0, 5.0]))
+    # the flow velocity: min(SNR, γ)·σ² with σ = 1 / (1 + √SNR)
+    assert torch.allclose(min_snr_weights(snr, 5.0, "flow"), torch.tensor([1.0 / 4.0, 5.0 / (1 + 10.0 ** 0.5) ** 2]))
     with pytest.raises(ValueError, match="prediction_type"):
-        min_snr_weights(snr, 5.0, "flow")
+        min_snr_weights(snr, 5.0, "x0")
 
 
 def test_p2_weights_match_formula():

@@ -35,12 +35,13 @@ from diffusers_curriculum.checkpointing import check_fresh_start, check_writable
 from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, build_caption_dataset, describe_data
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from diffusers_curriculum.families import family_of, load_text_conditioning
-from diffusers_curriculum.export import stock_scheduler, write_training_regime
+from diffusers_curriculum.export import write_training_regime
 from diffusers_curriculum.hub import (
     base_model_fields, publish_or_exit, resolve_hub_token, training_facts, write_model_card,
 )
 from diffusers_curriculum.lora import LORA_WEIGHTS, add_lora, lora_state_dict, register_lora_hooks
 from diffusers_curriculum.losses import denoising_loss
+from diffusers_curriculum.noise import process_from_config
 from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import (
     add_regime_args, build_regime, check_schedule, needs_unused_parameters, validate_regime_args,
@@ -233,17 +234,17 @@ def pretrained_num_timesteps(args) -> int:
 
 
 def load_components(args):
-    """The family's text side (tokenizers, text encoders), VAE, UNet and noise scheduler of the pretrained pipeline
-    (one-line error if not)."""
+    """The family's text side (tokenizers, text encoders), VAE, UNet and noise process (from its scheduler's config:
+    DDPM, or rectified flow for a flow-matching base) of the pretrained pipeline (one-line error if not)."""
     path, kwargs = args.pretrained_model_name_or_path, {"revision": args.revision}
     text = load_text_conditioning(path, args.revision, args.variant)
     try:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **kwargs)
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **kwargs)
-        noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
+        noise_process = process_from_config(DDPMScheduler.load_config(path, subfolder="scheduler", revision=args.revision))
     except Exception as e:
         raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a Stable Diffusion pipeline ({describe_exception(e)})") from None
-    return text, vae, unet, noise_scheduler
+    return text, vae, unet, noise_process
 
 
 def check_resolution(args) -> int:
@@ -283,9 +284,11 @@ def main(args):
         set_seed(args.seed)
 
     args.resolution = resolution = check_resolution(args)  # the card shows the resolution trained at
-    text, vae, unet, noise_scheduler = load_components(args)
+    text, vae, unet, noise_process = load_components(args)
     if args.prediction_type is not None:
-        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+        if noise_process.name != "ddpm":
+            raise UsageError(f"--prediction_type applies to DDPM bases; {args.pretrained_model_name_or_path} is a {noise_process.name} model")
+        noise_process.scheduler.register_to_config(prediction_type=args.prediction_type)
     dataset = build_caption_dataset(
         args.dataset_name, args.train_data_dir, resolution, args.image_column, args.caption_column,
         center_crop=args.center_crop, random_flip=args.random_flip, dataset_config_name=args.dataset_config_name,
@@ -301,7 +304,7 @@ def main(args):
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     check_schedule(args, args.max_train_steps)
-    regime = build_regime(args, noise_scheduler, accelerator, args.max_train_steps)  # the run's length sizes a curriculum
+    regime = build_regime(args, noise_process, accelerator, args.max_train_steps)  # the run's length sizes a curriculum
 
     vae.requires_grad_(False)
     for encoder in text.text_encoders:
@@ -381,10 +384,11 @@ def main(args):
                     # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
                     latents = (mean + std * regime.randn_like(mean)) * vae.config.scaling_factor
                 noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
-                noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                noisy_latents = noise_process.add_noise(latents, noise, timesteps)
                 with accelerator.accumulate(unet), regime.forward_context(accelerator, unet):
-                    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False, **conditioning)[0]
-                    per_sample = denoising_loss(model_pred, noise_scheduler, latents, noise, timesteps)
+                    model_pred = unet(noisy_latents, noise_process.model_timesteps(timesteps), encoder_hidden_states,
+                                      return_dict=False, **conditioning)[0]
+                    per_sample = denoising_loss(model_pred, noise_process, latents, noise, timesteps)
                     loss = regime.backward(accelerator, per_sample, timesteps, unet)
                     optimizer_step(accelerator, trainable, optimizer, lr_scheduler, args.max_grad_norm)
 
@@ -400,14 +404,14 @@ def main(args):
                     break
             if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
                     and global_step < args.max_train_steps):
-                validate(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, f"epoch_{epoch}", global_step)
+                validate(args, accelerator, unet, ema_unet, text, vae, noise_process, f"epoch_{epoch}", global_step)
             if global_step >= args.max_train_steps:
                 break
         progress_bar.close()
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            finish(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, regime, global_step,
+            finish(args, accelerator, unet, ema_unet, text, vae, noise_process, regime, global_step,
                    len(dataset), total_batch_size, uploader)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
@@ -416,9 +420,10 @@ def main(args):
     return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
 
 
-def build_pipeline(unet, text, vae, noise_scheduler):
-    """The family's stock pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) with a DDIM scheduler."""
-    return text.pipeline(unet, vae, stock_scheduler(noise_scheduler, "ddim"))
+def build_pipeline(unet, text, vae, noise_process):
+    """The family's stock pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) with a DDIM scheduler
+    (a flow-matching process ships its own)."""
+    return text.pipeline(unet, vae, noise_process.pipeline_scheduler("ddim" if noise_process.name == "ddpm" else None))
 
 
 def log_validation(args, accelerator, pipeline, name, global_step):
@@ -441,10 +446,10 @@ def log_validation(args, accelerator, pipeline, name, global_step):
     return firsts
 
 
-def validate(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, name, global_step):
+def validate(args, accelerator, unet, ema_unet, text, vae, noise_process, name, global_step):
     """Validation images of the weights that would ship; the training weights are back in place afterwards."""
     with shipped_weights(accelerator, unet, ema_unet) as shipped:
-        log_validation(args, accelerator, build_pipeline(shipped, text, vae, noise_scheduler), name, global_step)
+        log_validation(args, accelerator, build_pipeline(shipped, text, vae, noise_process), name, global_step)
 
 
 def save_lora(unet, output_dir, pipeline_cls):
@@ -457,13 +462,13 @@ def save_lora(unet, output_dir, pipeline_cls):
     shutil.rmtree(tmp)
 
 
-def finish(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, regime, global_step, num_examples,
+def finish(args, accelerator, unet, ema_unet, text, vae, noise_process, regime, global_step, num_examples,
            total_batch_size, uploader=None):
     """Saves the pipeline (the EMA weights with --use_ema) or the LoRA weights, the validation images and the
     model card; then pushes when asked."""
     record = {**regime.describe(), "trained_steps": global_step}
     with shipped_weights(accelerator, unet, ema_unet, final=True) as shipped:  # training is over: no restore
-        pipeline = build_pipeline(shipped, text, vae, noise_scheduler)
+        pipeline = build_pipeline(shipped, text, vae, noise_process)
         if args.use_lora:
             save_lora(shipped, args.output_dir, text.pipeline_class)
             write_training_regime(args.output_dir, record)  # last: the record's trained_steps marks the run finished
@@ -471,7 +476,7 @@ def finish(args, accelerator, unet, ema_unet, text, vae, noise_scheduler, regime
             save_pipeline(pipeline, args.output_dir, training_regime=record)
         images = log_validation(args, accelerator, pipeline, "final", global_step) if args.validation_prompts else []
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
-    settings.update(trained_steps=global_step, prediction_type=noise_scheduler.config.prediction_type)
+    settings.update(trained_steps=global_step, prediction_type=noise_process.prediction_type)
     if record.get("stage_history"):
         logger.info(regime_in_words(record, global_step)[-1])  # how far the curriculum got
     dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
