@@ -93,7 +93,12 @@ def arms(total_steps, curriculum_share=0.5, curriculum_clusters=5):
         "learned+logit_normal": [*single["learned"], *single["logit_normal"]],
         "tdc+p2": [*single["tdc"], *single["p2"]],
     }
-    return {**single, **composed, "tdc_pruned": None}  # tdc_pruned prunes the tdc run
+    # rectified flow (--noise_process flow): uniform, SD3's logit-normal, Curriculum Sampling, EDM2's learned weighting
+    flow = {"flow_uniform": ["--noise_process", "flow"]}
+    flow["flow_logit_normal"] = [*flow["flow_uniform"], *single["logit_normal"]]
+    flow["flow_two_phase"] = [*flow["flow_uniform"], "--timestep_sampling", "two_phase"]
+    flow["flow_learned"] = [*flow["flow_uniform"], *single["learned"]]
+    return {**single, **composed, **flow, "tdc_pruned": None}  # tdc_pruned prunes the tdc run
 
 
 def sweep_arm(share, clusters):
@@ -212,12 +217,22 @@ def requested_classes(pipeline, n):
     return None if num_classes is None else torch.arange(n) % num_classes
 
 
-def fid_images(pipeline, n, steps, seed):
-    """``n`` generated images in [0, 1], (n, C, H, W), sampled with DDIM; a class-conditional pipeline is asked
-    for :func:`requested_classes`."""
-    from diffusers import DDIMScheduler, DDPMPipeline
+def fid_sampler(pipeline):
+    """The scheduler FID images are sampled with: DDIM for a DDPM model, the pipeline's own flow-matching Euler
+    scheduler for a rectified flow."""
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-    ddim_scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    if isinstance(pipeline.scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config)
+    return DDIMScheduler.from_config(pipeline.scheduler.config)
+
+
+def fid_images(pipeline, n, steps, seed):
+    """``n`` generated images in [0, 1], (n, C, H, W), sampled with :func:`fid_sampler`; a class-conditional
+    pipeline is asked for :func:`requested_classes`."""
+    from diffusers import DDPMPipeline
+
+    ddim_scheduler = fid_sampler(pipeline)
     labels = requested_classes(pipeline, n)
     if labels is None:
         ddim = DDPMPipeline(unet=pipeline.unet, scheduler=ddim_scheduler)
@@ -239,9 +254,7 @@ def sampling_flops(pipeline, steps):
     from diffusers_curriculum.experts import is_routed_experts
     from diffusers_curriculum.pruning import count_flops, flops_report
 
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(pipeline.scheduler.config)
+    scheduler = fid_sampler(pipeline)
     scheduler.set_timesteps(steps)
     if is_routed_experts(pipeline.unet):
         return flops_report(pipeline.unet, scheduler.timesteps.tolist())["flops_per_sample"]

@@ -10,10 +10,15 @@ its base stage, ``tdc_stage2``, the routed step after branching, and ``tdc_round
 turns them into its equal-wall-clock column. On CUDA every step is synchronized before its clock stops. Targets: uniform regime with Min-SNR ≤ 1.01×, curriculum sampler ≤ 1.01× vs uniform; ANT at k = 5:
 UW ≤ 1.01×, Nash ≤ 1.05×, PCGrad ≤ 1.38× (the ratios of the ANT paper, measured there on an LDM on GPU).
 
+``--noise_process flow`` times every variant as a rectified flow, against a plain step written as diffusers' SD3
+script writes it (``compute_density_for_timestep_sampling`` → scheduler timesteps and sigmas → (1 − σ)x₀ + σε →
+``compute_loss_weighting_for_sd3`` → velocity MSE). Target: every non-PCGrad regime ≤ 1.02× that step.
+
     python benchmarks/overhead.py --steps 60 --output benchmarks/results/overhead.json
     python benchmarks/overhead.py --arms --batch_size 32 --output overhead-arms.json   # + compare_regimes' arms
     python benchmarks/overhead.py --arms --only uniform,tdc,tdc_stage2,tdc_stage2_per_group,tdc_round_robin_stage2 --batch_size 32
     python benchmarks/overhead.py --arms --only uniform,tdc_stage2 --profile profiles/   # + where each step's time goes
+    python benchmarks/overhead.py --noise_process flow --output benchmarks/results/overhead_flow.json
 """
 
 import argparse
@@ -31,14 +36,15 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.training_utils import compute_snr
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
 from compare_regimes import arms, load_script
 from compare_regimes import parse_args as compare_args
 from diffusers_curriculum.data import build_dataset
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import tiny_unet_config
+from diffusers_curriculum.noise import as_process
 from diffusers_curriculum.regimes import build_regime
 from diffusers_curriculum.training import make_optimizer
 
@@ -61,13 +67,32 @@ def plain_step(accelerator, model, optimizer, scheduler, clean, snr_gamma=None):
     optimizer.zero_grad()
 
 
+def plain_flow_step(accelerator, model, optimizer, scheduler, clean, weighting_scheme="none"):
+    """diffusers' SD3 script's step on a FlowMatchEulerDiscreteScheduler: u from the density, the scheduler's
+    timestep and sigma at index u·T, x_σ = (1 − σ)x₀ + σε, the SD3 loss weight on the velocity MSE."""
+    noise = torch.randn_like(clean)
+    u = compute_density_for_timestep_sampling(weighting_scheme, clean.shape[0], logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+    indices = (u * scheduler.config.num_train_timesteps).long()
+    timesteps = scheduler.timesteps[indices].to(clean.device)
+    sigmas = scheduler.sigmas[indices].to(device=clean.device, dtype=clean.dtype).view(-1, 1, 1, 1)
+    noisy = (1.0 - sigmas) * clean + sigmas * noise
+    pred = model(noisy, timesteps).sample
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
+    target = noise - clean
+    loss = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(target.shape[0], -1), 1).mean()
+    accelerator.backward(loss)
+    optimizer.step()
+    optimizer.zero_grad()
+
+
 def regime_step(accelerator, model, optimizer, scheduler, clean, regime, steps):
-    """The path train_scripts/ take: every timestep and loss decision goes through the regime."""
+    """The path train_scripts/ take: every timestep and loss decision goes through the regime and the noise process."""
+    process = regime.noise_process
     noise, timesteps = regime.sample(clean)
-    noisy = scheduler.add_noise(clean, noise, timesteps)
+    noisy = process.add_noise(clean, noise, timesteps)
     with regime.forward_context(accelerator, model):
-        pred = model(noisy, timesteps).sample
-    regime.backward(accelerator, denoising_loss(pred, scheduler, clean, noise, timesteps), timesteps, model)
+        pred = model(noisy, process.model_timesteps(timesteps)).sample
+    regime.backward(accelerator, denoising_loss(pred, process, clean, noise, timesteps), timesteps, model)
     optimizer.step()
     optimizer.zero_grad()
     regime.on_step_end(accelerator, next(steps))
@@ -90,14 +115,20 @@ AXIS_VARIANTS = {
     "--balancer pcgrad": ["--regime", "ant", "--balancer", "pcgrad"],
     "--experts 4 (stage 2)": ["--experts", "4", "--experts_base_steps", "1"],  # branches during warm-up
 }
+# Timed only under --noise_process flow: SD3's loss weights and Curriculum Sampling.
+FLOW_VARIANTS = {
+    "--weighting_scheme cosmap": ["--weighting_scheme", "cosmap"],
+    "--timestep_sampling two_phase": ["--timestep_sampling", "two_phase"],
+}
 
 
 def regime_variant(train, accelerator, scheduler, clean, resolution, widths, flags, steps):
     """A step through the regime the training script's parser and ``build_regime`` make of ``flags``, with its
     own fresh UNet (``widths``: comma-separated block widths)."""
+    process = as_process(scheduler)
     run_args = train.parse_args(["--output_dir", "unused", "--resolution", str(resolution), "--block_out_channels", widths,
-                                 "--max_train_steps", str(steps), "--seed", "0", *flags])
-    regime = build_regime(run_args, scheduler)
+                                 "--max_train_steps", str(steps), "--seed", "0", "--noise_process", process.name, *flags])
+    regime = build_regime(run_args, process, max_train_steps=steps)
     torch.manual_seed(0)
     model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(resolution, 1, block_out_channels=run_args.block_out_channels)))
     optimizer = make_optimizer(run_args, model.parameters(), 1e-4, accelerator.device)  # as the script builds it
@@ -111,7 +142,7 @@ def arm_variants(args, accelerator, scheduler, clean):
     train = load_script("train_unconditional")
     widths = args.block_out_channels or compare_args([]).block_out_channels
     steps = 10 ** 6  # long enough that no curriculum stage or TDC base stage ends while timed
-    flags = {arm: f for arm, f in arms(steps).items() if f is not None}
+    flags = {arm: f for arm, f in arms(steps).items() if f is not None and "--noise_process" not in f}
     flags["tdc_stage2"] = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "1"]  # branches in warm-up
     flags["tdc_stage2_per_group"] = [*flags["tdc_stage2"], "--experts_forward", "per_group"]  # the fallback path
     flags["tdc_round_robin_stage2"] = [*flags["tdc_stage2"], "--experts_schedule", "round_robin"]  # one expert a step
@@ -174,6 +205,8 @@ def main(argv=None):
                         help="Also profile --profile_steps steps of every variant (torch.profiler, after the timing) and "
                              "write one operator table per variant to this folder: where a step's time goes.")
     parser.add_argument("--profile_steps", type=int, default=5)
+    parser.add_argument("--noise_process", type=str, default="ddpm", choices=["ddpm", "flow"],
+                        help="Time every variant under this process; flow's plain steps are diffusers' SD3 step.")
     parser.add_argument("--block_out_channels", type=str, default=None,
                         help="UNet widths of every timed model (default: the models.py tiny UNet for the plain steps "
                              "and the axis variants, compare_regimes.py's for the --arms variants).")
@@ -185,7 +218,8 @@ def main(argv=None):
 
     torch.manual_seed(0)
     accelerator = Accelerator()
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    flow = args.noise_process == "flow"
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000) if flow else DDPMScheduler(num_train_timesteps=1000)
     clean = build_dataset("fashion_mnist", resolution=args.resolution, max_train_samples=args.batch_size)
     clean = torch.stack([clean[i]["pixel_values"] for i in range(args.batch_size)]).to(accelerator.device)
     sized = {} if args.block_out_channels is None else {"block_out_channels": [int(w) for w in args.block_out_channels.split(",")]}
@@ -200,9 +234,14 @@ def main(argv=None):
         return lambda: step_fn(accelerator, model, optimizer, scheduler, clean, **kwargs)
 
     widths = ",".join(str(w) for w in base.config.block_out_channels)
-    variants = {"plain diffusers step": make(plain_step), "plain diffusers step + Min-SNR": make(plain_step, snr_gamma=5.0)}
+    # The second plain step is the weighted one: Min-SNR (DDPM, train_text_to_image.py) or logit-normal (flow, SD3).
+    second = "plain SD3 step + logit-normal" if flow else "plain diffusers step + Min-SNR"
+    if flow:
+        variants = {"plain diffusers step": make(plain_flow_step), second: make(plain_flow_step, weighting_scheme="logit_normal")}
+    else:
+        variants = {"plain diffusers step": make(plain_step), second: make(plain_step, snr_gamma=5.0)}
     if not args.only:
-        for name, flags in AXIS_VARIANTS.items():
+        for name, flags in {**AXIS_VARIANTS, **(FLOW_VARIANTS if flow else {})}.items():
             variants[name] = regime_variant(train, accelerator, scheduler, clean, args.resolution, widths, flags, 10 ** 6)
     arm_of = {}
     if args.arms:
@@ -229,7 +268,7 @@ def main(argv=None):
 
     # Medians show the typical step; means include the occasional heavy step (e.g. a Nash solve every 25).
     plain = {f: f(times["plain diffusers step"]) for f in (statistics.median, statistics.mean)}
-    plain_snr = {f: f(times["plain diffusers step + Min-SNR"]) for f in (statistics.median, statistics.mean)}
+    plain_snr = {f: f(times[second]) for f in (statistics.median, statistics.mean)}
     rows = []
     print(f"{'variant':36s} {'median s':>9s} {'mean s':>8s} {'median/plain':>13s} {'mean/plain':>11s} {'median/plain+MinSNR':>20s}")
     for name, samples in times.items():
@@ -246,7 +285,7 @@ def main(argv=None):
               + (f"  ({rows[-1]['experts_forward']})" if "experts_forward" in rows[-1] else ""))
     result = {
         "date": date.today().isoformat(), "machine": machine(accelerator),
-        "torch": torch.__version__, "batch_size": args.batch_size, "resolution": args.resolution, "steps": args.steps,
+        "torch": torch.__version__, "noise_process": args.noise_process, "batch_size": args.batch_size, "resolution": args.resolution, "steps": args.steps,
         "rows": rows,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

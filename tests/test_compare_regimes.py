@@ -4,8 +4,9 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 
 def load_benchmark():
@@ -349,6 +350,29 @@ def test_overhead_times_the_tdc_stages_says_which_path_ran_and_profiles(tmp_path
         overhead.main(["--profile", str(tmp_path / "p"), "--profile_steps", "0"])
     assert len(tables) == len(rows) and "arm_tdc_stage2.txt" in tables
     assert "aten::" in (tmp_path / "profiles" / "arm_tdc_stage2.txt").read_text()
+
+
+def test_overhead_times_every_variant_as_a_flow_against_the_sd3_step(tmp_path, monkeypatch):
+    """overhead.py --noise_process flow: the plain rows are diffusers' SD3 step, every regime variant (and the flow-only
+    ones) runs as a rectified flow."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
+    monkeypatch.setitem(sys.modules, "overhead", overhead)
+    out = tmp_path / "overhead.json"
+    overhead.main(["--noise_process", "flow", "--steps", "1", "--warmup", "0", "--batch_size", "4", "--resolution", "16",
+                   "--block_out_channels", "8,16", "--output", str(out)])
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert result["noise_process"] == "flow"
+    assert {"plain diffusers step", "plain SD3 step + logit-normal", "--weighting_scheme cosmap", "--timestep_sampling two_phase",
+            "--balancer uw (--regime ant)"} <= set(rows)
+    step = overhead.regime_variant(load_script("train_unconditional"), overhead.Accelerator(),
+                                   overhead.FlowMatchEulerDiscreteScheduler(), torch.zeros(2, 1, 16, 16), 16, "8,16", [], 10)
+    assert step.args[5].noise_process.name == "flow"
 
 
 def load_pruned_tdc(monkeypatch):
