@@ -9,6 +9,10 @@ Two measurements, both per timestep:
   are Gaussians with the posterior variance β̃_t, so KL = ‖μ̃_t(x_t, x_0) − μ_θ(x_t, t)‖² / (2 β̃_t), and
   with μ = c₀·x̂₀ + c_t·x_t this is c₀² ‖x_0 − x̂_0‖² / (2 β̃_t), summed over pixels, averaged over data.
 
+Training and the convergence curves go through the noise process (``--noise_process ddpm|flow``): under rectified
+flow the buckets are intervals of its noise levels. The relative entropy is the DDPM posterior's and is measured
+for DDPM only (a rectified flow's sampler has no Gaussian posterior to compare with).
+
 CLI (trains a small UNet on Fashion-MNIST, writes ``difficulty.npz``, ``difficulty.json`` and two PNGs)::
 
     python -m diffusers_curriculum.difficulty --output_dir difficulty-study --max_train_steps 1500
@@ -27,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .errors import ArgumentParser, UsageError, exits_on_usage_error
 from .losses import denoising_loss
+from .noise import NOISE_PROCESSES, as_process, make_process
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, t) -> model output
 
@@ -82,9 +87,11 @@ def relative_entropy(
 @torch.no_grad()
 def bucket_losses(denoiser: Denoiser, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                   buckets: torch.Tensor, num_buckets: int, scheduler) -> np.ndarray:
-    """Mean denoising loss per timestep bucket on a fixed evaluation batch."""
-    x_t = scheduler.add_noise(x0, noise, timesteps)
-    per_sample = denoising_loss(denoiser(x_t, timesteps), scheduler, x0, noise, timesteps)
+    """Mean denoising loss per timestep bucket on a fixed evaluation batch; ``timesteps`` are noise levels of the
+    ``scheduler``'s process (the denoiser is fed what the network is fed for them)."""
+    process = as_process(scheduler)
+    x_t = process.add_noise(x0, noise, timesteps)
+    per_sample = denoising_loss(denoiser(x_t, process.model_timesteps(timesteps)), process, x0, noise, timesteps)
     return torch.zeros(num_buckets).index_add_(0, buckets, per_sample).div_(torch.bincount(buckets, minlength=num_buckets)).numpy()
 
 
@@ -109,7 +116,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_train_steps", type=int, default=1500)
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
-    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
+    parser.add_argument("--ddpm_num_steps", type=int, default=1000, help="T: DDPM's timesteps, or the flow's grid of noise levels.")
+    parser.add_argument("--noise_process", type=str, default="ddpm", choices=NOISE_PROCESSES,
+                        help="ddpm, or flow (rectified flow: convergence curves only, no relative entropy).")
+    parser.add_argument("--flow_shift", type=float, default=1.0, help="--noise_process flow: the scheduler's shift.")
     parser.add_argument("--num_buckets", type=int, default=10, help="Timestep buckets for the convergence curves.")
     parser.add_argument("--eval_every", type=int, default=50, help="Steps between evaluations of the bucket losses.")
     parser.add_argument("--eval_samples", type=int, default=512, help="Images (per bucket pass) in the fixed evaluation batch.")
@@ -126,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UsageError(f"--num_buckets {args.num_buckets} is more than --ddpm_num_steps {args.ddpm_num_steps}")
     if args.kl_timesteps > args.ddpm_num_steps - 1:
         raise UsageError(f"--kl_timesteps must be <= --ddpm_num_steps - 1 = {args.ddpm_num_steps - 1}")
+    if not args.flow_shift > 0 or (args.flow_shift != 1.0 and args.noise_process != "flow"):
+        raise UsageError(f"--flow_shift {args.flow_shift}: a shift > 0 of --noise_process flow")
     if not 0 < args.tolerance < 1:
         raise UsageError(f"--tolerance must be in (0, 1), got {args.tolerance}")
     args.block_out_channels = [int(c) for c in args.block_out_channels.split(",")]
@@ -133,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_study(args: argparse.Namespace) -> Dict[str, object]:
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import UNet2DModel
 
     from .data import build_dataset, load_fashion_mnist, TensorImageDataset
     from .models import unet_config_from_args
@@ -144,8 +156,10 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
     dataset = build_dataset(args.dataset_name, resolution=args.resolution)
     config = unet_config_from_args(None, args.resolution, 1, args.block_out_channels, 1)
     model = UNet2DModel.from_config(config)
-    scheduler = DDPMScheduler(num_train_timesteps=args.ddpm_num_steps)
-    regime = Regime(scheduler, UniformSampler(args.ddpm_num_steps, seed=args.seed), seed=args.seed)
+    process = make_process(args.noise_process, args.ddpm_num_steps, shift=args.flow_shift)
+    sampler = UniformSampler(args.ddpm_num_steps, seed=args.seed)
+    sampler.continuous = process.continuous
+    regime = Regime(process, sampler, seed=args.seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(args.seed))
@@ -160,7 +174,8 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
     eval_x0 = torch.stack([held_out[i]["pixel_values"] for i in range(min(args.eval_samples, len(held_out)))])
     eval_buckets = torch.arange(eval_x0.shape[0]) % args.num_buckets
     width = args.ddpm_num_steps / args.num_buckets
-    eval_t = (eval_buckets * width + torch.rand(eval_x0.shape[0], generator=eval_gen) * width).long()
+    eval_t = eval_buckets * width + torch.rand(eval_x0.shape[0], generator=eval_gen) * width
+    eval_t = eval_t.clamp_max(args.ddpm_num_steps - 1e-3) if process.continuous else eval_t.long()
     eval_noise = torch.randn(eval_x0.shape, generator=eval_gen)
 
     def denoiser(x_t, t):
@@ -172,8 +187,8 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
         for batch in loader:
             clean = batch["pixel_values"]
             noise, t = regime.sample(clean)
-            prediction = model(scheduler.add_noise(clean, noise, t), t).sample
-            loss = regime.compute_loss(denoising_loss(prediction, scheduler, clean, noise, t), t)
+            prediction = model(process.add_noise(clean, noise, t), process.model_timesteps(t)).sample
+            loss = regime.compute_loss(denoising_loss(prediction, process, clean, noise, t), t)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -181,7 +196,7 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
             progress.update(1)
             if step % args.eval_every == 0 or step == args.max_train_steps:
                 model.eval()
-                curves.append(bucket_losses(denoiser, eval_x0, eval_noise, eval_t, eval_buckets, args.num_buckets, scheduler))
+                curves.append(bucket_losses(denoiser, eval_x0, eval_noise, eval_t, eval_buckets, args.num_buckets, process))
                 steps.append(step)
                 model.train()
             if step >= args.max_train_steps:
@@ -190,7 +205,11 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
 
     model.eval()
     kl_t = np.unique(np.linspace(1, args.ddpm_num_steps - 1, args.kl_timesteps).round().astype(int))
-    kl = relative_entropy(denoiser, scheduler, eval_x0[: args.kl_samples], kl_t.tolist(), torch.Generator().manual_seed(args.seed + 2))
+    if process.name == "ddpm":
+        kl = relative_entropy(denoiser, process.scheduler, eval_x0[: args.kl_samples], kl_t.tolist(),
+                              torch.Generator().manual_seed(args.seed + 2))
+    else:  # no Gaussian posterior: nothing to measure
+        kl_t, kl = np.zeros(0, dtype=int), np.zeros(0)
     steps_arr, curves_arr = np.asarray(steps), np.stack(curves)
     converge = steps_to_converge(steps_arr, curves_arr, args.tolerance)
     bucket_edges = [(int(round(i * width)), int(round((i + 1) * width))) for i in range(args.num_buckets)]
@@ -201,6 +220,7 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
         "tolerance": args.tolerance,
         "kl_timesteps": kl_t.tolist(),
         "relative_entropy_nats": kl.tolist(),
+        "noise_process": process.name,
         "max_train_steps": args.max_train_steps,
         "seed": args.seed,
     }
@@ -230,6 +250,8 @@ def plot_study(output_dir: str, steps: np.ndarray, curves: np.ndarray, buckets, 
     fig.savefig(os.path.join(output_dir, "convergence.png"), dpi=120)
     plt.close(fig)
 
+    if len(kl_t) == 0:  # rectified flow: no relative entropy
+        return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(kl_t, kl, marker=".")
     ax.set(xlabel="timestep t", ylabel="KL(q ‖ p_θ) [nats]", title="Relative entropy per timestep", yscale="log")

@@ -70,6 +70,17 @@ def test_cli_writes_arrays_and_both_plots(tmp_path, capsys):
     assert "t in [   0,   25)" in capsys.readouterr().out
 
 
+def test_the_study_runs_under_flow_matching_with_convergence_only(tmp_path):
+    out = tmp_path / "study"
+    main(["--output_dir", str(out), "--noise_process", "flow", "--max_train_steps", "4", "--eval_every", "2", "--train_batch_size", "4",
+          "--block_out_channels", "8,16", "--num_buckets", "2", "--eval_samples", "8", "--ddpm_num_steps", "100"])
+    summary = json.loads((out / "difficulty.json").read_text())
+    assert summary["noise_process"] == "flow" and summary["relative_entropy_nats"] == []
+    assert np.load(out / "difficulty.npz")["bucket_losses"].shape == (2, 2) and not (out / "relative_entropy.png").exists()
+    with pytest.raises(SystemExit):
+        main(["--flow_shift", "3"])  # a shift without the flow
+
+
 def test_cli_bad_flags():
     with pytest.raises(SystemExit) as e:
         main(["--num_buckets", "0"])
