@@ -32,6 +32,7 @@ from .clustering import bucketize
 from .losses import denoising_loss
 from .noise import as_process
 from .sampling import real_uniform
+from .weighting import loss_weights
 
 Config = Dict[str, float]
 
@@ -188,14 +189,57 @@ def distillation_loss(student_prediction: torch.Tensor, teacher_prediction: torc
     return torch.nn.functional.mse_loss(student_prediction.float(), teacher_prediction.detach().float())
 
 
+@dataclass(frozen=True)
+class FinetuneObjective:
+    """How pruned experts are fine-tuned and scored: the run's AdamW settings and loss weighting, read from its
+    ``training_regime.json`` (:meth:`from_record`), so that an expert is fine-tuned on the objective TDC trained it
+    on. The defaults (torch's AdamW, unweighted MSE, no clipping) are what a record without them gets."""
+
+    betas: Tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    eps: float = 1e-8
+    max_grad_norm: Optional[float] = None
+    weighting: str = "none"
+    snr_gamma: Optional[float] = None
+    p2_gamma: float = 1.0
+    p2_k: float = 1.0
+    note: Optional[str] = None  # what could not be carried over
+
+    @classmethod
+    def from_record(cls, record: Dict) -> "FinetuneObjective":
+        """The objective of a run from its record (``training_regime.json``). EDM2's learned weighting u(λ) is not
+        saved with the pipeline: its experts are fine-tuned unweighted, and ``note`` says so."""
+        optimizer = record.get("optimizer") or {}
+        fields = {}
+        if optimizer:
+            fields.update(betas=tuple(optimizer["betas"]), weight_decay=optimizer["weight_decay"], eps=optimizer["eps"],
+                          max_grad_norm=optimizer.get("max_grad_norm"))
+        weighting = record.get("weighting", "none")
+        if weighting == "learned":
+            return cls(**fields, note="the run's learned weighting u(λ) is not saved with the pipeline: fine-tuned unweighted")
+        return cls(**fields, weighting=weighting, snr_gamma=record.get("snr_gamma"), p2_gamma=record.get("p2_gamma", 1.0),
+                   p2_k=record.get("p2_k", 1.0))
+
+    def optimizer(self, parameters, learning_rate: float) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(parameters, lr=learning_rate, betas=self.betas, weight_decay=self.weight_decay, eps=self.eps)
+
+    def weights(self, noise_scheduler, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
+        return loss_weights(noise_scheduler, timesteps, self.weighting, self.snr_gamma, self.p2_gamma, self.p2_k)
+
+
+DEFAULT_OBJECTIVE = FinetuneObjective()
+
+
 def proxy_loss(model, noise_scheduler, clean, noise, timesteps, teacher: Optional[nn.Module] = None,
-               distill_weight: float = 0.0) -> torch.Tensor:
-    """The batch's mean :func:`~diffusers_curriculum.losses.denoising_loss` of ``model``, plus
-    ``distill_weight`` × :func:`distillation_loss` against ``teacher`` when one is given."""
+               distill_weight: float = 0.0, objective: FinetuneObjective = DEFAULT_OBJECTIVE) -> torch.Tensor:
+    """The batch's mean :func:`~diffusers_curriculum.losses.denoising_loss` of ``model`` under the ``objective``'s
+    loss weighting, plus ``distill_weight`` × :func:`distillation_loss` against ``teacher`` when one is given."""
     process = as_process(noise_scheduler)
     noisy = process.add_noise(clean, noise, timesteps)
     prediction = model(noisy, process.model_timesteps(timesteps)).sample
-    loss = denoising_loss(prediction, process, clean, noise, timesteps).mean()
+    per_sample = denoising_loss(prediction, process, clean, noise, timesteps)
+    weights = objective.weights(process, timesteps)
+    loss = (per_sample if weights is None else per_sample * weights.to(per_sample.dtype)).mean()
     if teacher is not None and distill_weight > 0:
         with torch.no_grad():
             target = teacher(noisy, process.model_timesteps(timesteps)).sample
@@ -219,17 +263,19 @@ def expert_level_range(noise_scheduler, experts_model, index: int) -> Tuple[floa
 
 def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: Tuple[int, int], steps: int,
              learning_rate: float, seed: int = 0, progress: Optional[Callable[[int, float], None]] = None,
-             teacher: Optional[nn.Module] = None, distill_weight: float = 0.0, ema_decay: Optional[float] = None) -> nn.Module:
-    """``steps`` AdamW steps on timesteps drawn uniformly from ``t_range`` = [low, high); with a ``teacher``
-    (the unpruned expert) and ``distill_weight`` > 0 the loss adds output distillation. With ``ema_decay`` the
-    model ends with the EMA of its fine-tuning weights (diffusers' ``EMAModel`` with the warm-up schedule of the
-    training scripts, ``decay`` capped at ``ema_decay``), as trained pipelines ship EMA weights."""
+             teacher: Optional[nn.Module] = None, distill_weight: float = 0.0, ema_decay: Optional[float] = None,
+             objective: FinetuneObjective = DEFAULT_OBJECTIVE) -> nn.Module:
+    """``steps`` AdamW steps (the ``objective``'s betas, weight decay, epsilon and gradient clipping) on its weighted
+    loss, at timesteps drawn uniformly from ``t_range`` = [low, high); with a ``teacher`` (the unpruned expert) and
+    ``distill_weight`` > 0 the loss adds output distillation. With ``ema_decay`` the model ends with the EMA of its
+    fine-tuning weights (diffusers' ``EMAModel`` with the warm-up schedule of the training scripts, ``decay`` capped
+    at ``ema_decay``), as trained pipelines ship EMA weights."""
     if steps <= 0:
         return model
     from diffusers.training_utils import EMAModel
 
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    optimizer = objective.optimizer(model.parameters(), learning_rate)
     ema = EMAModel(model.parameters(), decay=ema_decay, use_ema_warmup=True) if ema_decay else None
     device = next(model.parameters()).device
     model.train()
@@ -237,8 +283,10 @@ def finetune(model, batches: Iterator[torch.Tensor], noise_scheduler, t_range: T
         clean = next(batches).to(device)
         timesteps = draw_levels(noise_scheduler, t_range, clean.shape[0], generator).to(device)
         noise = torch.randn(clean.shape, generator=generator).to(device)
-        loss = proxy_loss(model, noise_scheduler, clean, noise, timesteps, teacher, distill_weight)
+        loss = proxy_loss(model, noise_scheduler, clean, noise, timesteps, teacher, distill_weight, objective)
         loss.backward()
+        if objective.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), objective.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
@@ -264,12 +312,13 @@ class ValidationSet:
             self.timesteps = draw_levels(noise_scheduler, t_range, images.shape[0], generator)
 
     @torch.no_grad()
-    def loss(self, model, noise_scheduler, teacher: Optional[nn.Module] = None, distill_weight: float = 0.0) -> float:
-        """The batch's denoising loss (plus ``distill_weight`` × the distillation loss against ``teacher``)."""
+    def loss(self, model, noise_scheduler, teacher: Optional[nn.Module] = None, distill_weight: float = 0.0,
+             objective: FinetuneObjective = DEFAULT_OBJECTIVE) -> float:
+        """The batch's (weighted) denoising loss (plus ``distill_weight`` × the distillation loss against ``teacher``)."""
         device = next(model.parameters()).device
         model.eval()
         return float(proxy_loss(model, noise_scheduler, self.images.to(device), self.noise.to(device),
-                                self.timesteps.to(device), teacher, distill_weight))
+                                self.timesteps.to(device), teacher, distill_weight, objective))
 
 
 @dataclass
@@ -286,11 +335,12 @@ class Proxy:
     seed: int = 0
     teacher: Optional[nn.Module] = None  # the unpruned expert: its outputs are distilled into the candidate
     distill_weight: float = 0.0
+    objective: FinetuneObjective = DEFAULT_OBJECTIVE
 
     def __call__(self, candidate: nn.Module) -> float:
         finetune(candidate, self.batches, self.noise_scheduler, self.t_range, self.steps, self.learning_rate, self.seed,
-                 teacher=self.teacher, distill_weight=self.distill_weight)
-        return self.validation.loss(candidate, self.noise_scheduler, self.teacher, self.distill_weight)
+                 teacher=self.teacher, distill_weight=self.distill_weight, objective=self.objective)
+        return self.validation.loss(candidate, self.noise_scheduler, self.teacher, self.distill_weight, self.objective)
 
 
 # ---- the search ----------------------------------------------------------------------------------------
@@ -433,7 +483,8 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
                   finetune_steps: int = 200, batch_size: int = 16, learning_rate: float = 1e-4, validation_size: int = 64,
                   seed: int = 0, proposer_factory: Callable[[], Proposer] = CoordinateSearchProposer,
                   log: Callable[[str], None] = print, distill_weight: float = 0.0,
-                  max_loss_increase: Optional[float] = None, relaxations: int = 2, ema_decay: Optional[float] = None):
+                  max_loss_increase: Optional[float] = None, relaxations: int = 2, ema_decay: Optional[float] = None,
+                  objective: FinetuneObjective = DEFAULT_OBJECTIVE):
     """Searches, prunes and fine-tunes every expert of a :class:`TimestepRoutedExperts` (its ``experts`` are
     replaced by the pruned ones). With ``distill_weight`` > 0 the proxy's score and every fine-tuning add output
     distillation from the expert as it was before pruning (a frozen copy); with ``ema_decay`` each shipped expert
@@ -443,6 +494,9 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
     fraction above the unpruned expert's is not shipped: the search runs again under a budget half-way to the
     unpruned FLOPs (up to ``relaxations`` times), and an expert no budget keeps good stays unpruned. The record
     says which budgets were tried and what each kept.
+
+    Every fine-tuning and every score uses ``objective`` (the run's optimizer settings and loss weighting:
+    :meth:`FinetuneObjective.from_record`).
 
     Returns one dict per expert (budget, chosen configuration, memory bank, params and FLOPs before/after).
     """
@@ -455,9 +509,9 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
         teacher = copy.deepcopy(original).eval().requires_grad_(False) if distill_weight > 0 else None
         validation = ValidationSet(validation_images, t_range, seed + index, noise_scheduler)
         proxy = Proxy(batches, noise_scheduler, validation, t_range, proxy_steps, learning_rate, seed + index,
-                      teacher, distill_weight)
+                      teacher, distill_weight, objective)
         params_before, flops_before = count_params(original), count_flops(original)
-        loss_before = validation.loss(original, noise_scheduler)
+        loss_before = validation.loss(original, noise_scheduler, objective=objective)
         limit = None if max_loss_increase is None else loss_before * (1 + max_loss_increase)
         attempts, expert, result = [], None, None
         for _ in range(relaxations + 1 if limit is not None else 1):
@@ -465,8 +519,8 @@ def prune_experts(experts_model, dataset, noise_scheduler, prune_ratio: float, r
             result = search_pruning(original, budget, proxy, proposer_factory(), rounds, log=lambda m: log(f"  {m}"))
             candidate = pruned_copy(original, result.config)
             finetune(candidate, batches, noise_scheduler, t_range, finetune_steps, learning_rate, seed + index,
-                     teacher=teacher, distill_weight=distill_weight, ema_decay=ema_decay)
-            loss, flops = validation.loss(candidate, noise_scheduler), count_flops(candidate)
+                     teacher=teacher, distill_weight=distill_weight, ema_decay=ema_decay, objective=objective)
+            loss, flops = validation.loss(candidate, noise_scheduler, objective=objective), count_flops(candidate)
             attempts.append({"flops_budget_fraction": budget, "config": result.config, "validation_loss": loss,
                              "flops_fraction": flops / flops_before})
             if limit is None or loss <= limit:

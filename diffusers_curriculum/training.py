@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
@@ -81,6 +81,14 @@ def make_optimizer(args, parameters, learning_rate: float, device: Optional[torc
         return bnb.optim.AdamW8bit(parameters, **hyper)
     fused = device is not None and torch.device(device).type in FUSED_ADAM_DEVICES and Version(torch.__version__).release[:2] >= (2, 4)
     return torch.optim.AdamW(parameters, fused=fused or None, **hyper)
+
+
+def optimizer_record(args) -> Dict[str, Any]:
+    """The run's optimizer settings, kept in ``training_regime.json`` so that later fine-tuning of the saved model
+    (``prune_experts.py``) steps as the run did."""
+    return {"name": "AdamW8bit" if getattr(args, "use_8bit_adam", False) else "AdamW", "learning_rate": args.learning_rate,
+            "betas": [args.adam_beta1, args.adam_beta2], "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon,
+            "max_grad_norm": args.max_grad_norm}
 
 
 def configure_logging(accelerator, logger) -> None:

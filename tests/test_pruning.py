@@ -135,6 +135,9 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
     assert pipeline(batch_size=1, num_inference_steps=2, output_type="np").images.shape == (1, 32, 32, 1)
     assert (out / "unet" / "expert_1" / "pruning.json").exists() and (out / "pruning_report.json").exists()
     assert (tdc_pipeline / "model_index.json").exists()  # the unpruned pipeline is kept
+    # the experts were fine-tuned with the run's own AdamW settings (the scripts' defaults) and weighting
+    assert record["finetune_objective"]["betas"] == [0.95, 0.999] and record["finetune_objective"]["weight_decay"] == 1e-6
+    assert read_training_regime(tdc_pipeline)["optimizer"]["betas"] == [0.95, 0.999]
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -232,3 +235,42 @@ def test_fine_tuning_with_ema_ships_the_average_of_its_weights():
     # same seeded steps; the EMA lags behind the raw weights, between them and the start
     assert not torch.equal(runs[None], runs[0.999])
     assert (runs[0.999] - start).norm() < (runs[None] - start).norm()
+
+
+def test_pruned_experts_are_fine_tuned_with_the_runs_optimizer_and_weighting():
+    """Two fine-tuning steps under a run's record (AdamW β = (0.95, 0.999), weight decay 1e-6, clipping at 1, P2
+    weighting) equal two steps written by hand: the same draws, P2's 1/(k + SNR)^γ from the betas by hand."""
+    record = {"weighting": "p2", "p2_gamma": 0.5, "p2_k": 2.0,
+              "optimizer": {"name": "AdamW", "learning_rate": 1e-3, "betas": [0.95, 0.999], "weight_decay": 1e-6, "eps": 1e-8,
+                            "max_grad_norm": 1.0}}
+    objective = pruning.FinetuneObjective.from_record(record)
+    assert (objective.betas, objective.weight_decay, objective.max_grad_norm, objective.weighting) == ((0.95, 0.999), 1e-6, 1.0, "p2")
+    batch = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    scheduler = DDPMScheduler()
+    model = tiny_unet()
+    pruning.finetune(model, iter([batch, batch]), scheduler, (100, 600), 2, 1e-2, seed=3, objective=objective)
+
+    expected = tiny_unet()
+    expected.train()
+    optimizer = torch.optim.AdamW(expected.parameters(), lr=1e-2, betas=(0.95, 0.999), weight_decay=1e-6, eps=1e-8)
+    alpha_bar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000), 0)  # DDPMScheduler's linear betas, in its float32
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        t = torch.randint(100, 600, (4,), generator=generator)
+        noise = torch.randn(batch.shape, generator=generator)
+        a = alpha_bar[t].view(-1, 1, 1, 1)
+        prediction = expected(a ** 0.5 * batch + (1 - a) ** 0.5 * noise, t).sample
+        snr = alpha_bar[t] / (1 - alpha_bar[t])
+        loss = (((prediction - noise) ** 2).mean(dim=(1, 2, 3)) * (2.0 + snr) ** -0.5).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(expected.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+    for (name, got), want in zip(model.named_parameters(), expected.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_record_without_optimizer_settings_keeps_torchs_defaults_and_learned_is_fine_tuned_unweighted():
+    assert pruning.FinetuneObjective.from_record({"weighting": "none"}) == pruning.FinetuneObjective()
+    learned = pruning.FinetuneObjective.from_record({"weighting": "learned"})
+    assert learned.weighting == "none" and "not saved with the pipeline" in learned.note

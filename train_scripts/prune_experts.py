@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+from dataclasses import asdict
 
 import torch
 from accelerate import Accelerator
@@ -29,7 +30,7 @@ from diffusers_curriculum.export import read_training_regime, stock_scheduler
 from diffusers_curriculum.hub import (
     base_model_fields, publish_or_exit, resolve_hub_token, write_model_card,
 )
-from diffusers_curriculum.pruning import flops_report, prune_experts
+from diffusers_curriculum.pruning import FinetuneObjective, flops_report, prune_experts
 
 REPORT_FILE = "pruning_report.json"
 
@@ -145,12 +146,15 @@ def main(args):
     scheduler.set_timesteps(args.num_inference_steps)
     before = flops_report(experts, scheduler.timesteps.tolist())
 
+    objective = FinetuneObjective.from_record(regime)  # fine-tune as the run trained: its AdamW settings and weighting
+    if objective.note:
+        print(f"warning: {objective.note}")
     reports = prune_experts(
         experts, dataset, scheduler, args.prune_ratio, rounds=args.search_rounds, proxy_steps=args.proxy_steps,
         finetune_steps=args.finetune_steps, batch_size=args.train_batch_size, learning_rate=args.learning_rate,
         validation_size=args.validation_size, seed=args.seed, distill_weight=args.distill_weight,
         max_loss_increase=None if math.isinf(args.max_loss_increase) else args.max_loss_increase, relaxations=args.relaxations,
-        ema_decay=args.ema_max_decay if args.use_ema else None,
+        ema_decay=args.ema_max_decay if args.use_ema else None, objective=objective,
     )
     after = flops_report(experts, scheduler.timesteps.tolist())
     summary = {
@@ -160,6 +164,7 @@ def main(args):
         "flops_saved_fraction": 1 - after["flops_per_sample"] / before["flops_per_sample"],
         "num_inference_steps": args.num_inference_steps,
         "experts": after["experts"],
+        "finetune_objective": asdict(objective),
     }
     regime["pruning"] = summary
     save_pipeline(pipeline, args.output_dir, training_regime=regime)

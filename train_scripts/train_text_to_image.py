@@ -50,7 +50,7 @@ from diffusers_curriculum.regimes.words import regime_in_words
 from diffusers_curriculum.training import (
     after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, checkpoint_uploader, configure_logging,
     end_training, epoch_batches,
-    log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
+    log_images, make_accelerator, make_ema, make_optimizer, optimizer_record, optimizer_step, place_ema, resume, run_config,
     run_record, shipped_weights,
 )
 
@@ -466,7 +466,7 @@ def finish(args, accelerator, unet, ema_unet, text, vae, noise_process, regime, 
            total_batch_size, uploader=None):
     """Saves the pipeline (the EMA weights with --use_ema) or the LoRA weights, the validation images and the
     model card; then pushes when asked."""
-    record = {**regime.describe(), "trained_steps": global_step}
+    record = {**regime.describe(), "trained_steps": global_step, "optimizer": optimizer_record(args)}
     with shipped_weights(accelerator, unet, ema_unet, final=True) as shipped:  # training is over: no restore
         pipeline = build_pipeline(shipped, text, vae, noise_process)
         if args.use_lora:

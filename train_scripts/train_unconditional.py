@@ -39,7 +39,7 @@ from diffusers_curriculum.regimes.words import regime_in_words
 from diffusers_curriculum.training import (
     after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, checkpoint_uploader, configure_logging,
     end_training, epoch_batches,
-    log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, resume, run_config,
+    log_images, make_accelerator, make_ema, make_optimizer, optimizer_record, optimizer_step, place_ema, resume, run_config,
     run_record, shipped_weights,
 )
 from diffusers_curriculum.tasks import TASKS, Unconditional
@@ -214,6 +214,11 @@ def build_pipeline(args, task, unet, noise_process):
     return task.build_pipeline(unet, noise_process.pipeline_scheduler(sampler))
 
 
+def saved_record(args, regime, global_step):
+    """``training_regime.json``: the regime, the steps trained and the optimizer settings (pruning fine-tunes with them)."""
+    return {**regime.describe(), "trained_steps": global_step, "optimizer": optimizer_record(args)}
+
+
 def save_sample_grid(args, task, pipeline, path, seed):
     """Generates ``--eval_batch_size`` images and saves them as one PNG grid at ``path``."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -351,7 +356,7 @@ def main(args, evaluate=None):
                 if (epoch + 1) % args.save_model_epochs == 0:
                     with shipped_weights(accelerator, model, ema_model) as shipped:
                         save_pipeline(build_pipeline(args, task, shipped, noise_process), args.output_dir,
-                                      training_regime={**regime.describe(), "trained_steps": global_step})
+                                      training_regime=saved_record(args, regime, global_step))
                     logger.info(f"Saved the pipeline of epoch {epoch} (step {global_step}) to {args.output_dir}")
         progress_bar.close()
 
@@ -384,7 +389,7 @@ def finish(args, task, accelerator, model, ema_model, noise_process, regime, glo
     step was ``validated`` already, sends the grid to the trackers and calls ``evaluate``; then pushes when asked."""
     with shipped_weights(accelerator, model, ema_model, final=True) as shipped:  # training is over: no restore
         pipeline = build_pipeline(args, task, shipped, noise_process)
-        save_pipeline(pipeline, args.output_dir, training_regime={**regime.describe(), "trained_steps": global_step})
+        save_pipeline(pipeline, args.output_dir, training_regime=saved_record(args, regime, global_step))
     validation_image = None
     if not args.no_validation:
         grid = save_sample_grid(args, task, pipeline, os.path.join(args.output_dir, "samples", "final.png"), args.seed or 0)
