@@ -52,6 +52,47 @@ def regime_args(*argv):
     return args
 
 
+def parse_regime_flags(*argv):
+    """The regime flags parsed (not yet validated: ``build_regime`` checks them), seed 0, fp32."""
+    import argparse
+
+    from diffusers_curriculum.regimes import add_regime_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mixed_precision", type=str, default="no")
+    add_regime_args(parser)
+    return parser.parse_args([str(a) for a in argv])
+
+
+def axis_flags(sampling, weighting, balancer, experts, snr_gamma=5.0):
+    """The flags of one regime-matrix combination: 2 clusters where anything uses them, a fixed 1-step curriculum."""
+    from diffusers_curriculum.regimes.timesteps import CLUSTERED
+
+    flags = ["--timestep_sampling", sampling, "--weighting", weighting, "--balancer", balancer]
+    flags += ["--snr_gamma", str(snr_gamma)] if weighting == "min_snr" else []
+    flags += ["--experts", experts, "--experts_base_steps", "1"] if experts else []
+    if sampling in CLUSTERED or balancer != "none" or experts:
+        flags += ["--clusters", "2"]
+    if sampling == "curriculum":
+        flags += ["--curriculum_pacing", "fixed", "--curriculum_steps_per_stage", "1"]
+    return flags
+
+
+def tiny_regime_model(regime, accelerator):
+    """A seeded 8×8 one-channel UNet wrapped by the regime (experts), prepared with SGD, and a fixed batch of 4."""
+    import torch
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    model = regime.wrap_model(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), norm_num_groups=2,
+                                          layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    regime.attach(optimizer=optimizer)
+    return model, optimizer, torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
 @pytest.fixture
 def tiny_flags():
     return list(TINY_FLAGS)

@@ -326,9 +326,7 @@ def test_a_stopped_run_continues_its_arm_from_the_checkpoint_and_ends_as_an_unin
     assert rows[1]["train_seconds"] >= rows[0]["train_seconds"]
 
 
-def test_overhead_times_the_tdc_stages_says_which_path_ran_and_profiles(tmp_path, monkeypatch):
-    """overhead.py --arms: the routed stage-2 rows say whether the batched (wide) step or one forward per group
-    ran, and --profile writes one operator table per timed variant."""
+def load_overhead(monkeypatch):
     import sys
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -336,6 +334,13 @@ def test_overhead_times_the_tdc_stages_says_which_path_ran_and_profiles(tmp_path
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
     monkeypatch.setitem(sys.modules, "overhead", overhead)
+    return overhead
+
+
+def test_overhead_times_the_tdc_stages_says_which_path_ran_and_profiles(tmp_path, monkeypatch):
+    """overhead.py --arms: the routed stage-2 rows say whether the batched (wide) step or one forward per group
+    ran, and --profile writes one operator table per timed variant."""
+    overhead = load_overhead(monkeypatch)
     out = tmp_path / "overhead.json"
     overhead.main(["--arms", "--only", "tdc,tdc_stage2,tdc_stage2_per_group,tdc_round_robin_stage2", "--steps", "1", "--warmup", "1",
                    "--batch_size", "8", "--resolution", "16", "--block_out_channels", "8,16", "--output", str(out),
@@ -355,13 +360,7 @@ def test_overhead_times_the_tdc_stages_says_which_path_ran_and_profiles(tmp_path
 def test_overhead_times_every_variant_as_a_flow_against_the_sd3_step(tmp_path, monkeypatch):
     """overhead.py --noise_process flow: the plain rows are diffusers' SD3 step, every regime variant (and the flow-only
     ones) runs as a rectified flow."""
-    import sys
-
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
-    monkeypatch.setitem(sys.modules, "overhead", overhead)
+    overhead = load_overhead(monkeypatch)
     out = tmp_path / "overhead.json"
     overhead.main(["--noise_process", "flow", "--steps", "1", "--warmup", "0", "--batch_size", "4", "--resolution", "16",
                    "--block_out_channels", "8,16", "--output", str(out)])

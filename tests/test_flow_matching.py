@@ -4,7 +4,6 @@ parametrisation (x₀ or ε errors rebuilt from the velocity), the regime matrix
 stratified counts and the cluster losses by hand, the DP against brute force on a small grid, and the script's flow
 runs (one-line errors, exact resume, what the record and the card say)."""
 
-import argparse
 import itertools
 import json
 import math
@@ -13,27 +12,24 @@ import shutil
 import pytest
 import torch
 from accelerate import Accelerator
-from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors.torch import load_file
 
 from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.noise import DDPMProcess, FlowProcess, as_process, make_process
-from diffusers_curriculum.regimes import add_regime_args, build_regime
+from diffusers_curriculum.regimes import build_regime
 from diffusers_curriculum.regimes.balancers import BALANCERS
-from diffusers_curriculum.regimes.timesteps import CLUSTERED, TIMESTEP_SAMPLING
+from diffusers_curriculum.regimes.timesteps import TIMESTEP_SAMPLING
 from diffusers_curriculum.weighting import WEIGHTINGS
+
+from conftest import axis_flags, parse_regime_flags, tiny_regime_model
 
 T = 100
 GAMMA, P2_K, P2_GAMMA = 5.0, 2.0, 0.5
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed_precision", type=str, default="no")
-    add_regime_args(parser)
-    return parser.parse_args([str(a) for a in argv])
+parse = parse_regime_flags
 
 
 def sigma_of(t, shift=1.0, num_levels=T):
@@ -166,21 +162,9 @@ def accelerator():
 
 @pytest.mark.parametrize("sampling, weighting, balancer, experts", covering_combinations())
 def test_every_axis_under_flow_matching_does_what_it_says(accelerator, sampling, weighting, balancer, experts):
-    flags = ["--timestep_sampling", sampling, "--weighting", weighting, "--balancer", balancer]
-    flags += ["--snr_gamma", str(GAMMA)] if weighting == "min_snr" else []
-    flags += ["--experts", experts, "--experts_base_steps", "1"] if experts else []
-    clustered = sampling in CLUSTERED or balancer != "none" or bool(experts)
-    flags += ["--clusters", "2"] if clustered else []
-    flags += ["--curriculum_pacing", "fixed", "--curriculum_steps_per_stage", "1"] if sampling == "curriculum" else []
     process = make_process("flow", T)
-    regime = build_regime(parse(*flags), process, accelerator, max_train_steps=4)
-    torch.manual_seed(0)
-    model = regime.wrap_model(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), norm_num_groups=2,
-                                          layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    regime.attach(optimizer=optimizer)
-    clean = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    regime = build_regime(parse(*axis_flags(sampling, weighting, balancer, experts, GAMMA)), process, accelerator, max_train_steps=4)
+    model, optimizer, clean = tiny_regime_model(regime, accelerator)
     for step in (1, 2):
         noise, t = regime.sample(clean)
         assert t.dtype == torch.float32 and bool(((t >= 0) & (t < T)).all()) and not bool((t == t.round()).all())

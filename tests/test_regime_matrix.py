@@ -1,21 +1,22 @@
 """Every combination of the four regime axes trains; nonsense combinations are one-line errors; a resume that
 changes any axis is refused naming the field."""
 
-import argparse
 import itertools
 import json
 
 import pytest
 import torch
 from accelerate import Accelerator
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 
 from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.losses import denoising_loss
-from diffusers_curriculum.regimes import add_regime_args, build_regime
+from diffusers_curriculum.regimes import build_regime
 from diffusers_curriculum.regimes.balancers import BALANCERS
 from diffusers_curriculum.regimes.timesteps import CLUSTERED, TIMESTEP_SAMPLING
 from diffusers_curriculum.weighting import FLOW_WEIGHTINGS, WEIGHTINGS
+
+from conftest import axis_flags, parse_regime_flags, tiny_regime_model
 
 DDPM_WEIGHTINGS = [w for w in WEIGHTINGS if w not in FLOW_WEIGHTINGS]  # flow's are one-line errors under DDPM (test_flow_matching)
 
@@ -23,23 +24,7 @@ T = 100
 EXPERTS = (None, 2)
 
 
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--mixed_precision", type=str, default="no")
-    add_regime_args(parser)
-    return parser.parse_args([str(a) for a in argv])
-
-
-def axis_flags(sampling, weighting, balancer, experts):
-    flags = ["--timestep_sampling", sampling, "--weighting", weighting, "--balancer", balancer]
-    flags += ["--snr_gamma", "5"] if weighting == "min_snr" else []
-    flags += ["--experts", experts, "--experts_base_steps", "1"] if experts else []
-    if sampling in CLUSTERED or balancer != "none" or experts:
-        flags += ["--clusters", "2"]
-    if sampling == "curriculum":
-        flags += ["--curriculum_pacing", "fixed", "--curriculum_steps_per_stage", "1"]
-    return flags
+parse = parse_regime_flags
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +36,7 @@ def accelerator():
 def test_every_combination_trains_two_steps_and_records_every_axis(accelerator, sampling, weighting, balancer, experts):
     scheduler = DDPMScheduler(num_train_timesteps=T)
     regime = build_regime(parse(*axis_flags(sampling, weighting, balancer, experts)), scheduler, accelerator, max_train_steps=4)
-    torch.manual_seed(0)
-    model = regime.wrap_model(UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), norm_num_groups=2,
-                                          layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    regime.attach(optimizer=optimizer)
-    clean = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    model, optimizer, clean = tiny_regime_model(regime, accelerator)
     for step in (1, 2):
         noise, t = regime.sample(clean)
         with regime.forward_context(accelerator, model):
