@@ -209,7 +209,7 @@ def test_a_budget_that_breaks_quality_is_relaxed_then_refused(monkeypatch):
     """The validation loss here grows as FLOPs shrink: no pruned expert stays within 5 %, so the search relaxes
     the budget twice and keeps the expert unpruned; with no limit the pruned expert ships."""
     base_flops = pruning.count_flops(tiny_unet())
-    monkeypatch.setattr(pruning.ValidationSet, "loss", lambda self, model, scheduler, *a: base_flops / pruning.count_flops(model))
+    monkeypatch.setattr(pruning.ValidationSet, "loss", lambda self, model, scheduler, *a, **k: base_flops / pruning.count_flops(model))
     dataset = build_dataset("fashion_mnist", resolution=16, max_train_samples=16)
     kwargs = dict(rounds=1, proxy_steps=0, finetune_steps=0, batch_size=8, validation_size=4, log=lambda _: None)
     experts = TimestepRoutedExperts.from_model(tiny_unet(), [0, 500, 1000])
