@@ -66,6 +66,10 @@ class NoiseProcess:
         """The timestep the network is fed for noise level ``t``."""
         return t
 
+    def x0_weight_factor(self, snr: torch.Tensor) -> torch.Tensor:
+        """What a loss weight on the x₀ error is multiplied by to weigh this process's target error the same way."""
+        raise NotImplementedError
+
     def model_boundaries(self, boundaries: Sequence[int]) -> List:
         """Cluster boundaries in the coordinate the network is fed (what timestep-routed experts route on)."""
         return [int(b) for b in boundaries]
@@ -114,6 +118,17 @@ class DDPMProcess(NoiseProcess):
     def snr(self, t):
         return compute_snr(self.scheduler, t)  # diffusers' own, as its scripts' --snr_gamma
 
+    def x0_weight_factor(self, snr):
+        """x̂₀ − x₀ = −(ε̂ − ε)/√SNR for an ε target (factor 1/SNR), −(v̂ − v)·√(1 − ᾱ) for a v target (1/(SNR + 1))."""
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return 1 / snr
+        if kind == "v_prediction":
+            return 1 / (snr + 1)
+        if kind == "sample":
+            return torch.ones_like(snr)
+        raise ValueError(f"unknown prediction_type {kind!r}")
+
     def level_snr(self) -> np.ndarray:
         a = torch.as_tensor(self.scheduler.alphas_cumprod, dtype=torch.float64).numpy()[: self.num_train_timesteps]
         return a / (1 - a)
@@ -153,6 +168,10 @@ class FlowProcess(NoiseProcess):
 
     def snr(self, t):
         return self.log_snr(t).exp()
+
+    def x0_weight_factor(self, snr):
+        """x̂₀ − x₀ = −σ (v̂ − v), and σ = 1 / (1 + √SNR): the factor is σ²."""
+        return 1 / (1 + snr.sqrt()) ** 2
 
     def log_snr(self, t):
         sigma = self.sigmas(t).clamp(SIGMA_EPS, 1 - SIGMA_EPS)

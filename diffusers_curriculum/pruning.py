@@ -22,7 +22,7 @@ import copy
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from .losses import denoising_loss
 from .noise import as_process
 from .sampling import real_uniform
 from .weighting import loss_weights
+from .weightings import PLUGINS
 
 Config = Dict[str, float]
 
@@ -203,6 +204,7 @@ class FinetuneObjective:
     snr_gamma: Optional[float] = None
     p2_gamma: float = 1.0
     p2_k: float = 1.0
+    settings: Tuple[Tuple[str, Any], ...] = ()  # a plugin weighting's flag values
     note: Optional[str] = None  # what could not be carried over
 
     @classmethod
@@ -217,14 +219,16 @@ class FinetuneObjective:
         weighting = record.get("weighting", "none")
         if weighting == "learned":
             return cls(**fields, note="the run's learned weighting u(λ) is not saved with the pipeline: fine-tuned unweighted")
+        plugin = PLUGINS.get(weighting)
+        settings = tuple((name, record[name]) for name in plugin.flags) if plugin is not None else ()
         return cls(**fields, weighting=weighting, snr_gamma=record.get("snr_gamma"), p2_gamma=record.get("p2_gamma", 1.0),
-                   p2_k=record.get("p2_k", 1.0))
+                   p2_k=record.get("p2_k", 1.0), settings=settings)
 
     def optimizer(self, parameters, learning_rate: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(parameters, lr=learning_rate, betas=self.betas, weight_decay=self.weight_decay, eps=self.eps)
 
     def weights(self, noise_scheduler, timesteps: torch.Tensor) -> Optional[torch.Tensor]:
-        return loss_weights(noise_scheduler, timesteps, self.weighting, self.snr_gamma, self.p2_gamma, self.p2_k)
+        return loss_weights(noise_scheduler, timesteps, self.weighting, self.snr_gamma, self.p2_gamma, self.p2_k, **dict(self.settings))
 
 
 DEFAULT_OBJECTIVE = FinetuneObjective()

@@ -23,8 +23,10 @@ from diffusers.training_utils import compute_loss_weighting_for_sd3
 from torch import nn
 
 from .noise import SIGMA_EPS, as_process
+from .weightings import PLUGINS
 
-WEIGHTINGS = ("none", "min_snr", "p2", "learned", "sigma_sqrt", "cosmap")
+# The built-in weightings, then one per file in diffusers_curriculum/weightings/ (e.g. edm).
+WEIGHTINGS = ("none", "min_snr", "p2", "learned", "sigma_sqrt", "cosmap", *PLUGINS)
 # SD3's loss weights (diffusers' compute_loss_weighting_for_sd3): functions of the flow's σ, nothing under DDPM.
 FLOW_WEIGHTINGS = ("sigma_sqrt", "cosmap")
 
@@ -66,13 +68,17 @@ def loss_weights(
     snr_gamma: Optional[float] = None,
     p2_gamma: float = 1.0,
     p2_k: float = 1.0,
+    **settings,
 ) -> Optional[torch.Tensor]:
     """Weights of shape ``(batch,)`` for the noise levels ``timesteps`` of ``noise_process`` (a
     :class:`~diffusers_curriculum.noise.NoiseProcess` or a diffusers scheduler) under ``weighting``; ``None``
-    means all ones (also for ``"learned"``, which is not a factor: see :class:`LearnedWeighting`)."""
+    means all ones (also for ``"learned"``, which is not a factor: see :class:`LearnedWeighting`). A plugin
+    weighting (:mod:`diffusers_curriculum.weightings`) takes its ``settings``."""
     if weighting in ("none", "learned"):
         return None
     process = as_process(noise_process)
+    if weighting in PLUGINS:
+        return PLUGINS[weighting].weights(process, timesteps, **settings).float()
     if weighting in FLOW_WEIGHTINGS:
         if process.name != "flow":
             raise ValueError(f"weighting {weighting!r} is a rectified-flow loss weight (a function of σ); the process is {process.name}")

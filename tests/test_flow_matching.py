@@ -143,6 +143,10 @@ def hand_weights(regime, weighting, t):
         return sigma ** -2
     if weighting == "cosmap":
         return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma ** 2))
+    if weighting == "edm":  # λ(σ_EDM) on the x₀ error, σ_EDM = σ/(1 − σ), σ_data 0.5; x₀ error = σ² × velocity error
+        sigma_edm = sigma / (1 - sigma)
+        return (sigma_edm ** 2 + 0.25) / (sigma_edm * 0.5) ** 2 * sigma ** 2
+    assert weighting in ("none", "learned"), f"no hand-written weights for {weighting}"
     return torch.ones_like(sigma)
 
 

@@ -28,6 +28,7 @@ from ..clustering import PARTITIONS, partition
 from ..errors import UsageError
 from ..noise import as_process
 from ..weighting import FLOW_WEIGHTINGS, WEIGHTINGS
+from ..weightings import PLUGINS
 from .balancers import BALANCERS, SELF_FORMED, build_balancer
 from .experts import EXPERT_SCHEDULES, ExpertLayout
 from .regime import Regime
@@ -135,6 +136,11 @@ def add_regime_args(parser: argparse.ArgumentParser) -> None:
     weighting.add_argument("--learned_weighting_lr", type=float, default=1e-2,
                            help="--weighting learned: learning rate of the loss log-variance u(λ) (EDM2).")
 
+    for plugin in PLUGINS.values():  # each plugin weighting's own flags
+        group = parser.add_argument_group(f"--weighting {plugin.name} settings")
+        for name, kwargs in plugin.flags.items():
+            group.add_argument(f"--{name}", **kwargs)
+
     balancer = parser.add_argument_group("balancer settings")
     balancer.add_argument("--uw_lr", type=float, default=0.025, help="--balancer uw: learning rate of the log-variances.")
     balancer.add_argument("--nash_update_every", type=int, default=25, help="--balancer nash: steps between bargaining solves.")
@@ -236,6 +242,13 @@ def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional
         source = "--weighting_scheme" if scheme is not None else "--weighting"
         raise UsageError(f"{source} {args.weighting} is a rectified-flow loss weight (a function of sigma): it needs "
                          f"--noise_process flow (this run's process is {noise_process})")
+    if args.weighting in PLUGINS:
+        plugin = PLUGINS[args.weighting]
+        if noise_process not in plugin.processes:
+            raise UsageError(f"--weighting {plugin.name} is defined for --noise_process {', '.join(plugin.processes)}, not {noise_process}")
+        problem = plugin.check(plugin_settings(args)) if plugin.check is not None else None
+        if problem:
+            raise UsageError(problem)
     if args.weighting is None:
         args.weighting = "min_snr" if args.snr_gamma is not None else "none"
     if args.weighting == "min_snr" and args.snr_gamma is None:
@@ -305,6 +318,12 @@ def validate_regime_args(args: argparse.Namespace, num_train_timesteps: Optional
         check_pacing(args)
         if getattr(args, "max_train_steps", None) is not None:
             curriculum_warning(args, args.max_train_steps)  # a schedule that never leaves its first stage: an error now
+
+
+def plugin_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The flag values of the plugin weighting ``--weighting`` names (empty for a built-in one)."""
+    plugin = PLUGINS.get(args.weighting)
+    return {} if plugin is None else {name: getattr(args, name) for name in plugin.flags}
 
 
 def check_pacing(args: argparse.Namespace) -> None:
@@ -417,7 +436,8 @@ def build_regime(args: argparse.Namespace, noise_process, accelerator=None, max_
     experts = axes["experts"][0]
     return Regime(
         process, sampler,
-        weighting=Weighting(args.weighting, args.snr_gamma, args.p2_gamma, args.p2_k, args.learned_weighting_lr, seed),
+        weighting=Weighting(args.weighting, args.snr_gamma, args.p2_gamma, args.p2_k, args.learned_weighting_lr, seed,
+                            settings=plugin_settings(args)),
         balancer=build_balancer(axes["balancer"][0], k, args.uw_lr, args.nash_update_every, seed) if k else None,
         experts=(ExpertLayout(T, boundaries, axes["experts_base_steps"][0], seed, batched=getattr(args, "experts_forward", None) != "per_group",
                               schedule=getattr(args, "experts_schedule", None) or "stratified",

@@ -13,6 +13,7 @@ from typing import Any, Dict, Optional
 import torch
 from ..noise import as_process
 from ..weighting import WEIGHTINGS, LearnedWeighting, loss_weights
+from ..weightings import PLUGINS
 
 
 class Weighting:
@@ -21,13 +22,15 @@ class Weighting:
     Args:
         snr_gamma: γ of Min-SNR-γ. p2_gamma, p2_k: P2's 1/(k+SNR)^γ.
         learned_lr, seed: Adam learning rate and Fourier-feature seed of the learned u(λ).
+        settings: a plugin weighting's flag values (:mod:`diffusers_curriculum.weightings`).
     """
 
     def __init__(self, name: str = "none", snr_gamma: Optional[float] = None, p2_gamma: float = 1.0, p2_k: float = 1.0,
-                 learned_lr: float = 1e-2, seed: int = 0):
+                 learned_lr: float = 1e-2, seed: int = 0, settings: Optional[Dict[str, Any]] = None):
         if name not in WEIGHTINGS:
             raise ValueError(f"unknown weighting {name!r}; choose one of {WEIGHTINGS}")
         self.name, self.snr_gamma, self.p2_gamma, self.p2_k = name, snr_gamma, p2_gamma, p2_k
+        self.settings = dict(settings or {})
         self.learned = LearnedWeighting(lr=learned_lr, seed=seed) if name == "learned" else None
 
     def __call__(self, noise_process, per_sample_loss: torch.Tensor, timesteps: torch.Tensor,
@@ -36,7 +39,7 @@ class Weighting:
         losses = per_sample_loss if importance is None else per_sample_loss * importance.to(per_sample_loss.dtype)
         if self.learned is not None:
             return self.learned.loss(losses, as_process(noise_process).log_snr(timesteps))
-        weights = loss_weights(noise_process, timesteps, self.name, self.snr_gamma, self.p2_gamma, self.p2_k)
+        weights = loss_weights(noise_process, timesteps, self.name, self.snr_gamma, self.p2_gamma, self.p2_k, **self.settings)
         return losses if weights is None else losses * weights.to(losses.dtype)
 
     def step(self, accelerator) -> Dict[str, float]:
@@ -51,6 +54,8 @@ class Weighting:
             info.update(p2_gamma=self.p2_gamma, p2_k=self.p2_k)
         elif self.learned is not None:
             info.update(self.learned.describe())
+        elif self.name in PLUGINS:
+            info.update(self.settings)
         return info
 
     def state_dict(self) -> Dict[str, Any]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..weightings import PLUGINS
+
 SAMPLING = {
     "uniform": "timesteps drawn uniformly",
     "logit_normal": "timesteps drawn from a logit-normal density (as SD3 trains)",
@@ -26,6 +28,8 @@ COSTS = {"equal": "equal intervals", "timestep": "ANT's exact interval DP on the
 
 def weighting_words(record: Dict[str, Any]) -> str:
     name = record.get("weighting", "none")
+    if name in PLUGINS:
+        return PLUGINS[name].words(record)
     if name == "min_snr":
         return f"Min-SNR-γ loss weighting, γ = {record['snr_gamma']:g}"
     if name == "p2":
