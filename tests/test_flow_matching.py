@@ -267,7 +267,7 @@ def test_a_composed_flow_run_resumes_bit_identically_and_its_record_and_card_nam
 def test_a_flow_checkpoint_is_not_resumed_as_ddpm(train_unconditional, tmp_path, tiny_flags):
     flags = [*tiny_flags, "--max_train_steps", "2", "--checkpointing_steps", "2", "--max_train_samples", "32", "--no_validation"]
     train_unconditional.main(train_unconditional.parse_args(["--output_dir", str(tmp_path), *flags, "--noise_process", "flow"]))
-    with pytest.raises(UsageError, match="the checkpoint's noise_process is .*flow.*, this run's is None"):
+    with pytest.raises(UsageError, match=r"the checkpoint's noise_process is .*flow.*, this run's is not set \(the default\)"):
         train_unconditional.main(train_unconditional.parse_args(
             ["--output_dir", str(tmp_path), *flags, "--max_train_steps", "4", "--resume_from_checkpoint", "latest"]))
 

@@ -247,10 +247,12 @@ class Regime:
             raise UsageError("--resume_from_checkpoint: the checkpoint holds no regime record (written by an older "
                              "diffusers-curriculum); start a new run or resume it with that version")
         axes = self.axes()
-        for field in [*axes, *(f for f in saved if f not in axes)]:
+        for field in [*axes, *(f for f in saved if f not in axes)]:  # a field only one side has differs too
             if saved.get(field) != axes.get(field):
-                raise UsageError(f"--resume_from_checkpoint: the checkpoint's {field} is {saved.get(field)}, this run's is "
-                                 f"{axes.get(field)} ({AXIS_FLAGS[field]}); resume with the flags the checkpoint was written with")
+                theirs = saved[field] if field in saved else "not set"
+                mine = axes[field] if field in axes else "not set (the default)"
+                raise UsageError(f"--resume_from_checkpoint: the checkpoint's {field} is {theirs}, this run's is {mine} "
+                                 f"({AXIS_FLAGS.get(field, f'--{field}')}); resume with the flags the checkpoint was written with")
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.check_axes(state.get("axes"))
