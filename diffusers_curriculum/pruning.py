@@ -31,7 +31,7 @@ from .experts import count_flops, count_params, example_inputs, sync_sampler_wid
 from .clustering import bucketize
 from .losses import denoising_loss
 from .noise import as_process
-from .sampling import real_uniform
+from .sampling import uniform_levels
 from .weighting import loss_weights
 from .weightings import PLUGINS
 
@@ -253,9 +253,7 @@ def proxy_loss(model, noise_scheduler, clean, noise, timesteps, teacher: Optiona
 
 def draw_levels(noise_scheduler, t_range: Tuple[float, float], batch_size: int, generator: torch.Generator) -> torch.Tensor:
     """Noise levels uniform on ``t_range`` = [low, high) of the process's coordinate: integers (DDPM) or reals (flow)."""
-    if as_process(noise_scheduler).continuous:
-        return real_uniform(t_range[0], t_range[1], torch.rand(batch_size, generator=generator, dtype=torch.float64))
-    return torch.randint(*t_range, (batch_size,), generator=generator)
+    return uniform_levels(t_range[0], t_range[1], batch_size, generator, as_process(noise_scheduler).continuous)
 
 
 def expert_level_range(noise_scheduler, experts_model, index: int) -> Tuple[float, float]:

@@ -25,6 +25,13 @@ def real_uniform(low, high, fraction: torch.Tensor) -> torch.Tensor:
     return torch.minimum(values, torch.nextafter(high, torch.full_like(high, -float("inf"))))
 
 
+def uniform_levels(low, high, batch_size: int, generator: torch.Generator, continuous: bool) -> torch.Tensor:
+    """Uniform noise levels on [low, high): integers (DDPM), or float32 reals (flow, :func:`real_uniform`)."""
+    if continuous:
+        return real_uniform(low, high, torch.rand(batch_size, generator=generator, dtype=torch.float64))
+    return torch.randint(low, high, (batch_size,), generator=generator)
+
+
 class TimestepSampler:
     """Base class. Subclasses implement :meth:`_draw` on the sampler's own CPU generator.
 
@@ -58,9 +65,7 @@ class TimestepSampler:
 
     def _uniform(self, low, high, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """Uniform draws on [low, high): integers, or reals when :attr:`continuous`."""
-        if self.continuous:
-            return real_uniform(low, high, torch.rand(batch_size, generator=generator, dtype=torch.float64))
-        return torch.randint(low, high, (batch_size,), generator=generator)
+        return uniform_levels(low, high, batch_size, generator, self.continuous)
 
     def _within_levels(self, levels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Grid levels drawn by index (weighted samplers) as noise levels: uniform inside each cell when
