@@ -35,11 +35,17 @@ def is_routed_experts(model) -> bool:
 
 # ---- counting: FLOPs and parameters -------------------------------------------------------------
 def example_inputs(model: nn.Module, batch_size: int = 1) -> Dict[str, torch.Tensor]:
-    """Inputs for one forward pass of a UNet2DModel-like ``model`` (sample + timestep [+ class label])."""
+    """Inputs for one forward pass of a diffusers denoiser: a UNet (sample + timestep [+ class label, text, SDXL's
+    added conditions]) or SD3's transformer (latents, timestep, a 77-token joint context, pooled projections)."""
     config = model.config
     size = config.sample_size if isinstance(config.sample_size, int) else tuple(config.sample_size)
     size = (size, size) if isinstance(size, int) else size
     device = next(model.parameters()).device
+    if getattr(config, "joint_attention_dim", None):  # SD3Transformer2DModel: keyword inputs
+        return {"hidden_states": torch.zeros(batch_size, config.in_channels, *size, device=device),
+                "timestep": torch.zeros(batch_size, device=device),
+                "encoder_hidden_states": torch.zeros(batch_size, 77, config.joint_attention_dim, device=device),
+                "pooled_projections": torch.zeros(batch_size, config.pooled_projection_dim, device=device)}
     inputs = {"sample": torch.zeros(batch_size, config.in_channels, *size, device=device),
               "timestep": torch.zeros(batch_size, dtype=torch.long, device=device)}
     if getattr(config, "num_class_embeds", None):

@@ -31,30 +31,40 @@ def add_lora(model, rank: int, alpha: float, dropout: float, weight_dtype: torch
     cast_training_params(model, dtype=torch.float32)
 
 
-def lora_state_dict(model) -> Dict[str, torch.Tensor]:
-    """The adapters of ``model`` in diffusers' key format (what ``save_lora_weights`` takes as ``unet_lora_layers``)."""
+def lora_state_dict(model, component: str = "unet") -> Dict[str, torch.Tensor]:
+    """The adapters of ``model`` as diffusers' scripts hand them to ``save_lora_weights``: a UNet's in diffusers'
+    key format (``unet_lora_layers``), a transformer's in peft's (``transformer_lora_layers``)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    state = get_peft_model_state_dict(model)
+    return convert_state_dict_to_diffusers(state) if component == "unet" else state
 
 
-def register_lora_hooks(accelerator, model, pipeline_cls) -> None:
+def save_lora_weights(pipeline_cls, output_dir, model, component: str = "unet") -> None:
+    """``model``'s adapters as ``pipeline_cls``'s stock LoRA file in ``output_dir``, under the pipeline's
+    ``component`` (``unet``, or ``transformer`` for SD3)."""
+    pipeline_cls.save_lora_weights(output_dir, **{f"{component}_lora_layers": lora_state_dict(model, component)},
+                                   safe_serialization=True)
+
+
+def register_lora_hooks(accelerator, model, pipeline_cls, component: str = "unet") -> None:
     """``save_state``: the adapters of ``model`` as ``pipeline_cls``'s stock LoRA file instead of the whole model;
-    ``load_state``: the adapters back into ``model`` (its frozen weights are the base's and are not saved)."""
+    ``load_state``: the adapters back into ``model`` (its frozen weights are the base's and are not saved).
+    ``component``: the pipeline's name for the denoiser (``unet``, or ``transformer`` for SD3)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
     kind = type(accelerator.unwrap_model(model))
 
     def save_hook(models, weights, output_dir):
-        layers = None
+        denoiser = None
         for i in reversed(range(len(models))):
             if isinstance(accelerator.unwrap_model(models[i]), kind):
-                layers = lora_state_dict(accelerator.unwrap_model(models[i]))
+                denoiser = accelerator.unwrap_model(models[i])
                 weights.pop(i)  # accelerate saves what is left: the adapters go in the LoRA file instead
-        if accelerator.is_main_process and layers is not None:
-            pipeline_cls.save_lora_weights(output_dir, unet_lora_layers=layers, safe_serialization=True)
+        if accelerator.is_main_process and denoiser is not None:
+            save_lora_weights(pipeline_cls, output_dir, denoiser, component)
 
     def load_hook(models, input_dir):
         target = None
@@ -63,8 +73,10 @@ def register_lora_hooks(accelerator, model, pipeline_cls) -> None:
                 target = accelerator.unwrap_model(models.pop(i))
         if target is None:
             return
-        state, _ = pipeline_cls.lora_state_dict(input_dir)
-        adapters = convert_unet_state_dict_to_peft({k[len("unet."):]: v for k, v in state.items() if k.startswith("unet.")})
+        state = pipeline_cls.lora_state_dict(input_dir)
+        state = state[0] if isinstance(state, tuple) else state  # SD/SDXL: (state, network alphas); SD3: the state
+        prefix = f"{component}."
+        adapters = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
         incompatible = set_peft_model_state_dict(target, adapters, adapter_name="default")
         unexpected = getattr(incompatible, "unexpected_keys", None)
         if unexpected:

@@ -13,22 +13,25 @@ import sys
 import traceback
 from pathlib import Path
 
-TEXT_TO_IMAGE = ("text_to_image", "text_to_image_tdc", "lora", "sdxl", "sdxl_lora", "sdxl_tdc")
-LORA = ("lora", "sdxl_lora")
+TEXT_TO_IMAGE = ("text_to_image", "text_to_image_tdc", "lora", "sdxl", "sdxl_lora", "sdxl_tdc", "sd3", "sd3_lora", "sd3_tdc")
+LORA = ("lora", "sdxl_lora", "sd3_lora")
+# Kinds trained without T5: loaded as diffusers documents for SD3 without it.
+WITHOUT_T5 = ("sd3_tdc",)
 # Kinds whose folders carry code of their own: the README's call adds trust_remote_code=True for them only.
 REMOTE_CODE = ("tdc", "tdc_pruned", "class_conditional", "class_conditional_tdc", "text_to_image_tdc", "sdxl_tdc",
-               "class_conditional_flow", "tdc_flow", "tdc_flow_pruned")
+               "class_conditional_flow", "tdc_flow", "tdc_flow_pruned", "sd3_tdc")
 
 
 def load_stock(kind: str, folder: str, base: str = None):
     """The README's call for ``kind``."""
     from diffusers import DiffusionPipeline
 
-    if kind in LORA:  # the base's own pipeline class (StableDiffusionPipeline, StableDiffusionXLPipeline), then the adapters
+    without_t5 = {"text_encoder_3": None, "tokenizer_3": None} if kind in WITHOUT_T5 else {}
+    if kind in LORA:  # the base's own pipeline class (StableDiffusion[XL|3]Pipeline), then the adapters
         pipeline = DiffusionPipeline.from_pretrained(base)
         pipeline.load_lora_weights(folder)
     elif kind in REMOTE_CODE:
-        pipeline = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+        pipeline = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True, **without_t5)
     else:
         pipeline = DiffusionPipeline.from_pretrained(folder)
     pipeline.set_progress_bar_config(disable=True)
@@ -56,7 +59,8 @@ def main(spec_path: str, out_dir: str) -> None:
     report = {"types": {}, "snippets": {}, "schedulers": {}}
     for kind, entry in spec.items():
         pipeline = load_stock(kind, entry["folder"], entry.get("base"))
-        report["types"][kind] = [type(pipeline).__name__, type(pipeline.unet).__name__, type(pipeline.unet).__module__]
+        denoiser = pipeline.transformer if hasattr(pipeline, "transformer") else pipeline.unet
+        report["types"][kind] = [type(pipeline).__name__, type(denoiser).__name__, type(denoiser).__module__]
         report["schedulers"][kind] = type(pipeline.scheduler).__name__
         np.save(Path(out_dir) / f"{kind}.npy", sample(kind, pipeline))
     for kind, entry in spec.items():

@@ -27,6 +27,7 @@ SD_FLAGS = ["--dataset_name", "fashion_mnist", "--train_batch_size", "4", "--max
             "--num_validation_inference_steps", "2"]
 BASE_ID, BASE_LICENSE = "testuser/tiny-sd", "creativeml-openrail-m"
 SDXL_BASE_ID, SDXL_LICENSE = "testuser/tiny-sdxl", "openrail++"
+SD3_BASE_ID, SD3_LICENSE = "testuser/tiny-sd3", "other"
 FLOW = ["--noise_process", "flow"]
 COMPOSED = ["--timestep_sampling", "curriculum", "--balancer", "uw", "--clusters", "2", "--weighting", "learned"]
 KINDS = {  # kind -> (script, flags)
@@ -42,6 +43,10 @@ KINDS = {  # kind -> (script, flags)
     "sdxl": ("train_text_to_image", [*SD_FLAGS, *COMPOSED]),
     "sdxl_lora": ("train_text_to_image", [*SD_FLAGS, *COMPOSED, "--use_lora", "--rank", "2"]),
     "sdxl_tdc": ("train_text_to_image", [*SD_FLAGS, *TDC_FLAGS, "--weighting", "p2"]),
+    # SD3: a transformer trained by flow matching, three text encoders (the TDC run drops T5)
+    "sd3": ("train_text_to_image", [*SD_FLAGS, *COMPOSED]),
+    "sd3_lora": ("train_text_to_image", [*SD_FLAGS, *COMPOSED, "--use_lora", "--rank", "2"]),
+    "sd3_tdc": ("train_text_to_image", [*SD_FLAGS, *TDC_FLAGS, "--weighting_scheme", "cosmap", "--drop_t5"]),
     # rectified flow: stock DDPMPipeline / the class-conditional pipeline with FlowMatchEulerDiscreteScheduler; the shifted
     # flow's experts route on real-valued boundaries
     "unconditional_flow": ("train_unconditional", [*PIXEL_FLAGS, *FLOW, "--weighting_scheme", "cosmap"]),
@@ -50,7 +55,7 @@ KINDS = {  # kind -> (script, flags)
 }
 PRUNED = {"tdc_pruned": "tdc", "tdc_flow_pruned": "tdc_flow"}  # pruned kind -> the kind it prunes
 ALL_KINDS = [*KINDS, *PRUNED]
-ROUTED = ("tdc", "tdc_pruned", "class_conditional_tdc", "text_to_image_tdc", "sdxl_tdc", "tdc_flow", "tdc_flow_pruned")
+ROUTED = ("tdc", "tdc_pruned", "class_conditional_tdc", "text_to_image_tdc", "sdxl_tdc", "tdc_flow", "tdc_flow_pruned", "sd3_tdc")
 
 
 def put_in_hub_cache(cache, repo_id, folder):
@@ -74,13 +79,14 @@ def card_metadata(card: str) -> dict:
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """Every kind trained for a step or two and saved; the base Stable Diffusion sits in a Hub cache as testuser/tiny-sd."""
-    from diffusers_curriculum.tiny_sd import tiny_stable_diffusion, tiny_stable_diffusion_xl
+    from diffusers_curriculum.tiny_sd import tiny_stable_diffusion, tiny_stable_diffusion_3, tiny_stable_diffusion_xl
 
     root = tmp_path_factory.mktemp("portable")
     cache = root / "hub-cache"
     bases = {}
     for name, build, repo_id, license in (("tiny-sd", tiny_stable_diffusion, BASE_ID, BASE_LICENSE),
-                                          ("tiny-sdxl", tiny_stable_diffusion_xl, SDXL_BASE_ID, SDXL_LICENSE)):
+                                          ("tiny-sdxl", tiny_stable_diffusion_xl, SDXL_BASE_ID, SDXL_LICENSE),
+                                          ("tiny-sd3", tiny_stable_diffusion_3, SD3_BASE_ID, SD3_LICENSE)):
         build(root / f"build-{name}").save_pretrained(root / name)
         (root / name / "README.md").write_text(f"---\nlicense: {license}\nlibrary_name: diffusers\n---\n# {name}\n")
         bases[repo_id] = put_in_hub_cache(cache, repo_id, root / name)  # a snapshot path: the card must name its repo id
@@ -106,7 +112,7 @@ def saved(tmp_path_factory):
 
 
 def base_of(kind: str) -> str:
-    return SDXL_BASE_ID if kind.startswith("sdxl") else BASE_ID
+    return SDXL_BASE_ID if kind.startswith("sdxl") else SD3_BASE_ID if kind.startswith("sd3") else BASE_ID
 
 
 @pytest.fixture(scope="module")
@@ -142,6 +148,10 @@ def test_stock_diffusers_loads_each_kind_and_samples_exactly_as_with_the_package
     if kind.startswith("sdxl"):
         assert pipeline_class == "StableDiffusionXLPipeline"
         assert unet_class == ("TimestepRoutedExperts" if kind == "sdxl_tdc" else "UNet2DConditionModel")
+    if kind.startswith("sd3"):
+        assert pipeline_class == "StableDiffusion3Pipeline" and report["schedulers"][kind] == "FlowMatchEulerDiscreteScheduler"
+        assert unet_class == ("TimestepRoutedExperts" if kind == "sd3_tdc" else "SD3Transformer2DModel")
+        assert (pipeline.text_encoder_3 is None) == (kind == "sd3_tdc")  # --drop_t5 ships without T5
     if kind == "tdc_flow":  # shift 3 moves the log-SNR cut off the grid: the routing boundary is a real timestep
         level = json.loads((saved["folders"][kind] / "training_regime.json").read_text())["clusters"][0][1] / 100  # T = 100
         middle = pipeline.unet.config.boundaries[1]
@@ -164,13 +174,18 @@ def test_model_card_snippet_runs_without_the_package_and_metadata_follows_hub_co
     assert meta["library_name"] == "diffusers"
     assert {"diffusers", "diffusers-training", "diffusers-curriculum"} <= set(meta["tags"])
     regime = ("tdc" if "tdc" in kind else "uniform" if "flow" in kind else kind.rsplit("_", 1)[-1] if kind.startswith("unconditional")
-              else "curriculum+uw" if kind in ("sdxl", "sdxl_lora") else "uniform")
+              else "curriculum+uw" if kind in ("sdxl", "sdxl_lora", "sd3", "sd3_lora") else "uniform")
     assert regime in meta["tags"]
-    if kind.startswith(("text_to_image", "lora", "sdxl")):
+    if kind.startswith(("text_to_image", "lora", "sdxl", "sd3")):
         assert meta["pipeline_tag"] == "text-to-image"
-        license = SDXL_LICENSE if kind.startswith("sdxl") else BASE_LICENSE
+        license = SDXL_LICENSE if kind.startswith("sdxl") else SD3_LICENSE if kind.startswith("sd3") else BASE_LICENSE
         assert meta["base_model"] == base_of(kind) and meta["license"] == license
         assert ("Stable Diffusion XL (`StableDiffusionXLPipeline`)" in card) == kind.startswith("sdxl")
+        assert ("Stable Diffusion 3 (`StableDiffusion3Pipeline`)" in card) == kind.startswith("sd3")
+        assert ("max_sequence_length=77" in snippet) == kind.startswith("sd3")  # samples with the T5 length it trained at
+        assert ("text_encoder_3=None, tokenizer_3=None" in snippet) == (kind == "sd3_tdc")  # --drop_t5
+        if kind == "sd3_tdc":
+            assert "`transformer/timestep_routed_experts.py`" in card
         assert "| resolution | `16` |" in card
     else:
         assert meta.get("pipeline_tag") == (None if kind.startswith("class_conditional") else "unconditional-image-generation")

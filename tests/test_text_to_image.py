@@ -144,7 +144,7 @@ def test_bad_columns_are_clear_errors(script, tiny_sd, tmp_path, extra, message)
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--use_lora", "--use_ema"], "--use_ema keeps an EMA of the full UNet and does not apply to --use_lora (LoRA trains adapters only)"),
+    (["--use_lora", "--use_ema"], "--use_ema keeps an EMA of the full denoiser and does not apply to --use_lora (LoRA trains adapters only)"),
     (["--resolution", "10"], "--resolution 10 does not fit the model: the VAE downsamples by 2 and the UNet by 2, so it must be a multiple of 4"),
     (["--regime", "tdc", "--tdc_base_steps", "1", "--use_lora"], "--regime tdc trains full expert copies; it does not combine with --use_lora"),
     (["--noise_offset", "-1"], "--noise_offset must be >= 0, got -1.0"),
@@ -225,18 +225,20 @@ def test_lora_resume_from_an_adapter_only_checkpoint_is_exact(script, tiny_sd, t
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(script, tiny_sd, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(script, request, tmp_path, monkeypatch, family):
     from diffusers_curriculum import lora
 
     trained = {}
     register = lora.register_lora_hooks
-    monkeypatch.setattr(script, "register_lora_hooks", lambda accelerator, model, cls: (trained.update(unet=model),
-                                                                                       register(accelerator, model, cls)))
+    monkeypatch.setattr(script, "register_lora_hooks", lambda accelerator, model, *rest: (trained.update(unet=model),
+                                                                                         register(accelerator, model, *rest)))
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)  # the process's accelerate state is fp32 from earlier tests; bf16 for this run
     try:
-        run(script, tiny_sd, tmp_path / "run", "--use_lora", "--rank", "2", "--max_train_steps", "2", "--mixed_precision", "bf16")
+        run(script, request.getfixturevalue(f"tiny_{family}"), tmp_path / "run", "--use_lora", "--rank", "2", "--max_train_steps", "2",
+            "--mixed_precision", "bf16")
     finally:
         AcceleratorState._reset_state(True)
     unet = trained["unet"]
@@ -277,15 +279,27 @@ COMPOSED = ["--timestep_sampling", "curriculum", "--balancer", "uw", "--clusters
             "--curriculum_pacing", "fixed", "--curriculum_steps_per_stage", "2"]
 
 
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    from diffusers_curriculum.tiny_sd import tiny_stable_diffusion_3
+
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    tiny_stable_diffusion_3(folder / "build").save_pretrained(folder / "sd3")
+    return folder / "sd3"
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_sdxl_trains_with_a_composed_regime_and_resumes_exactly(script, tiny_sdxl, tmp_path, lora):
+def test_each_family_trains_with_a_composed_regime_and_resumes_exactly(script, request, tmp_path, family, lora):
+    base = request.getfixturevalue(f"tiny_{family}")
     flags = [*COMPOSED, "--max_train_steps", "4", "--checkpointing_steps", "2", *(["--use_lora", "--rank", "2"] if lora else [])]
-    straight = run(script, tiny_sdxl, tmp_path / "straight", *flags)
+    straight = run(script, base, tmp_path / "straight", *flags)
     (tmp_path / "resumed").mkdir()
     shutil.copytree(tmp_path / "straight" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
-    resumed = run(script, tiny_sdxl, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
+    resumed = run(script, base, tmp_path / "resumed", *flags, "--resume_from_checkpoint", "latest")
     assert resumed["losses"] == straight["losses"][2:]
-    weights = "pytorch_lora_weights.safetensors" if lora else "unet/diffusion_pytorch_model.safetensors"
+    denoiser = "transformer" if family == "sd3" else "unet"
+    weights = "pytorch_lora_weights.safetensors" if lora else f"{denoiser}/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "straight" / weights), load_file(tmp_path / "resumed" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     record = read_training_regime(tmp_path / "straight")
@@ -353,11 +367,11 @@ def test_a_crop_is_recorded_in_the_resized_image_and_mirrored_by_a_flip():
 def test_families_not_supported_yet_are_refused_naming_what_is(tmp_path):
     from diffusers_curriculum.families import family_of
 
-    (tmp_path / "sd3").mkdir()
-    (tmp_path / "sd3" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
-    with pytest.raises(UsageError, match="StableDiffusion3Pipeline: SD3/SD3.5 train with flow matching.*supported: Stable "
-                                         "Diffusion 1.x/2.x .* and SDXL"):
-        family_of(str(tmp_path / "sd3"))
+    (tmp_path / "flux").mkdir()
+    (tmp_path / "flux" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(UsageError, match=r"FluxPipeline: Flux is not supported yet \(its transformer takes packed.*supported: "
+                                         r"Stable Diffusion 1.x/2.x .*, SDXL .* and SD3/SD3.5 \(StableDiffusion3Pipeline\)"):
+        family_of(str(tmp_path / "flux"))
 
 
 def test_caption_dropout_is_drawn_per_image_and_epoch_and_resumes_the_same():
@@ -382,3 +396,122 @@ def test_validation_takes_the_negative_prompt_and_guidance_scale(script, tiny_sd
         "--validation_guidance_scale", "3.5", "--proportion_empty_prompts", "0.5")
     assert calls and all(k["negative_prompt"] == "blurry" and k["guidance_scale"] == 3.5 for k in calls)
     assert "| proportion_empty_prompts | `0.5` |" in (tmp_path / "run" / "README.md").read_text()
+
+
+# ---- SD3 / SD3.5: a transformer trained by flow matching, three text encoders -----------------------------------
+def test_sd3_conditions_the_transformer_as_diffusers_sd3_pipeline_and_noises_the_shifted_latents(script, tiny_sd3, tmp_path, monkeypatch):
+    """Per batch: the joint context and pooled projections are what diffusers' own ``StableDiffusion3Pipeline.
+    encode_prompt`` gives for the captions (with T5, and zeros in its place under --drop_t5); the latents are the
+    VAE posterior shifted and scaled; the transformer sees (1 − σ) x₀ + σ ε at timestep 1000 σ, σ = shift(t / T)."""
+    from types import SimpleNamespace
+
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from diffusers_curriculum.noise import FlowProcess
+
+    calls, noised = [], []
+    forward, add_noise = SD3Transformer2DModel.forward, FlowProcess.add_noise
+    monkeypatch.setattr(SD3Transformer2DModel, "forward", lambda self, *a, **k: (
+        calls.append({n: v.detach().clone() for n, v in k.items() if torch.is_tensor(v)}), forward(self, *a, **k))[1])
+    monkeypatch.setattr(FlowProcess, "add_noise", lambda self, x, n, t: (noised.append((x.clone(), n.clone(), t.clone())),
+                                                                         add_noise(self, x, n, t))[1])
+    # a posterior of known mean and no spread: the latents are then fixed by the VAE's shift and scale factors
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda self, x, *a, **k: SimpleNamespace(latent_dist=SimpleNamespace(
+        mean=torch.full((x.shape[0], 4, 8, 8), 0.5), std=torch.zeros(x.shape[0], 4, 8, 8))))
+    captions = [f"a photo of a {name}" for name in ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                                                     "sneaker", "bag")] + ["a photo of an ankle boot"]
+    for drop_t5 in (False, True):
+        calls.clear(), noised.clear()
+        run(script, tiny_sd3, tmp_path / f"run{drop_t5}", "--max_train_steps", "1", "--max_train_samples", "4", "--seed", "3",
+            *(["--drop_t5"] if drop_t5 else []))
+        latents, noise, t = noised[0]
+        assert torch.equal(latents, torch.full_like(latents, (0.5 - 0.0609) * 1.5035))
+        sigma = 3 * (t.double() / 1000) / (1 + 2 * t.double() / 1000)  # the base's shift 3
+        inputs = calls[0]
+        torch.testing.assert_close(inputs["timestep"].double(), 1000 * sigma, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(inputs["hidden_states"].double(), (1 - sigma.view(-1, 1, 1, 1)) * latents.double()
+                                   + sigma.view(-1, 1, 1, 1) * noise.double(), rtol=1e-5, atol=1e-5)
+        # diffusers' own prompt encoding, at the training T5 length (77, diffusers' SD3 scripts' default)
+        pipeline = StableDiffusion3Pipeline.from_pretrained(tiny_sd3, **({"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}))
+        context, _, pooled, _ = pipeline.encode_prompt(captions, None, None, do_classifier_free_guidance=False, max_sequence_length=77)
+        assert inputs["encoder_hidden_states"].shape == (4, 16 + 77, 32) and inputs["pooled_projections"].shape == (4, 24)
+        for row in range(4):  # each row is one of the captions' conditioning
+            assert any(torch.allclose(inputs["encoder_hidden_states"][row], c, atol=1e-5) and torch.allclose(inputs["pooled_projections"][row], p, atol=1e-5)
+                       for c, p in zip(context, pooled))
+        assert bool((inputs["encoder_hidden_states"][:, 16:] == 0).all()) == drop_t5  # T5's part: zeros without it
+
+
+def test_sd3_lora_checkpoint_holds_only_adapters_and_loads_with_load_lora_weights(script, tiny_sd3, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    out = tmp_path / "lora"
+    run(script, tiny_sd3, out, "--max_train_steps", "4", "--use_lora", "--rank", "2", "--checkpointing_steps", "4", "--learning_rate", "1e-2")
+    assert (out / "pytorch_lora_weights.safetensors").exists() and not (out / "model_index.json").exists()
+    checkpoint = out / "checkpoint-4"
+    assert not (checkpoint / "model.safetensors").exists()
+    trained = load_file(checkpoint / "pytorch_lora_weights.safetensors")
+    base = StableDiffusion3Pipeline.from_pretrained(tiny_sd3)
+    # one A and one B per targeted projection: image and context streams of the joint attention (diffusers' SD3 LoRA targets)
+    targets = [n for n, _ in base.transformer.named_modules()
+               if n.endswith(("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+                              "attn.add_v_proj", "attn.to_add_out"))]
+    assert len(trained) == 2 * len(targets) > 0 and all(k.startswith("transformer.") and ".lora_" in k for k in trained)
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # B starts at zero: the adapters trained
+    prompt = dict(prompt="a photo of a bag", num_inference_steps=2, output_type="np", max_sequence_length=77)
+    without = base(**prompt, generator=torch.Generator().manual_seed(0)).images
+    base.load_lora_weights(checkpoint)  # a checkpoint loads as a LoRA, every tensor of it
+    adapter = base.transformer.active_adapters()[0]
+    restored = {"transformer." + k.replace(f".{adapter}.", "."): v for k, v in base.transformer.state_dict().items() if f".{adapter}." in k}
+    assert restored.keys() == trained.keys() and all(torch.equal(restored[k], trained[k]) for k in trained)
+    with_lora = base(**prompt, generator=torch.Generator().manual_seed(0)).images
+    assert not np.allclose(with_lora, without)
+    card = (out / "README.md").read_text()
+    assert "LoRA adapters for the transformer of" in card and f'StableDiffusion3Pipeline.from_pretrained("{tiny_sd3}")' in card
+
+
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3"])
+def test_gradient_checkpointing_trains_every_family_as_without_it(script, request, tmp_path, monkeypatch, family):
+    from diffusers import ModelMixin
+
+    enabled = []
+    enable = ModelMixin.enable_gradient_checkpointing
+    monkeypatch.setattr(ModelMixin, "enable_gradient_checkpointing", lambda self, *a, **k: (enabled.append(type(self).__name__),
+                                                                                            enable(self, *a, **k))[1])
+    base = request.getfixturevalue(f"tiny_{family}")
+    plain = run(script, base, tmp_path / "plain", "--max_train_steps", "3")
+    checkpointed = run(script, base, tmp_path / "checkpointed", "--max_train_steps", "3", "--gradient_checkpointing")
+    assert enabled == ["SD3Transformer2DModel" if family == "sd3" else "UNet2DConditionModel"]
+    np.testing.assert_allclose(checkpointed["losses"], plain["losses"], rtol=1e-5)
+
+
+def test_sd3_defaults_to_diffusers_logit_normal_density_unless_a_regime_or_flag_chooses(script, tiny_sd3, tiny_sd, tmp_path):
+    def parse(base, *extra):
+        return script.parse_args(["--pretrained_model_name_or_path", str(base), "--output_dir", str(tmp_path / "x"), *FLAGS, *extra])
+
+    assert parse(tiny_sd3).weighting_scheme == "logit_normal" and parse(tiny_sd3).max_sequence_length == 77
+    assert parse(tiny_sd3, "--weighting_scheme", "none").weighting_scheme == "none"
+    assert parse(tiny_sd3, "--timestep_sampling", "mode").weighting_scheme is None
+    assert parse(tiny_sd3, "--regime", "curriculum").weighting_scheme is None  # the curriculum owns the density
+    assert parse(tiny_sd3, "--weighting_scheme", "cosmap").weighting == "cosmap"  # a flow weighting on a flow base
+    assert parse(tiny_sd).weighting_scheme is None and parse(tiny_sd).max_sequence_length is None  # DDPM bases: uniform
+
+
+@pytest.mark.parametrize("family, extra, message", [
+    ("sd", ["--drop_t5"], "--drop_t5 applies to SD3 bases; .* is a Stable Diffusion model"),
+    ("sdxl", ["--max_sequence_length", "128"], "--max_sequence_length applies to SD3 bases; .* is a Stable Diffusion XL model"),
+    ("sd3", ["--max_sequence_length", "0"], "--max_sequence_length must be >= 1, got 0"),
+    ("sd3", ["--prediction_type", "v_prediction"], "--prediction_type applies to DDPM bases; .* is a flow model"),
+    ("sd", ["--weighting_scheme", "sigma_sqrt"], "--weighting_scheme sigma_sqrt is a rectified-flow loss weight"),
+])
+def test_family_flags_are_checked_before_work(script, request, tmp_path, family, extra, message):
+    with pytest.raises(UsageError, match=message):
+        script.parse_args(["--pretrained_model_name_or_path", str(request.getfixturevalue(f"tiny_{family}")),
+                           "--output_dir", str(tmp_path / "run"), *FLAGS, *extra])
+    assert not (tmp_path / "run").exists()
+
+
+def test_sd3_resolution_must_cut_into_whole_patches(script, tiny_sd3, tmp_path):
+    with pytest.raises(UsageError, match="--resolution 10 does not fit the model: the VAE downsamples by 2 and the transformer's "
+                                         "patches are 2, so it must be a multiple of 4"):
+        run(script, tiny_sd3, tmp_path / "run", "--resolution", "10", "--max_train_steps", "1")
+    assert not (tmp_path / "run" / "model_index.json").exists()

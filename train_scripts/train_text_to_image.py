@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Stable Diffusion 1.x/2.x and SDXL fine-tuning (full or LoRA) with a timestep-aware training regime.
+"""Stable Diffusion 1.x/2.x, SDXL and SD3/SD3.5 fine-tuning (full or LoRA) with a timestep-aware training regime.
 
-Shaped like diffusers' ``examples/text_to_image/train_text_to_image.py``, ``train_text_to_image_lora.py`` and
-``train_text_to_image_sdxl.py`` (same flag names) plus ``--regime`` and its flags. The family comes from the base's
-``model_index.json`` (``diffusers_curriculum.families``). Frozen VAE and text encoders; the UNet learns on latents,
-epsilon or v-prediction. ``--use_lora --rank 4`` trains peft LoRA adapters and saves them the diffusers way
+Shaped like diffusers' ``examples/text_to_image/train_text_to_image.py``, ``train_text_to_image_lora.py``,
+``train_text_to_image_sdxl.py`` and ``dreambooth/train_dreambooth_sd3.py`` (same flag names) plus ``--regime`` and
+its flags. The family comes from the base's ``model_index.json`` (``diffusers_curriculum.families``). Frozen VAE and
+text encoders; the denoiser (a UNet, or SD3's transformer) learns on latents: epsilon or v-prediction for DDPM bases,
+the flow-matching velocity for SD3 (``--weighting_scheme`` as diffusers' SD3 scripts, default logit_normal). ``--use_lora --rank 4`` trains peft LoRA adapters and saves them the diffusers way
 (``pytorch_lora_weights.safetensors``, read by ``pipe.load_lora_weights``). Data: ``--dataset_name`` (a Hub id,
 or ``fashion_mnist``: Fashion-MNIST captioned from its labels, "a photo of a sneaker", offline) or
 ``--train_data_dir``; one of them is required, so a forgotten flag never fine-tunes a real model on toy data.
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
@@ -34,12 +35,12 @@ from diffusers_curriculum.caching import LatentCache, TextEmbeddingCache
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, move_into_place, save_pipeline
 from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, build_caption_dataset, describe_data
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
-from diffusers_curriculum.families import family_of, load_text_conditioning
+from diffusers_curriculum.families import FAMILY_CLASSES, family_of, load_text_conditioning
 from diffusers_curriculum.export import write_training_regime
 from diffusers_curriculum.hub import (
     base_model_fields, publish_or_exit, resolve_hub_token, training_facts, write_model_card,
 )
-from diffusers_curriculum.lora import LORA_WEIGHTS, add_lora, lora_state_dict, register_lora_hooks
+from diffusers_curriculum.lora import LORA_WEIGHTS, add_lora, register_lora_hooks, save_lora_weights
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.noise import process_from_config
 from diffusers_curriculum.preemption import Preemption
@@ -55,11 +56,13 @@ from diffusers_curriculum.training import (
 )
 
 logger = get_logger(__name__, log_level="INFO")
+FAMILY_TAGS = {"sdxl": ["stable-diffusion-xl"], "sd3": ["stable-diffusion-3", "sd3"]}
 
 CARD_SETTINGS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
     "use_ema", "use_lora", "rank", "lora_alpha", "lora_dropout", "proportion_empty_prompts", "mixed_precision", "seed", "prediction_type", "noise_offset",
+    "max_sequence_length", "drop_t5",
 )
 
 
@@ -70,12 +73,18 @@ def build_parser() -> ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="A Stable Diffusion folder or Hub id (e.g. one written by `python -m diffusers_curriculum.tiny_sd`).")
+                       help="A Stable Diffusion 1.x/2.x, SDXL or SD3/SD3.5 folder or Hub id (e.g. one written by "
+                            "`python -m diffusers_curriculum.tiny_sd`).")
     model.add_argument("--revision", type=str, default=None, help="The Hub revision (branch, tag or commit) of the model.")
     model.add_argument("--variant", type=str, default=None, help="The weights variant to load, e.g. fp16.")
     model.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
-                       help="What the UNet learns to predict; default: the pretrained scheduler's.")
-    model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (peft) instead of the full UNet.")
+                       help="What the UNet learns to predict (DDPM bases); default: the pretrained scheduler's.")
+    model.add_argument("--max_sequence_length", type=int, default=None,
+                       help="SD3: T5's prompt length in tokens, in training and validation (default 77, as diffusers' SD3 scripts).")
+    model.add_argument("--drop_t5", action="store_true",
+                       help="SD3: train and ship without the T5 text encoder (its context is zeros, as in diffusers' SD3 "
+                            "pipeline with text_encoder_3=None): much less memory, weaker prompt following.")
+    model.add_argument("--use_lora", action="store_true", help="Train LoRA adapters (peft) instead of the full denoiser.")
     model.add_argument("--rank", type=int, default=4, help="LoRA rank.")
     model.add_argument("--lora_alpha", type=float, default=None, help="LoRA alpha: the adapters are scaled by alpha / rank (default: the rank).")
     model.add_argument("--lora_dropout", type=float, default=0.0, help="Dropout on the LoRA adapters' input.")
@@ -88,7 +97,7 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--caption_column", type=str, default="text", help="The column holding a caption or a list of captions.")
     data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N examples only (debugging, quick runs).")
     data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and data sets are cached.")
-    data.add_argument("--resolution", type=int, default=None, help="Training resolution; default: the UNet's sample_size × the VAE's scale factor.")
+    data.add_argument("--resolution", type=int, default=None, help="Training resolution; default: the denoiser's sample_size × the VAE's scale factor.")
     data.add_argument("--center_crop", default=False, action="store_true", help="Crop the centre (else a random crop per image and epoch).")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (per image and epoch).")
     data.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
@@ -118,13 +127,13 @@ def build_parser() -> ArgumentParser:
     training.add_argument("--num_train_epochs", type=int, default=100, help="Passes over the data (unless --max_train_steps).")
     training.add_argument("--max_train_steps", type=int, default=None, help="Optimizer steps to train; overrides --num_train_epochs.")
     training.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer step.")
-    training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in the backward pass (less memory).")
+    training.add_argument("--gradient_checkpointing", action="store_true", help="Recompute the denoiser's activations in the backward pass (less memory).")
     training.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate.")
     training.add_argument("--scale_lr", action="store_true", help="Scale the learning rate by the total batch size.")
     training.add_argument("--lr_scheduler", type=str, default="constant",
                           help="diffusers' get_scheduler name: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.")
     training.add_argument("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule.")
-    training.add_argument("--use_ema", action="store_true", help="Keep an EMA of the UNet (diffusers' EMAModel) and ship it.")
+    training.add_argument("--use_ema", action="store_true", help="Keep an EMA of the denoiser (diffusers' EMAModel) and ship it.")
     training.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in (pinned) CPU memory between updates.")
     training.add_argument("--foreach_ema", action="store_true", help="Update the EMA with torch's foreach kernels (faster, more memory).")
     training.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes' 8-bit AdamW (CUDA only; pip install 'diffusers-curriculum[8bit]').")
@@ -196,7 +205,7 @@ def validate_args(args):
     if args.noise_offset < 0:
         raise UsageError(f"--noise_offset must be >= 0, got {args.noise_offset}")
     if args.use_lora and args.use_ema:
-        raise UsageError("--use_ema keeps an EMA of the full UNet and does not apply to --use_lora (LoRA trains adapters only)")
+        raise UsageError("--use_ema keeps an EMA of the full denoiser and does not apply to --use_lora (LoRA trains adapters only)")
     if args.use_lora and needs_unused_parameters(args):
         raise UsageError(f"{'--regime tdc' if args.regime == 'tdc' else '--experts'} trains full expert copies; it does not combine with --use_lora")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
@@ -208,7 +217,21 @@ def validate_args(args):
     if args.validation_prompt is not None:  # diffusers' LoRA script's single prompt joins the list
         args.validation_prompts = [*(args.validation_prompts or []), args.validation_prompt]
     check_run_flags(args)
-    validate_regime_args(args, num_train_timesteps=pretrained_num_timesteps(args))
+    family, num_train_timesteps, process = read_base(args)
+    if family != "sd3":
+        for flag in ("max_sequence_length", "drop_t5"):
+            if getattr(args, flag) not in (None, False):
+                raise UsageError(f"--{flag} applies to SD3 bases; {args.pretrained_model_name_or_path} is a {FAMILY_CLASSES[family].label} model")
+    elif args.max_sequence_length is None:
+        args.max_sequence_length = 77  # diffusers' SD3 training scripts' default
+    if args.max_sequence_length is not None and args.max_sequence_length < 1:
+        raise UsageError(f"--max_sequence_length must be >= 1, got {args.max_sequence_length}")
+    if (process == "flow" and args.regime == "uniform" and args.timestep_sampling is None
+            and args.weighting_scheme is None):  # diffusers' SD3 scripts' default density; --weighting_scheme none: uniform
+        args.weighting_scheme = "logit_normal"
+    if args.prediction_type is not None and process != "ddpm":
+        raise UsageError(f"--prediction_type applies to DDPM bases; {args.pretrained_model_name_or_path} is a {process} model")
+    validate_regime_args(args, num_train_timesteps=num_train_timesteps, noise_process=process)
     check_fresh_start(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, done_file(args))
     check_writable(args.output_dir)
 
@@ -218,51 +241,54 @@ def done_file(args) -> str:
     return LORA_WEIGHTS if args.use_lora else "model_index.json"
 
 
-def pretrained_num_timesteps(args) -> int:
-    """T of the pretrained noise scheduler (read from its config before any weights load); a local-looking path
-    that does not exist is named as such, not reported as a failed Hub download."""
+def read_base(args):
+    """(family, T, noise process name) of the pretrained pipeline, read from its configs before any weights load; a
+    local-looking path that does not exist is named as such, not reported as a failed Hub download."""
     path = args.pretrained_model_name_or_path
     looks_local = os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1
     if looks_local and not os.path.isdir(os.path.expanduser(path)):
         raise UsageError(f"--pretrained_model_name_or_path {path}: no such folder (a Hub id has the form owner/name)")
-    family_of(path, args.revision)  # SD 1.x/2.x or SDXL, else a one-line error naming what is supported
+    family = family_of(path, args.revision)  # a supported family, else a one-line error naming them
     try:
         config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=args.revision)
     except Exception as e:
         raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a Stable Diffusion pipeline ({describe_exception(e)})") from None
-    return int(config["num_train_timesteps"])
+    return family, int(config["num_train_timesteps"]), process_from_config(config).name
 
 
 def load_components(args):
-    """The family's text side (tokenizers, text encoders), VAE, UNet and noise process (from its scheduler's config:
-    DDPM, or rectified flow for a flow-matching base) of the pretrained pipeline (one-line error if not)."""
+    """The family's text side (tokenizers, text encoders), VAE, denoiser (UNet or transformer) and noise process
+    (from its scheduler's config: DDPM, or rectified flow for SD3) of the pretrained pipeline (one-line error if not)."""
     path, kwargs = args.pretrained_model_name_or_path, {"revision": args.revision}
-    text = load_text_conditioning(path, args.revision, args.variant)
+    options = {"max_sequence_length": args.max_sequence_length, "drop_t5": args.drop_t5} if args.max_sequence_length else {}
+    text = load_text_conditioning(path, args.revision, args.variant, **options)
     try:
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", variant=args.variant, **kwargs)
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", variant=args.variant, **kwargs)
+        denoiser = text.denoiser_class().from_pretrained(path, subfolder=text.denoiser_name, variant=args.variant, **kwargs)
         noise_process = process_from_config(DDPMScheduler.load_config(path, subfolder="scheduler", revision=args.revision))
     except Exception as e:
         raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a Stable Diffusion pipeline ({describe_exception(e)})") from None
-    return text, vae, unet, noise_process
+    return text, vae, denoiser, noise_process
 
 
 def check_resolution(args) -> int:
     """The training resolution (read from the configs, before any weights load): it must give latents the
-    UNet can halve as often as it downsamples."""
+    denoiser can halve as often as it downsamples (a UNet) or cut into whole patches (SD3's transformer)."""
     path = args.pretrained_model_name_or_path
+    family = FAMILY_CLASSES[family_of(path, args.revision)]
     try:
         vae_config = AutoencoderKL.load_config(path, subfolder="vae", revision=args.revision)
-        unet_config = UNet2DConditionModel.load_config(path, subfolder="unet", revision=args.revision)
+        denoiser_config = family.denoiser_class().load_config(path, subfolder=family.denoiser_name, revision=args.revision)
     except Exception as e:
         raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a Stable Diffusion pipeline ({describe_exception(e)})") from None
     vae_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    resolution = args.resolution or unet_config["sample_size"] * vae_factor
-    unet_factor = 2 ** (len(unet_config["block_out_channels"]) - 1)
-    if resolution % (vae_factor * unet_factor):
+    resolution = args.resolution or denoiser_config["sample_size"] * vae_factor
+    denoiser_factor = family.downsampling(denoiser_config)
+    if resolution % (vae_factor * denoiser_factor):
+        what = "the UNet by" if family.denoiser_name == "unet" else "the transformer's patches are"
         raise UsageError(
-            f"--resolution {resolution} does not fit the model: the VAE downsamples by {vae_factor} and the UNet by "
-            f"{unet_factor}, so it must be a multiple of {vae_factor * unet_factor}"
+            f"--resolution {resolution} does not fit the model: the VAE downsamples by {vae_factor} and {what} "
+            f"{denoiser_factor}, so it must be a multiple of {vae_factor * denoiser_factor}"
         )
     return resolution
 
@@ -284,10 +310,8 @@ def main(args):
         set_seed(args.seed)
 
     args.resolution = resolution = check_resolution(args)  # the card shows the resolution trained at
-    text, vae, unet, noise_process = load_components(args)
-    if args.prediction_type is not None:
-        if noise_process.name != "ddpm":
-            raise UsageError(f"--prediction_type applies to DDPM bases; {args.pretrained_model_name_or_path} is a {noise_process.name} model")
+    text, vae, denoiser, noise_process = load_components(args)
+    if args.prediction_type is not None:  # a DDPM base (checked in validate_args)
         noise_process.scheduler.register_to_config(prediction_type=args.prediction_type)
     dataset = build_caption_dataset(
         args.dataset_name, args.train_data_dir, resolution, args.image_column, args.caption_column,
@@ -310,15 +334,16 @@ def main(args):
     for encoder in text.text_encoders:
         encoder.requires_grad_(False)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if args.use_lora:  # the frozen UNet in the weight dtype, its adapters in fp32; checkpoints hold the adapters only
-        add_lora(unet, args.rank, args.lora_alpha or args.rank, args.lora_dropout, weight_dtype, accelerator.device)
-        register_lora_hooks(accelerator, unet, text.pipeline_class)
+    if args.use_lora:  # the frozen denoiser in the weight dtype, its adapters in fp32; checkpoints hold the adapters only
+        add_lora(denoiser, args.rank, args.lora_alpha or args.rank, args.lora_dropout, weight_dtype, accelerator.device,
+                 target_modules=text.lora_target_modules)
+        register_lora_hooks(accelerator, denoiser, text.pipeline_class, text.denoiser_name)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        denoiser.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
-        unet.enable_xformers_memory_efficient_attention()
-    unet = regime.wrap_model(unet)
-    ema_unet = make_ema(args, unet)
+        denoiser.enable_xformers_memory_efficient_attention()
+    denoiser = regime.wrap_model(denoiser)
+    ema_denoiser = make_ema(args, denoiser)
 
     vae.to(accelerator.device, dtype=weight_dtype)
     for encoder in text.text_encoders:
@@ -326,7 +351,7 @@ def main(args):
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
-    trainable = [p for p in unet.parameters() if p.requires_grad]
+    trainable = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = make_optimizer(args, trainable, learning_rate, accelerator.device)
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
     done = already_done(accelerator, args, resume_path, done_file(args), regime)  # a finished run's re-run: nothing to train
@@ -336,12 +361,13 @@ def main(args):
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=args.max_train_steps * accelerator.num_processes)
-    unet, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, train_dataloader, lr_scheduler)
-    if ema_unet is not None:
-        place_ema(args, ema_unet, accelerator)
-        accelerator.register_for_checkpointing(ema_unet)
+    denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, train_dataloader, lr_scheduler)
+    if ema_denoiser is not None:
+        place_ema(args, ema_denoiser, accelerator)
+        accelerator.register_for_checkpointing(ema_denoiser)
     accelerator.register_for_checkpointing(regime)
-    regime.attach(optimizer=optimizer, ema_model=ema_unet)
+    regime.attach(optimizer=optimizer, ema_model=ema_denoiser)
+    shift_factor = vae.config.get("shift_factor") or 0.0  # SD3's VAE centres its latents
     latent_cache = text_cache = None
     if args.cache_latents:  # every image through the VAE once, every caption through the text encoder once
         latent_cache = LatentCache(vae, dataset, args.train_batch_size, accelerator.device, weight_dtype,
@@ -354,12 +380,12 @@ def main(args):
     global_step, first_epoch, resume_step = resume(accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps,
                                                    record, regime)
     if resume_path is not None:  # load_state hands the EMA its weights on the CPU
-        place_ema(args, ema_unet, accelerator)
+        place_ema(args, ema_denoiser, accelerator)
     if accelerator.is_main_process:
         accelerator.init_trackers(args.tracker_project_name, config=run_config(args))
 
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(dataset)}; resolution {resolution}; {'LoRA rank ' + str(args.rank) if args.use_lora else 'full UNet'}")
+    logger.info(f"  Num examples = {len(dataset)}; resolution {resolution}; {'LoRA rank ' + str(args.rank) if args.use_lora else 'full ' + text.denoiser_class_name}")
     logger.info(f"  Regime = {json.dumps(regime.describe())}")
     logger.info(f"  Total train batch size = {total_batch_size}; optimization steps = {args.max_train_steps}")
 
@@ -368,7 +394,7 @@ def main(args):
     # SIGTERM: checkpoint after the current step, then exit; during the final save: finish it first.
     with Preemption() as preemption:
         for epoch in range(first_epoch, num_epochs):
-            unet.train()
+            denoiser.train()
             for batch in epoch_batches(accelerator, train_dataloader, epoch, first_epoch, resume_step):
                 if global_step >= args.max_train_steps:  # before the step: a resumed finished run trains no more
                     break
@@ -380,23 +406,23 @@ def main(args):
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
                         mean, std = posterior.mean, posterior.std
                         encoder_hidden_states, pooled = text.encode(batch["input_ids"])
-                    conditioning = text.unet_kwargs(pooled, batch, resolution)  # SDXL: pooled text, size and crop ids
+                    conditioning = text.conditioning(pooled, batch, resolution)  # SDXL/SD3: pooled text (SDXL: size, crop)
                     # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
-                    latents = (mean + std * regime.randn_like(mean)) * vae.config.scaling_factor
+                    latents = (mean + std * regime.randn_like(mean) - shift_factor) * vae.config.scaling_factor
                 noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
                 noisy_latents = noise_process.add_noise(latents, noise, timesteps)
-                with accelerator.accumulate(unet), regime.forward_context(accelerator, unet):
-                    model_pred = unet(noisy_latents, noise_process.model_timesteps(timesteps), encoder_hidden_states,
-                                      return_dict=False, **conditioning)[0]
+                with accelerator.accumulate(denoiser), regime.forward_context(accelerator, denoiser):
+                    model_pred = text.predict(denoiser, noisy_latents, noise_process.model_timesteps(timesteps),
+                                              encoder_hidden_states, conditioning)
                     per_sample = denoising_loss(model_pred, noise_process, latents, noise, timesteps)
-                    loss = regime.backward(accelerator, per_sample, timesteps, unet)
+                    loss = regime.backward(accelerator, per_sample, timesteps, denoiser)
                     optimizer_step(accelerator, trainable, optimizer, lr_scheduler, args.max_grad_norm)
 
                 if accelerator.sync_gradients:
                     global_step += 1
                     progress_bar.update(1)
                     losses.append(loss.item())
-                    logs = after_sync_step(accelerator, regime, unet, ema_unet, losses[-1], lr_scheduler, global_step, args.offload_ema)
+                    logs = after_sync_step(accelerator, regime, denoiser, ema_denoiser, losses[-1], lr_scheduler, global_step, args.offload_ema)
                     progress_bar.set_postfix(**logs)
                     accelerator.log(logs, step=global_step)
                     checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record, uploader)
@@ -404,31 +430,33 @@ def main(args):
                     break
             if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
                     and global_step < args.max_train_steps):
-                validate(args, accelerator, unet, ema_unet, text, vae, noise_process, f"epoch_{epoch}", global_step)
+                validate(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, f"epoch_{epoch}", global_step)
             if global_step >= args.max_train_steps:
                 break
         progress_bar.close()
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            finish(args, accelerator, unet, ema_unet, text, vae, noise_process, regime, global_step,
+            finish(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step,
                    len(dataset), total_batch_size, uploader)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
-    del unet, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
+    del denoiser, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
     end_training(accelerator)
     return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
 
 
-def build_pipeline(unet, text, vae, noise_process):
+def build_pipeline(denoiser, text, vae, noise_process):
     """The family's stock pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) with a DDIM scheduler
     (a flow-matching process ships its own)."""
-    return text.pipeline(unet, vae, noise_process.pipeline_scheduler("ddim" if noise_process.name == "ddpm" else None))
+    return text.pipeline(denoiser, vae, noise_process.pipeline_scheduler("ddim" if noise_process.name == "ddpm" else None))
 
 
-def log_validation(args, accelerator, pipeline, name, global_step):
+def log_validation(args, accelerator, pipeline, name, global_step, sampling_kwargs=None):
     """``--num_validation_images`` images per validation prompt, saved to ``samples/<name>_<i>[_<j>].png`` and
-    sent to the trackers; returns the relative path of each prompt's first image (for the model card)."""
+    sent to the trackers; returns the relative path of each prompt's first image (for the model card).
+    ``sampling_kwargs``: the family's extra pipeline arguments (SD3: the trained T5 length)."""
+    sampling_kwargs = sampling_kwargs or {}
     generator = torch.Generator(device="cpu").manual_seed(args.seed or 0)
     firsts, images = [], []
     os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
@@ -436,7 +464,8 @@ def log_validation(args, accelerator, pipeline, name, global_step):
         for j in range(args.num_validation_images):
             guidance = {} if args.validation_guidance_scale is None else {"guidance_scale": args.validation_guidance_scale}
             images.append(pipeline(prompt, negative_prompt=args.validation_negative_prompt, generator=generator,
-                                   num_inference_steps=args.num_validation_inference_steps, **guidance).images[0])
+                                   num_inference_steps=args.num_validation_inference_steps, **guidance,
+                                   **sampling_kwargs).images[0])
             path = f"samples/{name}_{i}.png" if j == 0 else f"samples/{name}_{i}_{j}.png"
             images[-1].save(os.path.join(args.output_dir, path))
             if j == 0:
@@ -446,50 +475,54 @@ def log_validation(args, accelerator, pipeline, name, global_step):
     return firsts
 
 
-def validate(args, accelerator, unet, ema_unet, text, vae, noise_process, name, global_step):
+def validate(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, name, global_step):
     """Validation images of the weights that would ship; the training weights are back in place afterwards."""
-    with shipped_weights(accelerator, unet, ema_unet) as shipped:
-        log_validation(args, accelerator, build_pipeline(shipped, text, vae, noise_process), name, global_step)
+    with shipped_weights(accelerator, denoiser, ema_denoiser) as shipped:
+        log_validation(args, accelerator, build_pipeline(shipped, text, vae, noise_process), name, global_step,
+                       text.sampling_kwargs())
 
 
-def save_lora(unet, output_dir, pipeline_cls):
-    """Writes the LoRA weights the diffusers way (``pipeline_cls.save_lora_weights``), through a temp folder (never
+def save_lora(denoiser, output_dir, text):
+    """Writes the LoRA weights the diffusers way (the family's ``save_lora_weights``), through a temp folder (never
     half-written)."""
     tmp = Path(output_dir) / ".lora.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    pipeline_cls.save_lora_weights(str(tmp), unet_lora_layers=lora_state_dict(unet), safe_serialization=True)
+    save_lora_weights(text.pipeline_class, str(tmp), denoiser, text.denoiser_name)
     move_into_place(tmp / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
     shutil.rmtree(tmp)
 
 
-def finish(args, accelerator, unet, ema_unet, text, vae, noise_process, regime, global_step, num_examples,
+def finish(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step, num_examples,
            total_batch_size, uploader=None):
     """Saves the pipeline (the EMA weights with --use_ema) or the LoRA weights, the validation images and the
     model card; then pushes when asked."""
     record = {**regime.describe(), "trained_steps": global_step, "optimizer": optimizer_record(args)}
-    with shipped_weights(accelerator, unet, ema_unet, final=True) as shipped:  # training is over: no restore
+    with shipped_weights(accelerator, denoiser, ema_denoiser, final=True) as shipped:  # training is over: no restore
         pipeline = build_pipeline(shipped, text, vae, noise_process)
         if args.use_lora:
-            save_lora(shipped, args.output_dir, text.pipeline_class)
+            save_lora(shipped, args.output_dir, text)
             write_training_regime(args.output_dir, record)  # last: the record's trained_steps marks the run finished
         else:
             save_pipeline(pipeline, args.output_dir, training_regime=record)
-        images = log_validation(args, accelerator, pipeline, "final", global_step) if args.validation_prompts else []
+        images = log_validation(args, accelerator, pipeline, "final", global_step, text.sampling_kwargs()) if args.validation_prompts else []
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings.update(trained_steps=global_step, prediction_type=noise_process.prediction_type)
     if record.get("stage_history"):
         logger.info(regime_in_words(record, global_step)[-1])  # how far the curriculum got
     dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
-    unet_parameters = list(pipeline.unet.parameters())
+    parameters = list(getattr(pipeline, text.denoiser_name).parameters())
     facts = training_facts(num_examples, describe_data(args.dataset_name, args.train_data_dir, num_examples, args.max_train_samples),
-                           global_step, total_batch_size, sum(p.numel() for p in unet_parameters),
-                           sum(p.numel() for p in unet_parameters if p.requires_grad) if args.use_lora else None)
+                           global_step, total_batch_size, sum(p.numel() for p in parameters),
+                           sum(p.numel() for p in parameters if p.requires_grad) if args.use_lora else None)
     validation = list(zip(args.validation_prompts or [], images))
     base = base_model_fields(args.pretrained_model_name_or_path)
     write_card = functools.partial(
         write_model_card, args.output_dir, "text_to_image", regime=record, settings=settings, facts=facts,
         pipeline_class=text.pipeline_class_name, pipeline_tag="text-to-image", dataset=dataset, family=text.label,
-        tags=["stable-diffusion", *(["stable-diffusion-xl"] if text.family == "sdxl" else []), "text-to-image",
+        denoiser="UNet" if text.denoiser_name == "unet" else "transformer", denoiser_folder=text.denoiser_name,
+        extra_call="".join(f", {k}={v!r}" for k, v in text.sampling_kwargs().items()),
+        load_args="".join(f", {k}={v!r}" for k, v in text.loading_kwargs().items()),
+        tags=["stable-diffusion", *FAMILY_TAGS.get(text.family, []), "text-to-image",
               *(["lora"] if args.use_lora else [])], **base,
         widget=[{"text": prompt, "output": {"url": image}} for prompt, image in validation],
         base_model_path=None if base["base_model"] else args.pretrained_model_name_or_path,

@@ -8,9 +8,10 @@ needed. ``diffusers_curriculum.experts`` re-exports the same class for training.
 
 :class:`TimestepRoutedExperts` holds one denoiser per timestep group [b_i, b_{i+1}) and routes every sample
 of a batch to the expert of its own timestep, so mixed-t training batches and scalar-t sampling both work.
-It keeps the wrapped model's ``forward`` signature and output type and mirrors the first expert's config
-(``sample_size``, ``in_channels``, ...), so stock ``DDPMPipeline``, ``DDIMPipeline`` and
-``StableDiffusionPipeline`` use it in place of their UNet.
+It takes the wrapped model's ``forward`` arguments (positional or keyword, by the experts' own names) and returns
+its output type, and it mirrors the first expert's config (``sample_size``, ``in_channels``, ...), so stock
+``DDPMPipeline``, ``DDIMPipeline``, ``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` and
+``StableDiffusion3Pipeline`` use it in place of their UNet or transformer.
 
 ``save_pretrained`` writes the routing config (``config.json``) plus one folder per expert
 (``expert_0/``, ``expert_1/``, ...); ``from_pretrained`` restores it from a folder or a Hub repo. A timestep
@@ -108,6 +109,7 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         # batched(self, sample, t, groups, *args, **kwargs), it returns the model output or None to fall back to
         # one forward per group.
         self.batched = None
+        self._signature = None  # the experts' forward signature, read on the first call
         # Moves with the model, so routing a batch copies nothing to the device. Real boundaries (a shifted flow) stay a
         # list: a floating buffer would follow the model's dtype (fp16 cannot hold them).
         integral = all(isinstance(b, int) for b in boundaries)
@@ -139,27 +141,41 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         """Expert index of each timestep."""
         return bucketize(timesteps, self._boundaries if self._boundaries is not None else self.boundaries)
 
-    def forward(self, sample: torch.Tensor, timestep, *args, return_dict: bool = True, **kwargs):
+    def _inputs(self, args, kwargs) -> "dict[str, Any]":
+        """The call's arguments by the experts' own parameter names (a UNet takes ``sample, timestep, ...``
+        positionally; SD3's transformer takes ``hidden_states=``, ``timestep=`` as keywords)."""
+        import inspect
+
+        if self._signature is None:
+            self._signature = inspect.signature(self.experts[0].forward)
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        extra = [name for name, p in self._signature.parameters.items() if p.kind is p.VAR_KEYWORD and name in bound]
+        for name in extra:  # an expert's own **kwargs, flattened
+            bound.update(bound.pop(name))
+        return dict(bound)
+
+    def forward(self, *args, return_dict: bool = True, **kwargs):
         if self.route_all_to is not None:
-            return self.experts[self.route_all_to](sample, timestep, *args, return_dict=return_dict, **kwargs)
+            return self.experts[self.route_all_to](*args, return_dict=return_dict, **kwargs)
+        inputs = self._inputs(args, kwargs)
+        sample_name = next(iter(self._signature.parameters))  # ``sample`` (UNets), ``hidden_states`` (transformers)
+        sample, timestep = inputs.pop(sample_name), inputs.pop("timestep")
         batch_size = sample.shape[0]
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(batch_size).contiguous() if t.ndim == 0 else t
         groups = self.group_of(t)
         if bool((groups == groups[0]).all()):  # sampling: one timestep, one expert
-            return self.experts[int(groups[0])](sample, timestep, *args, return_dict=return_dict, **kwargs)
+            return self.experts[int(groups[0])](*args, return_dict=return_dict, **kwargs)
         if self.batched is not None:
-            result = self.batched(self, sample, t, groups, *args, **kwargs)
+            result = self.batched(self, sample, t, groups, **inputs)
             if result is not None:
                 return result if return_dict else (result.sample,)
 
         output, output_type = None, None
         for group in groups.unique().tolist():
             index = (groups == group).nonzero().squeeze(1)
-            result = self.experts[group](
-                sample[index], t[index], *[_select(a, index, batch_size) for a in args],
-                return_dict=True, **{k: _select(v, index, batch_size) for k, v in kwargs.items()},
-            )
+            result = self.experts[group](**{sample_name: sample[index], "timestep": t[index]}, return_dict=True,
+                                         **{k: _select(v, index, batch_size) for k, v in inputs.items()})
             if output is None:
                 output_type = type(result)
                 output = result.sample.new_empty((batch_size, *result.sample.shape[1:]))
