@@ -515,3 +515,22 @@ def test_sd3_resolution_must_cut_into_whole_patches(script, tiny_sd3, tmp_path):
                                          "patches are 2, so it must be a multiple of 4"):
         run(script, tiny_sd3, tmp_path / "run", "--resolution", "10", "--max_train_steps", "1")
     assert not (tmp_path / "run" / "model_index.json").exists()
+
+
+def test_sd3_tdc_experts_without_t5_load_as_diffusers_documents_and_pruning_them_is_refused(script, tiny_sd3, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from conftest import load_script
+
+    out = tmp_path / "tdc"
+    run(script, tiny_sd3, out, "--max_train_steps", "3", "--regime", "tdc", "--tdc_groups", "2", "--tdc_base_steps", "1", "--drop_t5")
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["transformer"] == ["timestep_routed_experts", "TimestepRoutedExperts"] and index["text_encoder_3"] == [None, None]
+    pipeline = DiffusionPipeline.from_pretrained(out, trust_remote_code=True, text_encoder_3=None, tokenizer_3=None)
+    assert len(pipeline.transformer.experts) == 2 and pipeline.text_encoder_3 is None
+    image = pipeline("a photo of a bag", num_inference_steps=2, max_sequence_length=77, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
+    prune = load_script("prune_experts")
+    with pytest.raises(UsageError, match="pruning text-to-image experts \\(StableDiffusion3Pipeline\\) is not supported"):
+        prune.main(prune.parse_args(["--pretrained_model_name_or_path", str(out), "--output_dir", str(tmp_path / "pruned")]))
+    assert not (tmp_path / "pruned").exists()

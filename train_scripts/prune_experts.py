@@ -114,7 +114,13 @@ def load_tdc_pipeline(path):
     the loaded experts are then wrapped in the package's class, which the pruning code works on.
     """
     try:
+        index = DiffusionPipeline.load_config(path)
+        if "text_encoder" in index:  # text-to-image: the proxy and the fine-tune have no captions
+            raise UsageError(f"--pretrained_model_name_or_path {path}: pruning text-to-image experts ({index['_class_name']}) is "
+                             "not supported; prune_experts.py prunes the unconditional pixel-space TDC experts")
         pipeline = DiffusionPipeline.from_pretrained(path, trust_remote_code=True)
+    except UsageError:
+        raise
     except Exception as e:
         raise UsageError(f"--pretrained_model_name_or_path {path}: cannot load a pipeline ({describe_exception(e)})") from None
     unet = pipeline.unet
