@@ -106,20 +106,21 @@ class ItemRandomness:
 
 
 class TensorImageDataset(ItemRandomness, torch.utils.data.Dataset):
-    """In-memory images, resized once to ``resolution`` and scaled to [-1, 1]."""
+    """In-memory images, resized once to ``resolution`` (a side, or (height, width)) and scaled to [-1, 1]."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, resolution: int, random_flip: bool = False, seed: int = 0,
+    def __init__(self, images: np.ndarray, labels: np.ndarray, resolution, random_flip: bool = False, seed: int = 0,
                  interpolation: str = "bilinear"):
         images = np.asarray(images)
         self.original_size = torch.tensor(images.shape[1:3])  # (height, width); resized whole: no crop
-        if images.shape[-1] != resolution and interpolation not in ("nearest", "bilinear", "bicubic"):  # PIL-only filters
-            images = np.stack([np.asarray(Image.fromarray(image).resize((resolution, resolution), PIL_FILTERS[interpolation]))
+        height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+        if tuple(images.shape[1:3]) != (height, width) and interpolation not in ("nearest", "bilinear", "bicubic"):  # PIL-only filters
+            images = np.stack([np.asarray(Image.fromarray(image).resize((width, height), PIL_FILTERS[interpolation]))
                                for image in images])
         pixels = torch.from_numpy(np.array(images, copy=True)).float().div_(127.5).sub_(1.0)
         if pixels.ndim == 3:
             pixels = pixels[:, None]
-        if pixels.shape[-1] != resolution or pixels.shape[-2] != resolution:
-            pixels = F.interpolate(pixels, size=(resolution, resolution), mode=interpolation,
+        if tuple(pixels.shape[-2:]) != (height, width):
+            pixels = F.interpolate(pixels, size=(height, width), mode=interpolation,
                                    align_corners=None if interpolation == "nearest" else False)
         self.pixels = pixels.clamp_(-1.0, 1.0)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
@@ -137,30 +138,32 @@ class TensorImageDataset(ItemRandomness, torch.utils.data.Dataset):
 
 
 def pil_to_tensor(
-    image: Image.Image, resolution: int, mode: str, center_crop: bool = True, random_flip: bool = False,
+    image: Image.Image, resolution, mode: str, center_crop: bool = True, random_flip: bool = False,
     rng: Optional[np.random.Generator] = None, interpolation: str = "bilinear", geometry: Optional[dict] = None,
 ) -> torch.Tensor:
-    """Resize (shorter side) → crop → optional flip → (C, H, W) float in [-1, 1]; PIL + numpy only. The random
-    crop and flip draw from ``rng`` (default: a fresh unseeded one). ``geometry``, when given, receives the image's
+    """Resize (to cover the target) → crop → optional flip → (C, H, W) float in [-1, 1]; PIL + numpy only. The
+    target is ``resolution``: a side (a square) or (height, width) (an aspect-ratio bucket). The random crop and flip
+    draw from ``rng`` (default: a fresh unseeded one). ``geometry``, when given, receives the image's
     ``original_size`` (height, width) and the ``crop_top_left`` (top, left) of the crop in the resized image, of
     the flipped image when flipped (SDXL's size and crop conditioning)."""
     rng = rng if rng is not None else np.random.default_rng()
+    target_h, target_w = (resolution, resolution) if isinstance(resolution, int) else resolution
     image = image.convert(mode)
     original = (image.height, image.width)
-    scale = resolution / min(image.size)
-    width, height = max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale))
+    scale = max(target_h / image.height, target_w / image.width)
+    width, height = max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale))
     image = image.resize((width, height), PIL_FILTERS[interpolation])
     if center_crop:
-        left, top = (width - resolution) // 2, (height - resolution) // 2
+        left, top = (width - target_w) // 2, (height - target_h) // 2
     else:
-        left = int(rng.integers(0, width - resolution + 1))
-        top = int(rng.integers(0, height - resolution + 1))
-    image = image.crop((left, top, left + resolution, top + resolution))
+        left = int(rng.integers(0, width - target_w + 1))
+        top = int(rng.integers(0, height - target_h + 1))
+    image = image.crop((left, top, left + target_w, top + target_h))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     tensor = torch.from_numpy(array[..., None] if array.ndim == 2 else array).permute(2, 0, 1)
     if random_flip and rng.random() < 0.5:
         tensor = tensor.flip(-1)
-        left = width - left - resolution
+        left = width - left - target_w
     if geometry is not None:
         geometry.update(original_size=torch.tensor(original), crop_top_left=torch.tensor((top, left)))
     return tensor.contiguous()
@@ -170,10 +173,26 @@ class HFImageDataset(ItemRandomness, torch.utils.data.Dataset):
     """A ``datasets.Dataset`` with an image column, transformed on access."""
 
     def __init__(self, dataset, image_column: str, label_column: Optional[str], resolution: int, mode: str,
-                 center_crop: bool, random_flip: bool, seed: int = 0, interpolation: str = "bilinear"):
+                 center_crop: bool, random_flip: bool, seed: int = 0, interpolation: str = "bilinear", buckets=None):
         self.dataset, self.image_column, self.label_column = dataset, image_column, label_column
         self.resolution, self.mode, self.center_crop, self.random_flip = resolution, mode, center_crop, random_flip
-        self.seed, self.interpolation = seed, interpolation
+        self.seed, self.interpolation, self.buckets = seed, interpolation, buckets
+        self.bucket_of = None if buckets is None else self._sort_into(buckets)
+
+    def _sort_into(self, buckets) -> np.ndarray:
+        """Each image's bucket (nearest aspect ratio); reads every image's size once (its header, not its pixels)."""
+        from tqdm.auto import tqdm
+
+        from .buckets import nearest_bucket
+
+        bucket_of = np.empty(len(self.dataset), dtype=np.int64)
+        for index in tqdm(range(len(self.dataset)), desc="Sorting images into buckets", disable=len(self.dataset) < 1000):
+            try:
+                image = self.dataset[index][self.image_column]
+                bucket_of[index] = nearest_bucket(image.height, image.width, buckets)
+            except (OSError, ValueError, AttributeError) as e:
+                raise UsageError(f"image {index} of the training data cannot be read ({describe_exception(e)})") from None
+        return bucket_of
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -182,7 +201,8 @@ class HFImageDataset(ItemRandomness, torch.utils.data.Dataset):
         try:
             row = self.dataset[index]  # datasets decodes the image here
             geometry = {}
-            pixels = pil_to_tensor(row[self.image_column], self.resolution, self.mode, self.center_crop, self.random_flip,
+            size = self.resolution if self.bucket_of is None else self.buckets[self.bucket_of[index]]
+            pixels = pil_to_tensor(row[self.image_column], size, self.mode, self.center_crop, self.random_flip,
                                    self.item_rng(index), self.interpolation, geometry)
         except (OSError, ValueError, AttributeError) as e:
             raise UsageError(f"image {index} of the training data cannot be read ({describe_exception(e)})") from None
@@ -282,15 +302,18 @@ def build_dataset(
     ``seed`` seeds the per-item flips and crops (:class:`ItemRandomness`); ``interpolation`` is the resize filter
     (one of :data:`INTERPOLATION_MODES`)."""
     if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
-        images, labels = load_fashion_mnist() if dataset_name == "fashion_mnist" else load_digits()
-        if max_train_samples is not None:
-            images, labels = images[:max_train_samples], labels[:max_train_samples]
-        return TensorImageDataset(images, labels, resolution, random_flip, seed, interpolation)
+        return TensorImageDataset(*builtin_arrays(dataset_name, max_train_samples), resolution, random_flip, seed, interpolation)
 
     hf = _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_train_samples,
                   {"--image_column": image_column, "--label_column": label_column})
     return HFImageDataset(hf, image_column, label_column, resolution, image_mode or "RGB", center_crop, random_flip, seed,
                           interpolation)
+
+
+def builtin_arrays(dataset_name: str, max_train_samples: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """(images, labels) of an embedded set, the first ``max_train_samples`` only when given."""
+    images, labels = load_fashion_mnist() if dataset_name == "fashion_mnist" else load_digits()
+    return (images, labels) if max_train_samples is None else (images[:max_train_samples], labels[:max_train_samples])
 
 
 def _load_hf(dataset_name, train_data_dir, dataset_config_name, cache_dir, max_train_samples, columns):
@@ -377,6 +400,16 @@ class CaptionedDataset(ItemRandomness, torch.utils.data.Dataset):
         super().set_epoch(epoch)
         self.images.set_epoch(epoch)
 
+    def all_captions(self) -> List[str]:
+        """Every caption an item can take: each caption (of each list), and "" under caption dropout."""
+        captions = [c for caption in self.captions for c in (caption if isinstance(caption, (list, tuple)) else [caption])]
+        return captions + ([""] if self.empty_prompt_prob else [])
+
+    @property
+    def bucket_of(self) -> Optional[np.ndarray]:
+        """Each item's aspect-ratio bucket (``None`` without buckets)."""
+        return getattr(self.images, "bucket_of", None)
+
     def __len__(self) -> int:
         return len(self.images)
 
@@ -408,13 +441,20 @@ def build_caption_dataset(
     seed: int = 0,
     interpolation: str = "bilinear",
     empty_prompt_prob: float = 0.0,
+    buckets=None,
 ) -> CaptionedDataset:
     """Captioned training images. ``fashion_mnist`` is captioned from its labels ("a photo of a sneaker");
     image folders need a ``metadata.jsonl`` with the caption column; Hub sets need both columns. ``empty_prompt_prob``:
-    caption dropout (:class:`CaptionedDataset`)."""
+    caption dropout (:class:`CaptionedDataset`). ``buckets``: aspect-ratio buckets ((height, width) each,
+    :mod:`~diffusers_curriculum.buckets`); each image is cropped to its nearest instead of a ``resolution`` square."""
     if train_data_dir is None and dataset_name == "fashion_mnist":
-        images = build_dataset("fashion_mnist", resolution=resolution, random_flip=random_flip,
-                               max_train_samples=max_train_samples, seed=seed, interpolation=interpolation)
+        from .buckets import nearest_bucket
+
+        images, labels = builtin_arrays("fashion_mnist", max_train_samples)
+        size = resolution if buckets is None else buckets[nearest_bucket(*images.shape[1:3], buckets)]  # one shape, one bucket
+        images = TensorImageDataset(images, labels, size, random_flip, seed, interpolation)
+        if buckets is not None:
+            images.bucket_of = np.full(len(images), buckets.index(size))
         return CaptionedDataset(images, [fashion_mnist_caption(y) for y in images.labels.tolist()], empty_prompt_prob)
     if train_data_dir is None and dataset_name in BUILTIN_DATASETS:
         raise UsageError(f"--dataset_name {dataset_name} has no captions; use fashion_mnist or a captioned set")
@@ -425,5 +465,5 @@ def build_caption_dataset(
     inner = getattr(feature, "feature", None) if not hasattr(feature, "dtype") else feature
     if getattr(inner, "dtype", None) not in ("string", "large_string"):
         raise UsageError(f"--caption_column {caption_column!r} must hold strings or lists of strings, not {feature}")
-    images = HFImageDataset(hf, image_column, None, resolution, "RGB", center_crop, random_flip, seed, interpolation)
+    images = HFImageDataset(hf, image_column, None, resolution, "RGB", center_crop, random_flip, seed, interpolation, buckets)
     return CaptionedDataset(images, hf[caption_column], empty_prompt_prob)

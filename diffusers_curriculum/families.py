@@ -75,7 +75,7 @@ class StableDiffusionText:
         encoder = self.text_encoders[0]
         return encoder(input_ids[0].to(encoder.device), return_dict=False)[0], None
 
-    def conditioning(self, pooled: Optional[torch.Tensor], batch: Dict[str, Any], resolution: int) -> Dict[str, Any]:
+    def conditioning(self, pooled: Optional[torch.Tensor], batch: Dict[str, Any]) -> Dict[str, Any]:
         """The denoiser's keyword arguments beyond the text context (SDXL: pooled text, size and crop ids)."""
         return {}
 
@@ -137,9 +137,10 @@ class StableDiffusionXLText(StableDiffusionText):
             pooled = output[0]  # the last encoder's text_embeds
         return torch.cat(hidden, dim=-1), pooled
 
-    def conditioning(self, pooled, batch, resolution):
-        """``added_cond_kwargs``: the pooled text and (original size, crop top-left, target size) per image."""
-        target = torch.tensor([resolution, resolution]).expand(len(batch["original_size"]), 2)
+    def conditioning(self, pooled, batch):
+        """``added_cond_kwargs``: the pooled text and (original size, crop top-left, target size) per image; the
+        target size is the batch's (its aspect-ratio bucket's, or the square resolution's)."""
+        target = torch.tensor(batch["pixel_values"].shape[-2:]).expand(len(batch["original_size"]), 2)
         time_ids = torch.cat([batch["original_size"], batch["crop_top_left"], target], dim=1).to(pooled.device, pooled.dtype)
         return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
 
@@ -200,7 +201,7 @@ class StableDiffusion3Text(StableDiffusionText):
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1)
 
-    def conditioning(self, pooled, batch, resolution):
+    def conditioning(self, pooled, batch):
         return {"pooled_projections": pooled}
 
     def predict(self, model, noisy, timesteps, context, conditioning):

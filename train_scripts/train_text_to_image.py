@@ -31,6 +31,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
 from tqdm.auto import tqdm
 
+from diffusers_curriculum.buckets import BucketBatchSampler, parse_buckets
 from diffusers_curriculum.caching import LatentCache, TextEmbeddingCache
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, move_into_place, save_pipeline
 from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, build_caption_dataset, describe_data
@@ -62,7 +63,7 @@ CARD_SETTINGS = (
     "resolution", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "scale_lr", "lr_scheduler",
     "lr_warmup_steps", "max_train_steps", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
     "use_ema", "use_lora", "rank", "lora_alpha", "lora_dropout", "proportion_empty_prompts", "mixed_precision", "seed", "prediction_type", "noise_offset",
-    "max_sequence_length", "drop_t5",
+    "max_sequence_length", "drop_t5", "aspect_ratio_buckets",
 )
 
 
@@ -98,6 +99,9 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--max_train_samples", type=int, default=None, help="Train on the first N examples only (debugging, quick runs).")
     data.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and data sets are cached.")
     data.add_argument("--resolution", type=int, default=None, help="Training resolution; default: the denoiser's sample_size × the VAE's scale factor.")
+    data.add_argument("--aspect_ratio_buckets", type=str, default=None,
+                      help='Aspect-ratio buckets "h,w;h,w;..." (diffusers\' flag): each image is resized and cropped to the '
+                           "bucket nearest its aspect ratio, and each batch holds one bucket (instead of --resolution squares).")
     data.add_argument("--center_crop", default=False, action="store_true", help="Crop the centre (else a random crop per image and epoch).")
     data.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random (per image and epoch).")
     data.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES,
@@ -271,8 +275,9 @@ def load_components(args):
     return text, vae, denoiser, noise_process
 
 
-def check_resolution(args) -> int:
-    """The training resolution (read from the configs, before any weights load): it must give latents the
+def check_resolution(args):
+    """The training resolution and the aspect-ratio buckets or ``None`` (read from the configs, before any weights
+    load): every side must give latents the
     denoiser can halve as often as it downsamples (a UNet) or cut into whole patches (SD3's transformer)."""
     path = args.pretrained_model_name_or_path
     family = FAMILY_CLASSES[family_of(path, args.revision)]
@@ -290,7 +295,8 @@ def check_resolution(args) -> int:
             f"--resolution {resolution} does not fit the model: the VAE downsamples by {vae_factor} and {what} "
             f"{denoiser_factor}, so it must be a multiple of {vae_factor * denoiser_factor}"
         )
-    return resolution
+    buckets = None if args.aspect_ratio_buckets is None else parse_buckets(args.aspect_ratio_buckets, vae_factor * denoiser_factor)
+    return resolution, buckets
 
 
 def collate(text):
@@ -309,7 +315,8 @@ def main(args):
     if args.seed is not None:
         set_seed(args.seed)
 
-    args.resolution = resolution = check_resolution(args)  # the card shows the resolution trained at
+    resolution, buckets = check_resolution(args)
+    args.resolution = resolution  # the card shows the resolution trained at
     text, vae, denoiser, noise_process = load_components(args)
     if args.prediction_type is not None:  # a DDPM base (checked in validate_args)
         noise_process.scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -317,13 +324,17 @@ def main(args):
         args.dataset_name, args.train_data_dir, resolution, args.image_column, args.caption_column,
         center_crop=args.center_crop, random_flip=args.random_flip, dataset_config_name=args.dataset_config_name,
         cache_dir=args.cache_dir, max_train_samples=args.max_train_samples, seed=args.seed or 0,
-        interpolation=args.image_interpolation_mode, empty_prompt_prob=args.proportion_empty_prompts,
+        interpolation=args.image_interpolation_mode, empty_prompt_prob=args.proportion_empty_prompts, buckets=buckets,
     )
-    train_dataloader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
-                                                   collate_fn=collate(text), num_workers=args.dataloader_num_workers,
-                                                   drop_last=True)
+    if buckets is None:
+        batching = {"batch_size": args.train_batch_size, "shuffle": True, "drop_last": True}
+    else:  # one bucket per batch, shuffled per epoch from the seed
+        batching = {"batch_sampler": BucketBatchSampler(dataset, dataset.bucket_of, args.train_batch_size, args.seed or 0)}
+    train_dataloader = torch.utils.data.DataLoader(dataset, collate_fn=collate(text), num_workers=args.dataloader_num_workers,
+                                                   **batching)
     if len(train_dataloader) == 0:
-        raise UsageError(f"--train_batch_size {args.train_batch_size} is larger than the data set ({len(dataset)} images)")
+        where = "the data set" if buckets is None else "every aspect-ratio bucket"
+        raise UsageError(f"--train_batch_size {args.train_batch_size} is larger than {where} ({len(dataset)} images)")
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
@@ -371,8 +382,9 @@ def main(args):
     latent_cache = text_cache = None
     if args.cache_latents:  # every image through the VAE once, every caption through the text encoder once
         latent_cache = LatentCache(vae, dataset, args.train_batch_size, accelerator.device, weight_dtype,
-                                   disable_progress=not accelerator.is_local_main_process)
-        text_cache = TextEmbeddingCache(text.encode)
+                                   disable_progress=not accelerator.is_local_main_process, bucket_of=dataset.bucket_of)
+        text_cache = TextEmbeddingCache(text.tokenize, text.encode, dataset.all_captions(), args.train_batch_size,
+                                        disable_progress=not accelerator.is_local_main_process)
 
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
@@ -385,7 +397,7 @@ def main(args):
         accelerator.init_trackers(args.tracker_project_name, config=run_config(args))
 
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(dataset)}; resolution {resolution}; {'LoRA rank ' + str(args.rank) if args.use_lora else 'full ' + text.denoiser_class_name}")
+    logger.info(f"  Num examples = {len(dataset)}; {'resolution ' + str(resolution) if buckets is None else 'buckets ' + args.aspect_ratio_buckets}; {'LoRA rank ' + str(args.rank) if args.use_lora else 'full ' + text.denoiser_class_name}")
     logger.info(f"  Regime = {json.dumps(regime.describe())}")
     logger.info(f"  Total train batch size = {total_batch_size}; optimization steps = {args.max_train_steps}")
 
@@ -401,12 +413,12 @@ def main(args):
                 with torch.no_grad():
                     if latent_cache is not None:
                         mean, std = latent_cache.posterior(batch["index"], accelerator.device)
-                        encoder_hidden_states, pooled = text_cache(batch["captions"], batch["input_ids"])
+                        encoder_hidden_states, pooled = text_cache(batch["captions"])
                     else:
                         posterior = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
                         mean, std = posterior.mean, posterior.std
                         encoder_hidden_states, pooled = text.encode(batch["input_ids"])
-                    conditioning = text.conditioning(pooled, batch, resolution)  # SDXL/SD3: pooled text (SDXL: size, crop)
+                    conditioning = text.conditioning(pooled, batch)  # SDXL/SD3: pooled text (SDXL: sizes, crop)
                     # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
                     latents = (mean + std * regime.randn_like(mean) - shift_factor) * vae.config.scaling_factor
                 noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
