@@ -53,6 +53,7 @@ class StableDiffusionText:
     # the denoiser: its pipeline component (and folder) and class
     denoiser_name, denoiser_class_name = "unet", "UNet2DConditionModel"
     lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora.py's
+    lora_peft_format = False  # LoRA files in diffusers' key format (SD3's scripts save peft's)
 
     def __init__(self, path: str, revision: Optional[str] = None, variant: Optional[str] = None, **options):
         from transformers import CLIPTextModel, CLIPTokenizer
@@ -159,6 +160,7 @@ class StableDiffusion3Text(StableDiffusionText):
     # diffusers' train_dreambooth_lora_sd3.py's default targets: the joint attention's image and context projections
     lora_target_modules = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                            "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")
+    lora_peft_format = True
 
     def __init__(self, path: str, revision: Optional[str] = None, variant: Optional[str] = None,
                  max_sequence_length: int = 77, drop_t5: bool = False, **options):

@@ -31,59 +31,64 @@ def add_lora(model, rank: int, alpha: float, dropout: float, weight_dtype: torch
     cast_training_params(model, dtype=torch.float32)
 
 
-def lora_state_dict(model, component: str = "unet") -> Dict[str, torch.Tensor]:
-    """The adapters of ``model`` as diffusers' scripts hand them to ``save_lora_weights``: a UNet's in diffusers'
-    key format (``unet_lora_layers``), a transformer's in peft's (``transformer_lora_layers``)."""
+def lora_state_dict(model, peft_format: bool = False) -> Dict[str, torch.Tensor]:
+    """The adapters of ``model`` as diffusers' scripts hand them to ``save_lora_weights``: in diffusers' key format
+    for SD 1.x/2.x and SDXL, in peft's (``peft_format``) for SD3."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model)
-    return convert_state_dict_to_diffusers(state) if component == "unet" else state
+    return state if peft_format else convert_state_dict_to_diffusers(state)
 
 
-def save_lora_weights(pipeline_cls, output_dir, model, component: str = "unet") -> None:
-    """``model``'s adapters as ``pipeline_cls``'s stock LoRA file in ``output_dir``, under the pipeline's
-    ``component`` (``unet``, or ``transformer`` for SD3)."""
-    pipeline_cls.save_lora_weights(output_dir, **{f"{component}_lora_layers": lora_state_dict(model, component)},
-                                   safe_serialization=True)
+def save_lora_weights(pipeline_cls, output_dir, components: Dict[str, torch.nn.Module], peft_format: bool = False) -> None:
+    """The adapters of ``components`` ({pipeline component name: model}: ``unet``, or ``transformer`` for SD3) as
+    ``pipeline_cls``'s stock LoRA file in ``output_dir``."""
+    layers = {f"{name}_lora_layers": lora_state_dict(model, peft_format) for name, model in components.items()}
+    pipeline_cls.save_lora_weights(output_dir, **layers, safe_serialization=True)
 
 
-def register_lora_hooks(accelerator, model, pipeline_cls, component: str = "unet") -> None:
-    """``save_state``: the adapters of ``model`` as ``pipeline_cls``'s stock LoRA file instead of the whole model;
-    ``load_state``: the adapters back into ``model`` (its frozen weights are the base's and are not saved).
-    ``component``: the pipeline's name for the denoiser (``unet``, or ``transformer`` for SD3)."""
+def register_lora_hooks(accelerator, components: Dict[str, torch.nn.Module], pipeline_cls, peft_format: bool = False) -> None:
+    """``save_state``: the adapters of ``components`` ({pipeline component name: model}, the denoiser's) as
+    ``pipeline_cls``'s stock LoRA file instead of the whole models; ``load_state``: the adapters back into them
+    (their frozen weights are the base's and are not saved)."""
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
 
-    kind = type(accelerator.unwrap_model(model))
+    def name_of(model):
+        model = accelerator.unwrap_model(model)
+        return next((name for name, component in components.items() if component is model), None)
 
     def save_hook(models, weights, output_dir):
-        denoiser = None
+        found = {}
         for i in reversed(range(len(models))):
-            if isinstance(accelerator.unwrap_model(models[i]), kind):
-                denoiser = accelerator.unwrap_model(models[i])
+            name = name_of(models[i])
+            if name is not None:
+                found[name] = accelerator.unwrap_model(models[i])
                 weights.pop(i)  # accelerate saves what is left: the adapters go in the LoRA file instead
-        if accelerator.is_main_process and denoiser is not None:
-            save_lora_weights(pipeline_cls, output_dir, denoiser, component)
+        if accelerator.is_main_process and found:
+            save_lora_weights(pipeline_cls, output_dir, found, peft_format)
 
     def load_hook(models, input_dir):
-        target = None
+        found = {}
         for i in reversed(range(len(models))):
-            if isinstance(accelerator.unwrap_model(models[i]), kind):
-                target = accelerator.unwrap_model(models.pop(i))
-        if target is None:
+            name = name_of(models[i])
+            if name is not None:
+                found[name] = accelerator.unwrap_model(models.pop(i))
+        if not found:
             return
         state = pipeline_cls.lora_state_dict(input_dir)
         state = state[0] if isinstance(state, tuple) else state  # SD/SDXL: (state, network alphas); SD3: the state
-        prefix = f"{component}."
-        adapters = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        incompatible = set_peft_model_state_dict(target, adapters, adapter_name="default")
-        unexpected = getattr(incompatible, "unexpected_keys", None)
-        if unexpected:
-            raise RuntimeError(f"the checkpoint's LoRA weights do not fit the model: unexpected keys {unexpected[:3]}")
-        for param in target.parameters():  # loaded adapters keep training in fp32
-            if param.requires_grad:
-                param.data = param.data.float()
+        for name, target in found.items():
+            prefix = f"{name}."
+            adapters = convert_unet_state_dict_to_peft({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            incompatible = set_peft_model_state_dict(target, adapters, adapter_name="default")
+            unexpected = getattr(incompatible, "unexpected_keys", None)
+            if unexpected:
+                raise RuntimeError(f"the checkpoint's LoRA weights do not fit the model: unexpected keys {unexpected[:3]}")
+            for param in target.parameters():  # loaded adapters keep training in fp32
+                if param.requires_grad:
+                    param.data = param.data.float()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)

@@ -231,8 +231,8 @@ def test_lora_under_bf16_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(
 
     trained = {}
     register = lora.register_lora_hooks
-    monkeypatch.setattr(script, "register_lora_hooks", lambda accelerator, model, *rest: (trained.update(unet=model),
-                                                                                         register(accelerator, model, *rest)))
+    monkeypatch.setattr(script, "register_lora_hooks", lambda accelerator, models, *rest: (
+        trained.update(unet=next(iter(models.values()))), register(accelerator, models, *rest)))
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(True)  # the process's accelerate state is fp32 from earlier tests; bf16 for this run
@@ -534,3 +534,4 @@ def test_sd3_tdc_experts_without_t5_load_as_diffusers_documents_and_pruning_them
     with pytest.raises(UsageError, match="pruning text-to-image experts \\(StableDiffusion3Pipeline\\) is not supported"):
         prune.main(prune.parse_args(["--pretrained_model_name_or_path", str(out), "--output_dir", str(tmp_path / "pruned")]))
     assert not (tmp_path / "pruned").exists()
+

@@ -348,7 +348,7 @@ def main(args):
     if args.use_lora:  # the frozen denoiser in the weight dtype, its adapters in fp32; checkpoints hold the adapters only
         add_lora(denoiser, args.rank, args.lora_alpha or args.rank, args.lora_dropout, weight_dtype, accelerator.device,
                  target_modules=text.lora_target_modules)
-        register_lora_hooks(accelerator, denoiser, text.pipeline_class, text.denoiser_name)
+        register_lora_hooks(accelerator, {text.denoiser_name: denoiser}, text.pipeline_class, text.lora_peft_format)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
     if args.enable_xformers_memory_efficient_attention:
@@ -499,7 +499,7 @@ def save_lora(denoiser, output_dir, text):
     half-written)."""
     tmp = Path(output_dir) / ".lora.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_lora_weights(text.pipeline_class, str(tmp), denoiser, text.denoiser_name)
+    save_lora_weights(text.pipeline_class, str(tmp), {text.denoiser_name: denoiser}, text.lora_peft_format)
     move_into_place(tmp / LORA_WEIGHTS, Path(output_dir) / LORA_WEIGHTS)
     shutil.rmtree(tmp)
 
