@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """Step time of text-to-image fine-tuning with and without ``--cache_latents``, side by side in one process.
 
-Each setting trains the same tiny random Stable Diffusion (``diffusers_curriculum.tiny_sd``, built offline) twice, for
+Per family (``--families sd sdxl sd3``), each setting trains the same tiny random base (``diffusers_curriculum.tiny_sd``,
+built offline) twice, for
 ``--short`` and ``--long`` steps; the difference of the two wall-clock times over the difference of steps is the
 per-step cost without the fixed costs (loading, the cache's one encoding pass, saving). The rounds alternate the
 settings so neither always runs second. Prints a table and writes ``--output`` (JSON).
 
-    python benchmarks/cache_latents.py --output benchmarks/results/cache_latents.json
+    python benchmarks/cache_latents.py --families sd sdxl sd3 --output benchmarks/results/cache_latents.json
 """
 
 import argparse
@@ -39,31 +40,33 @@ def main():
     parser.add_argument("--long", type=int, default=40, help="Steps of the long run.")
     parser.add_argument("--resolution", type=int, default=64, help="Training resolution (the VAE's cost grows with it).")
     parser.add_argument("--rounds", type=int, default=3, help="Alternating rounds; the median per-step time is reported.")
+    parser.add_argument("--families", nargs="+", default=["sd"], choices=["sd", "sdxl", "sd3"], help="Tiny bases to time.")
     parser.add_argument("--output", type=str, default=None, help="Where to write the JSON results.")
     args = parser.parse_args()
     if not 1 <= args.short < args.long:
         parser.error(f"--short must be in [1, --long), got {args.short} and {args.long}")
 
     import train_text_to_image as script
-    from diffusers_curriculum.tiny_sd import tiny_stable_diffusion
+    from diffusers_curriculum.tiny_sd import FAMILIES
 
     tmp = Path(tempfile.mkdtemp(prefix="cache-latents-"))
-    tiny_stable_diffusion(tmp / "build").save_pretrained(tmp / "sd")
-    per_step = {False: [], True: []}
-    for r in range(args.rounds):
-        for cache in ((False, True) if r % 2 == 0 else (True, False)):
-            short = timed_run(script, tmp / "sd", tmp / "out", args.short, args.resolution, cache)
-            long = timed_run(script, tmp / "sd", tmp / "out", args.long, args.resolution, cache)
-            per_step[cache].append((long - short) / (args.long - args.short))
-    median = {cache: sorted(times)[len(times) // 2] for cache, times in per_step.items()}
-    result = {"per_step_seconds": {"plain": median[False], "cache_latents": median[True]},
-              "ratio_cached_over_plain": median[True] / median[False], "all_rounds": {str(k): v for k, v in per_step.items()},
-              "settings": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
+    result = {"families": {}, "settings": vars(args), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine()}
-    print("| setting | s / step (median of rounds) |\n| --- | --- |")
-    print(f"| plain (VAE + text encoder every step) | {median[False]:.4f} |")
-    print(f"| --cache_latents | {median[True]:.4f} |")
-    print(f"ratio cached / plain: {result['ratio_cached_over_plain']:.3f}")
+    print("| family | plain s / step | --cache_latents s / step | ratio |\n| --- | --- | --- | --- |")
+    for family in args.families:
+        FAMILIES[family](tmp / f"build-{family}").save_pretrained(tmp / family)
+        per_step = {False: [], True: []}
+        for r in range(args.rounds):
+            for cache in ((False, True) if r % 2 == 0 else (True, False)):
+                short = timed_run(script, tmp / family, tmp / "out", args.short, args.resolution, cache)
+                long = timed_run(script, tmp / family, tmp / "out", args.long, args.resolution, cache)
+                per_step[cache].append((long - short) / (args.long - args.short))
+        median = {cache: sorted(times)[len(times) // 2] for cache, times in per_step.items()}
+        result["families"][family] = {
+            "per_step_seconds": {"plain": median[False], "cache_latents": median[True]},
+            "ratio_cached_over_plain": median[True] / median[False],
+            "all_rounds": {"plain": per_step[False], "cache_latents": per_step[True]}}
+        print(f"| {family} | {median[False]:.4f} | {median[True]:.4f} | {median[True] / median[False]:.3f} |")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(result, indent=2))

@@ -121,7 +121,7 @@ def tiny_t5_tokenizer(max_length: int = 32):
 # SD3: CLIP hidden states (12 + 12, zero-padded to T5's 32) and T5's (32) as the joint context; pooled: 12 + 12.
 SD3_TRANSFORMER_CONFIG = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
                               num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
-                              pooled_projection_dim=24, pos_embed_max_size=8)
+                              pooled_projection_dim=24, pos_embed_max_size=32)  # up to 128 px
 
 
 def tiny_stable_diffusion_3(folder: Path, seed: int = 0):
