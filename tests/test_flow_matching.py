@@ -208,14 +208,23 @@ def brute_force_cost(values, k):
     return min(sum(interval(a, b) for a, b in zip((0, *cuts), (*cuts, n))) for cuts in itertools.combinations(range(1, n), k - 1))
 
 
-@pytest.mark.parametrize("shift", [1.0, 3.0])
+@pytest.mark.parametrize("shift", [None, 1.0, 3.0], ids=["ddpm", "flow", "flow-shift3"])
 @pytest.mark.parametrize("cost", ["timestep", "snr", "log_snr"])
-def test_flow_clusters_are_the_brute_force_optimum_on_the_level_grid(cost, shift):
+def test_regime_clusters_are_the_brute_force_optimum_on_each_process_grid(cost, shift):
+    """The regime's --cluster_cost partition, for each DP cost, against brute force over every cut: on DDPM's integer
+    timesteps (SNR = ᾱ/(1 − ᾱ)) and on the flow's level grid (SNR = ((1 − σ)/σ)² at each cell's centre)."""
+    from diffusers import DDPMScheduler
+
     levels, k = 12, 3
-    sigma = sigma_of(torch.arange(levels, dtype=torch.float64) + 0.5, shift, levels)  # each cell's centre
-    snr = ((1 - sigma) / sigma) ** 2
+    if shift is None:
+        process = DDPMScheduler(num_train_timesteps=levels)
+        alpha = process.alphas_cumprod.double()
+        snr = alpha / (1 - alpha)
+    else:
+        sigma = sigma_of(torch.arange(levels, dtype=torch.float64) + 0.5, shift, levels)  # each cell's centre
+        snr = ((1 - sigma) / sigma) ** 2
+        process = FlowProcess(FlowMatchEulerDiscreteScheduler(num_train_timesteps=levels, shift=shift))
     values = {"timestep": list(range(levels)), "snr": snr.tolist(), "log_snr": snr.log().tolist()}[cost]
-    process = FlowProcess(FlowMatchEulerDiscreteScheduler(num_train_timesteps=levels, shift=shift))
     regime = build_regime(parse("--balancer", "uw", "--clusters", k, "--cluster_cost", cost), process)
     b = regime.boundaries
     got = sum(min(sum(abs(values[t] - values[c]) for t in range(lo, hi)) for c in range(lo, hi)) for lo, hi in zip(b, b[1:]))

@@ -1,5 +1,5 @@
-"""Every combination of the four regime axes trains; nonsense combinations are one-line errors; a resume that
-changes any axis is refused naming the field."""
+"""Every combination of the four regime axes does what it says (losses against hand computations, stratified counts,
+balancer state); nonsense combinations are one-line errors; a resume that changes any axis is refused naming the field."""
 
 import itertools
 import json
@@ -32,20 +32,61 @@ def accelerator():
     return Accelerator(cpu=True)
 
 
+def hand_weights(weighting, snr):
+    """Each DDPM weighting on the ε-MSE, from its paper: Min-SNR-γ min(SNR, γ)/SNR (γ = 5), P2 1/(k + SNR)^γ (k = γ = 1),
+    EDM's λ(σ) = (σ² + σ_d²)/(σ σ_d)² on the x₀-MSE, which is σ² times the ε-MSE (σ² = 1/SNR, σ_d = 0.5)."""
+    if weighting == "min_snr":
+        return torch.clamp(snr, max=5.0) / snr
+    if weighting == "p2":
+        return 1 / (1 + snr)
+    if weighting == "edm":
+        sigma2 = 1 / snr
+        return (sigma2 + 0.25) / (sigma2 * 0.25) * sigma2
+    assert weighting in ("none", "learned"), f"no hand-written weights for {weighting}"
+    return torch.ones_like(snr)
+
+
 @pytest.mark.parametrize("sampling, weighting, balancer, experts", list(itertools.product(TIMESTEP_SAMPLING, DDPM_WEIGHTINGS, BALANCERS, EXPERTS)))
-def test_every_combination_trains_two_steps_and_records_every_axis(accelerator, sampling, weighting, balancer, experts):
+def test_every_combination_does_what_it_says(accelerator, sampling, weighting, balancer, experts):
+    """Per combination and step: the logged loss (no balancer) or each cluster's loss (a balancer) equals the weighted
+    ε-MSE computed by hand, stratified draws hold ⌊B/k⌋ per cluster, a balancer's state moves, and the record echoes
+    every axis."""
     scheduler = DDPMScheduler(num_train_timesteps=T)
     regime = build_regime(parse(*axis_flags(sampling, weighting, balancer, experts)), scheduler, accelerator, max_train_steps=4)
     model, optimizer, clean = tiny_regime_model(regime, accelerator)
+    balancer_before = regime.balancer.state_dict() if regime.balancer is not None else None
     for step in (1, 2):
         noise, t = regime.sample(clean)
         with regime.forward_context(accelerator, model):
             prediction = model(scheduler.add_noise(clean, noise, t), t).sample
-            loss = regime.backward(accelerator, denoising_loss(prediction, scheduler, clean, noise, t), t, model)
+            per_sample = denoising_loss(prediction, scheduler, clean, noise, t)
+            torch.testing.assert_close(per_sample, ((prediction - noise) ** 2).mean(dim=(1, 2, 3)))
+            alpha = scheduler.alphas_cumprod[t].double()
+            terms = per_sample.detach().double() * hand_weights(weighting, alpha / (1 - alpha))
+            if weighting == "learned":  # EDM2: L·exp(−u(λ)) + u(λ), λ = log SNR
+                with torch.no_grad():
+                    u = regime.weighting.learned(torch.log(alpha / (1 - alpha)).float()).double()
+                terms = terms * torch.exp(-u) + u
+            if sampling == "stratified" or (experts and step == 2):  # ⌊B/k⌋ from each cluster (stage 2 after step 1)
+                assert torch.bincount((t >= regime.boundaries[1]).long(), minlength=2).min() >= 4 // 2
+            if balancer == "none":
+                loss = regime.backward(accelerator, per_sample, t, model)
+                torch.testing.assert_close(loss.double(), terms.mean(), rtol=1e-4, atol=1e-6)
+            else:
+                losses, _ = regime.cluster_losses(per_sample.detach(), t)
+                cluster = (t >= regime.boundaries[1]).long()
+                for c in range(2):
+                    if bool((cluster == c).any()):
+                        torch.testing.assert_close(losses[c].double(), terms[cluster == c].mean(), rtol=1e-4, atol=1e-6)
+                loss = regime.backward(accelerator, per_sample, t, model)
         optimizer.step()
         optimizer.zero_grad()
         regime.on_step_end(accelerator, step)
         assert torch.isfinite(loss)
+    if balancer in ("uw", "nash"):  # the balancer learned or solved something
+        after = regime.balancer.state_dict()
+        key = "log_variances" if balancer == "uw" else next(k for k, v in after.items() if torch.is_tensor(v))
+        assert not torch.equal(after[key], balancer_before[key])
 
     record = json.loads(json.dumps(regime.describe()))  # what training_regime.json holds
     assert (record["timestep_sampling"], record["weighting"], record["balancer"]) == (sampling, weighting, balancer)
