@@ -32,6 +32,7 @@ import fcntl
 import importlib.util
 import json
 import math
+import os
 import signal
 import statistics
 import subprocess
@@ -163,7 +164,8 @@ def parse_args(argv=None):
     parser.add_argument("--wall_clock_tolerance", type=float, default=WALL_CLOCK_TOLERANCE,
                         help="An arm counts as within uniform's wall-clock up to this fraction over it: the timing noise "
                              "floor (e.g. how far arms doing the same work differ in overhead.py --arms).")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads.")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default for each worker: the CPU cores / --workers, so workers do not oversubscribe the cores).")
     parser.add_argument("--workers", type=int, default=1, help="(seed, arm) jobs trained at once, one process each.")
     parser.add_argument("--job", type=str, default=None, help=argparse.SUPPRESS)  # "seed:arm,arm" (a worker's share)
     parser.add_argument("--checkpointing_steps", type=int, default=None,
@@ -612,7 +614,8 @@ def _dispatch(args, argv, logs, pending, running, failed):
             seed, job_arms = pending.pop(0)
             name = f"{'+'.join(job_arms)}-seed{seed}"
             log = (logs / f"{name}.log").open("w")
-            command = [sys.executable, str(Path(__file__).resolve()), *argv, "--job", f"{seed}:{','.join(job_arms)}"]
+            threads = [] if args.threads else ["--threads", str(max(1, (os.cpu_count() or 1) // args.workers))]
+            command = [sys.executable, str(Path(__file__).resolve()), *argv, *threads, "--job", f"{seed}:{','.join(job_arms)}"]
             running.append((name, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT), log))
         time.sleep(0.5)
         for item in list(running):

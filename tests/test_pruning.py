@@ -149,10 +149,19 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
     (["--relaxations", "-1"], "--relaxations must be >= 0, got -1"),
     (["--ema_max_decay", "1"], "--ema_max_decay must be in (0, 1), got 1.0"),
 ])
-def test_prune_script_bad_flags_are_one_line_errors(tmp_path, extra, message):
+def test_prune_script_bad_flags_are_one_line_errors(tmp_path, capsys, extra, message):
+    prune = load_script("prune_experts")
+    with pytest.raises(SystemExit) as exited:  # the script's entry point, in-process
+        prune.cli(["--pretrained_model_name_or_path", str(tmp_path), "--output_dir", str(tmp_path / "out"), *extra])
+    assert exited.value.code == 2 and capsys.readouterr().err.strip() == f"error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bad_prune_flag_is_one_line_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "train_scripts" / "prune_experts.py"), "--pretrained_model_name_or_path",
-                           str(tmp_path), "--output_dir", str(tmp_path / "out"), *extra], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}"
+                           str(tmp_path), "--output_dir", str(tmp_path / "out"), "--prune_ratio", "1.0"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --prune_ratio must be in (0, 1), got 1.0"
 
 
 def test_prune_script_refuses_a_pipeline_without_experts(tmp_path):

@@ -103,14 +103,16 @@ def test_old_layout_still_loads_with_the_package_and_converts_to_identical_sampl
     assert sorted(p.name for p in old.rglob("*")) == before  # the old folder is left alone
 
 
-def test_converter_cli_refuses_to_overwrite_and_names_a_non_pipeline(tmp_path):
+def test_converter_cli_refuses_to_overwrite_and_names_a_non_pipeline(tmp_path, capsys):
+    from diffusers_curriculum.convert_pipeline import main as convert_cli
+
     shutil.copytree(OLD_LAYOUT / "unconditional", tmp_path / "taken")
     for argv, message in (([str(OLD_LAYOUT / "unconditional"), str(tmp_path / "taken")], "already exists"),
                           ([str(tmp_path), str(tmp_path / "x")], "holds no model_index.json")):
-        proc = subprocess.run([sys.executable, "-m", "diffusers_curriculum.convert_pipeline", *argv],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ") and message in proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+        with pytest.raises(SystemExit) as exited:  # the module's entry point, in-process
+            convert_cli(argv)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and err.startswith("error: ") and message in err and len(err.strip().splitlines()) == 1
     with pytest.raises(UsageError):
         convert_pipeline(OLD_LAYOUT / "unconditional", tmp_path / "taken")
     proc = subprocess.run([sys.executable, "-m", "diffusers_curriculum.convert_pipeline", str(OLD_LAYOUT / "tdc_pruned"),

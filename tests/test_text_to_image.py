@@ -149,11 +149,21 @@ def test_bad_columns_are_clear_errors(script, tiny_sd, tmp_path, extra, message)
     (["--regime", "tdc", "--tdc_base_steps", "1", "--use_lora"], "--regime tdc trains full expert copies; it does not combine with --use_lora"),
     (["--noise_offset", "-1"], "--noise_offset must be >= 0, got -1.0"),
 ])
-def test_bad_flags_are_one_line_errors_before_work(tiny_sd, tmp_path, extra, message):
+def test_bad_flags_are_one_line_errors_before_work(script, tiny_sd, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exited:  # the script's entry point, in-process
+        script.cli(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(tmp_path / "run"), *FLAGS,
+                    "--max_train_steps", "2", *extra])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and [line for line in err.splitlines() if line.startswith("error:")] == [f"error: {message}"]
+    assert not (tmp_path / "run" / "model_index.json").exists()
+
+
+def test_a_bad_flag_is_one_line_from_the_command_line(tiny_sd, tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--pretrained_model_name_or_path", str(tiny_sd), "--output_dir",
-                           str(tmp_path / "run"), *FLAGS, "--max_train_steps", "2", *extra], capture_output=True, text=True, timeout=600)
+                           str(tmp_path / "run"), *FLAGS, "--max_train_steps", "2", "--noise_offset", "-1"],
+                          capture_output=True, text=True, timeout=600)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert proc.returncode == 2 and errors == [f"error: {message}"] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2 and errors == ["error: --noise_offset must be >= 0, got -1.0"] and "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "model_index.json").exists()
 
 
