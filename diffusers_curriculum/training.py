@@ -271,15 +271,15 @@ def optimizer_step(accelerator, parameters, optimizer, lr_scheduler, max_grad_no
     optimizer.zero_grad()
 
 
-def make_ema(args, model) -> Optional[EMAModel]:
-    """diffusers' ``EMAModel`` of ``model`` with ``--use_ema`` (``--foreach_ema``; ``--offload_ema`` keeps it in
-    pinned CPU memory between updates, as diffusers' scripts do), else ``None``."""
-    if not args.use_ema:
+def make_ema(model, use_ema: bool, foreach: bool = False, warmup: Optional[Dict[str, float]] = None) -> Optional[EMAModel]:
+    """diffusers' ``EMAModel`` of ``model`` when ``use_ema`` (``foreach``: torch's foreach kernels), else ``None``.
+    ``warmup``: diffusers' warm-up schedule (``decay``, ``inv_gamma``, ``power``), which the pixel-space scripts
+    expose as ``--ema_max_decay --ema_inv_gamma --ema_power``; without it, ``EMAModel``'s defaults."""
+    if not use_ema:
         return None
-    kwargs = {}
-    if hasattr(args, "ema_inv_gamma"):  # the pixel-space scripts expose diffusers' warm-up schedule
-        kwargs = dict(decay=args.ema_max_decay, use_ema_warmup=True, inv_gamma=args.ema_inv_gamma, power=args.ema_power)
-    return EMAModel(model.parameters(), model_cls=type(model), model_config=model.config, foreach=args.foreach_ema, **kwargs)
+    kwargs = {} if warmup is None else dict(decay=warmup["decay"], use_ema_warmup=True, inv_gamma=warmup["inv_gamma"],
+                                            power=warmup["power"])
+    return EMAModel(model.parameters(), model_cls=type(model), model_config=model.config, foreach=foreach, **kwargs)
 
 
 def place_ema(args, ema_model, accelerator) -> None:

@@ -340,3 +340,25 @@ def test_the_wheel_carries_the_package_its_data_and_entry_points(tmp_path):
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "diffusers-curriculum-difficulty" in entry_points
     assert os.path.basename(str(wheel)).startswith("diffusers_curriculum-0.1.0")
+
+
+def test_the_ema_warmup_flags_reach_diffusers_ema_model(tmp_path, monkeypatch):
+    """--ema_max_decay/--ema_inv_gamma/--ema_power set EMAModel's warm-up, decay_t = min(max, 1 − (1 + t/γ)^−p)
+    (diffusers' formula, step t counted from 0 after the first update); without them (text-to-image) EMAModel's
+    default (1 + t)/(10 + t) schedule applies."""
+    from diffusers import UNet2DModel
+
+    from diffusers_curriculum import training
+
+    model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(4, 8), norm_num_groups=2,
+                        layers_per_block=1, down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    assert training.make_ema(model, use_ema=False) is None
+    warm = training.make_ema(model, True, warmup={"decay": 0.9, "inv_gamma": 2.0, "power": 0.5})
+    assert warm.get_decay(4) == pytest.approx(1 - (1 + 3 / 2.0) ** -0.5) and warm.get_decay(10_000) == pytest.approx(0.9)
+    assert training.make_ema(model, True).get_decay(4) == pytest.approx((1 + 3) / (10 + 3))
+
+    script, made = load_script("train_unconditional"), []
+    monkeypatch.setattr(script, "make_ema", lambda *a, **k: made.append(k["warmup"]) or training.make_ema(*a, **k))
+    script.main(script.parse_args(["--output_dir", str(tmp_path / "run"), *FLAGS, "--max_train_steps", "1", "--use_ema",
+                                   "--ema_max_decay", "0.5", "--ema_inv_gamma", "3", "--ema_power", "0.25"]))
+    assert made == [{"decay": 0.5, "inv_gamma": 3.0, "power": 0.25}]

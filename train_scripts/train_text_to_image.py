@@ -354,7 +354,7 @@ def main(args):
     if args.enable_xformers_memory_efficient_attention:
         denoiser.enable_xformers_memory_efficient_attention()
     denoiser = regime.wrap_model(denoiser)
-    ema_denoiser = make_ema(args, denoiser)
+    ema_denoiser = make_ema(denoiser, args.use_ema, args.foreach_ema)
 
     vae.to(accelerator.device, dtype=weight_dtype)
     for encoder in text.text_encoders:

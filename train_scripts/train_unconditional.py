@@ -273,7 +273,8 @@ def main(args, evaluate=None):
     if args.enable_xformers_memory_efficient_attention:
         model.enable_xformers_memory_efficient_attention()
     model = regime.wrap_model(model)  # e.g. TDC trains a timestep-routed copy per group
-    ema_model = make_ema(args, model)
+    ema_model = make_ema(model, args.use_ema, args.foreach_ema,
+                         warmup={"decay": args.ema_max_decay, "inv_gamma": args.ema_inv_gamma, "power": args.ema_power})
     optimizer = make_optimizer(args, model.parameters(), args.learning_rate, accelerator.device)
     resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
     done = already_done(accelerator, args, resume_path, "model_index.json", regime)  # a finished run's re-run: nothing to train
