@@ -143,3 +143,31 @@ def test_sd3_transformer_trains_on_non_square_buckets(shaped_folder, tmp_path, m
         shapes.append(tuple(k["hidden_states"].shape[-2:])), forward(self, *a, **k))[1])
     summary = run(tmp_path / "sd3", shaped_folder, tmp_path / "run", "--max_train_steps", "4")
     assert np.isfinite(summary["losses"]).all() and set(shapes) == {(8, 16), (16, 8)}  # 2 × 2 patches of both shapes
+
+
+@pytest.mark.slow
+def test_two_process_sd3_lora_run_on_buckets(shaped_folder, tmp_path):
+    """DDP (2 CPU processes, accelerate sharding the one-bucket batches between the ranks) with SD3, LoRA and an ANT
+    regime: both ranks train and checkpoint, and the adapter-only result loads with stock diffusers and samples."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from diffusers_curriculum.tiny_sd import tiny_stable_diffusion_3
+    from test_distributed import LAUNCH, run_launch
+
+    from conftest import ROOT
+
+    tiny_stable_diffusion_3(tmp_path / "build").save_pretrained(tmp_path / "sd3")
+    out = tmp_path / "ddp"
+    proc = run_launch([*LAUNCH, str(ROOT / "train_scripts" / "train_text_to_image.py"), "--pretrained_model_name_or_path",
+                       str(tmp_path / "sd3"), "--output_dir", str(out), "--train_data_dir", str(shaped_folder),
+                       "--train_batch_size", "2", "--report_to", "none", "--seed", "0", "--lr_warmup_steps", "0",
+                       "--learning_rate", "1e-2", "--aspect_ratio_buckets", "16,32;32,16", "--center_crop", "--use_lora",
+                       "--rank", "2", "--max_train_steps", "4", "--checkpointing_steps", "4", "--regime", "ant", "--ant_clusters", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoint-4").glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    adapters = load_file(out / "pytorch_lora_weights.safetensors")
+    assert adapters and all(k.startswith("transformer.") and ".lora_" in k for k in adapters)
+    pipeline = StableDiffusion3Pipeline.from_pretrained(tmp_path / "sd3")
+    pipeline.load_lora_weights(out)
+    image = pipeline("a wide thing", num_inference_steps=2, max_sequence_length=77, output_type="np").images
+    assert image.shape == (1, 16, 16, 3) and np.isfinite(image).all()
