@@ -5,8 +5,9 @@ Shaped like diffusers' ``examples/text_to_image/train_text_to_image.py``, ``trai
 ``train_text_to_image_sdxl.py`` and ``dreambooth/train_dreambooth_sd3.py`` (same flag names) plus ``--regime`` and
 its flags. The family comes from the base's ``model_index.json`` (``diffusers_curriculum.families``). Frozen VAE and
 text encoders; the denoiser (a UNet, or SD3's transformer) learns on latents: epsilon or v-prediction for DDPM bases,
-the flow-matching velocity for SD3 (``--weighting_scheme`` as diffusers' SD3 scripts, default logit_normal). ``--use_lora --rank 4`` trains peft LoRA adapters and saves them the diffusers way
-(``pytorch_lora_weights.safetensors``, read by ``pipe.load_lora_weights``). Data: ``--dataset_name`` (a Hub id,
+the flow-matching velocity for SD3 (``--weighting_scheme`` as diffusers' SD3 scripts, default logit_normal).
+``--use_lora --rank 4`` trains peft LoRA adapters and saves them the diffusers way (``pytorch_lora_weights.safetensors``,
+read by ``pipe.load_lora_weights``). Data: ``--dataset_name`` (a Hub id,
 or ``fashion_mnist``: Fashion-MNIST captioned from its labels, "a photo of a sneaker", offline) or
 ``--train_data_dir``; one of them is required, so a forgotten flag never fine-tunes a real model on toy data.
 
@@ -55,6 +56,7 @@ from diffusers_curriculum.training import (
     log_images, make_accelerator, make_ema, make_optimizer, optimizer_record, optimizer_step, place_ema, resume, run_config,
     run_record, shipped_weights,
 )
+from diffusers_curriculum.weighting import FLOW_WEIGHTINGS
 
 logger = get_logger(__name__, log_level="INFO")
 FAMILY_TAGS = {"sdxl": ["stable-diffusion-xl"], "sd3": ["stable-diffusion-3", "sd3"]}
@@ -230,8 +232,8 @@ def validate_args(args):
         args.max_sequence_length = 77  # diffusers' SD3 training scripts' default
     if args.max_sequence_length is not None and args.max_sequence_length < 1:
         raise UsageError(f"--max_sequence_length must be >= 1, got {args.max_sequence_length}")
-    if (process == "flow" and args.regime == "uniform" and args.timestep_sampling is None
-            and args.weighting_scheme is None):  # diffusers' SD3 scripts' default density; --weighting_scheme none: uniform
+    if (process == "flow" and args.regime == "uniform" and args.timestep_sampling is None and args.weighting_scheme is None
+            and args.weighting not in FLOW_WEIGHTINGS):  # diffusers' SD3 default density (its sigma_sqrt/cosmap draw uniformly)
         args.weighting_scheme = "logit_normal"
     if args.prediction_type is not None and process != "ddpm":
         raise UsageError(f"--prediction_type applies to DDPM bases; {args.pretrained_model_name_or_path} is a {process} model")
@@ -276,9 +278,9 @@ def load_components(args):
 
 
 def check_resolution(args):
-    """The training resolution and the aspect-ratio buckets or ``None`` (read from the configs, before any weights
-    load): every side must give latents the
-    denoiser can halve as often as it downsamples (a UNet) or cut into whole patches (SD3's transformer)."""
+    """The training resolution and the aspect-ratio buckets or ``None``, read from the configs before any weights
+    load: every side must give latents the denoiser can halve as often as it downsamples (a UNet) or cut into whole
+    patches (SD3's transformer)."""
     path = args.pretrained_model_name_or_path
     family = FAMILY_CLASSES[family_of(path, args.revision)]
     try:
@@ -459,8 +461,8 @@ def main(args):
 
 
 def build_pipeline(denoiser, text, vae, noise_process):
-    """The family's stock pipeline (``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline``) with a DDIM scheduler
-    (a flow-matching process ships its own)."""
+    """The family's stock pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline`` or
+    ``StableDiffusion3Pipeline``) with a DDIM scheduler (a flow-matching process ships its own)."""
     return text.pipeline(denoiser, vae, noise_process.pipeline_scheduler("ddim" if noise_process.name == "ddpm" else None))
 
 
