@@ -106,8 +106,8 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         # When set, every sample goes to this expert (TDC stage 1 trains the base model only).
         self.route_all_to: Optional[int] = None
         # Training may set a batched step here (diffusers_curriculum.wide_experts): called as
-        # batched(self, sample, t, groups, *args, **kwargs), it returns the model output or None to fall back to
-        # one forward per group.
+        # batched(self, sample, t, groups, **inputs) with the call's other arguments by name, it returns the model
+        # output or None to fall back to one forward per group.
         self.batched = None
         self._signature = None  # the experts' forward signature, read on the first call
         # Moves with the model, so routing a batch copies nothing to the device. Real boundaries (a shifted flow) stay a
