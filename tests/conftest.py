@@ -96,3 +96,23 @@ def tiny_regime_model(regime, accelerator):
 @pytest.fixture
 def tiny_flags():
     return list(TINY_FLAGS)
+
+
+def check_regime_step(regime, accelerator, model, per_sample, t, terms, stratified):
+    """One regime backward of a 2-cluster matrix case, checked against the hand-computed weighted ``terms``: with
+    ``stratified`` draws ⌊B/k⌋ from each cluster; without a balancer the logged loss is the terms' mean, with one each
+    cluster's loss is its terms' mean. Returns the regime's loss."""
+    import torch
+
+    cluster = (t >= regime.boundaries[1]).long() if len(regime.boundaries or ()) > 2 else None
+    if stratified:
+        assert torch.bincount(cluster, minlength=2).min() >= len(t) // 2
+    if regime.balancer is not None:
+        losses, _ = regime.cluster_losses(per_sample.detach(), t)
+        for c in range(2):
+            if bool((cluster == c).any()):
+                torch.testing.assert_close(losses[c].double(), terms[cluster == c].mean(), rtol=1e-4, atol=1e-6)
+    loss = regime.backward(accelerator, per_sample, t, model)
+    if regime.balancer is None:
+        torch.testing.assert_close(loss.double(), terms.mean(), rtol=1e-4, atol=1e-6)
+    return loss

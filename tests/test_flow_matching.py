@@ -23,7 +23,7 @@ from diffusers_curriculum.regimes.balancers import BALANCERS
 from diffusers_curriculum.regimes.timesteps import TIMESTEP_SAMPLING
 from diffusers_curriculum.weighting import WEIGHTINGS
 
-from conftest import axis_flags, parse_regime_flags, tiny_regime_model
+from conftest import axis_flags, check_regime_step, parse_regime_flags, tiny_regime_model
 
 T = 100
 GAMMA, P2_K, P2_GAMMA = 5.0, 2.0, 0.5
@@ -180,19 +180,8 @@ def test_every_axis_under_flow_matching_does_what_it_says(accelerator, sampling,
             per_sample = denoising_loss(prediction, process, clean, noise, t)
             torch.testing.assert_close(per_sample, ((prediction - (noise - clean)) ** 2).mean(dim=(1, 2, 3)))
             terms = hand_terms(regime, weighting, per_sample.detach(), t)
-            stratified = sampling == "stratified" or (experts and step == 2)  # stage 2 after the branch at step 1
-            if stratified:  # ⌊B/k⌋ from each cluster
-                assert torch.bincount((t >= regime.boundaries[1]).long(), minlength=2).min() >= 4 // 2
-            if balancer == "none":
-                loss = regime.backward(accelerator, per_sample, t, model)
-                torch.testing.assert_close(loss.double(), terms.mean(), rtol=1e-4, atol=1e-6)
-            else:
-                losses, present = regime.cluster_losses(per_sample.detach(), t)
-                cluster = (t >= regime.boundaries[1]).long()
-                for c in range(2):
-                    if bool((cluster == c).any()):
-                        torch.testing.assert_close(losses[c].double(), terms[cluster == c].mean(), rtol=1e-4, atol=1e-6)
-                regime.backward(accelerator, per_sample, t, model)
+            stratified = sampling == "stratified" or bool(experts and step == 2)  # stage 2 after the branch at step 1
+            check_regime_step(regime, accelerator, model, per_sample, t, terms, stratified)
         optimizer.step()
         optimizer.zero_grad()
         regime.on_step_end(accelerator, step)

@@ -16,7 +16,7 @@ from diffusers_curriculum.regimes.balancers import BALANCERS
 from diffusers_curriculum.regimes.timesteps import CLUSTERED, TIMESTEP_SAMPLING
 from diffusers_curriculum.weighting import FLOW_WEIGHTINGS, WEIGHTINGS
 
-from conftest import axis_flags, parse_regime_flags, tiny_regime_model
+from conftest import axis_flags, check_regime_step, parse_regime_flags, tiny_regime_model
 
 DDPM_WEIGHTINGS = [w for w in WEIGHTINGS if w not in FLOW_WEIGHTINGS]  # flow's are one-line errors under DDPM (test_flow_matching)
 
@@ -67,18 +67,8 @@ def test_every_combination_does_what_it_says(accelerator, sampling, weighting, b
                 with torch.no_grad():
                     u = regime.weighting.learned(torch.log(alpha / (1 - alpha)).float()).double()
                 terms = terms * torch.exp(-u) + u
-            if sampling == "stratified" or (experts and step == 2):  # ⌊B/k⌋ from each cluster (stage 2 after step 1)
-                assert torch.bincount((t >= regime.boundaries[1]).long(), minlength=2).min() >= 4 // 2
-            if balancer == "none":
-                loss = regime.backward(accelerator, per_sample, t, model)
-                torch.testing.assert_close(loss.double(), terms.mean(), rtol=1e-4, atol=1e-6)
-            else:
-                losses, _ = regime.cluster_losses(per_sample.detach(), t)
-                cluster = (t >= regime.boundaries[1]).long()
-                for c in range(2):
-                    if bool((cluster == c).any()):
-                        torch.testing.assert_close(losses[c].double(), terms[cluster == c].mean(), rtol=1e-4, atol=1e-6)
-                loss = regime.backward(accelerator, per_sample, t, model)
+            stratified = sampling == "stratified" or bool(experts and step == 2)  # stage 2 after the branch at step 1
+            loss = check_regime_step(regime, accelerator, model, per_sample, t, terms, stratified)
         optimizer.step()
         optimizer.zero_grad()
         regime.on_step_end(accelerator, step)
