@@ -45,6 +45,12 @@ def nearest_bucket(height: int, width: int, buckets: Sequence[Bucket]) -> int:
     return find_nearest_bucket(height, width, buckets)
 
 
+def bucket_groups(bucket_of: Sequence[int]) -> List[np.ndarray]:
+    """The item indices of each bucket, buckets in ascending order."""
+    bucket_of = np.asarray(bucket_of)
+    return [np.flatnonzero(bucket_of == bucket) for bucket in np.unique(bucket_of)]
+
+
 class BucketBatchSampler:
     """Full batches of ``batch_size`` items from one bucket each. Every epoch (read from ``dataset.epoch``, which the
     training loop sets) shuffles each bucket's items and then the batches, all drawn from (seed, epoch): a resumed
@@ -57,8 +63,8 @@ class BucketBatchSampler:
     def __iter__(self) -> Iterator[List[int]]:
         rng = np.random.default_rng((int(self.seed), int(getattr(self.dataset, "epoch", 0)), 2))
         batches = []
-        for bucket in np.unique(self.bucket_of):
-            items = rng.permutation(np.flatnonzero(self.bucket_of == bucket))
+        for group in bucket_groups(self.bucket_of):
+            items = rng.permutation(group)
             batches += [items[i:i + self.batch_size].tolist() for i in range(0, len(items) - self.batch_size + 1, self.batch_size)]
         for i in rng.permutation(len(batches)):
             yield batches[i]

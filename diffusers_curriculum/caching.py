@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .buckets import bucket_groups
+
 
 class LatentCache:
     """The posterior (mean, std) of every image of ``dataset`` under ``vae``, kept on the CPU in ``vae``'s dtype.
@@ -24,8 +26,7 @@ class LatentCache:
 
     def __init__(self, vae, dataset, batch_size: int, device, dtype: torch.dtype, disable_progress: bool = False,
                  bucket_of: Optional[Sequence[int]] = None):
-        groups = [np.arange(len(dataset))] if bucket_of is None else [
-            np.flatnonzero(np.asarray(bucket_of) == b) for b in np.unique(bucket_of)]
+        groups = [np.arange(len(dataset))] if bucket_of is None else bucket_groups(bucket_of)
         batches = [group[i:i + batch_size].tolist() for group in groups for i in range(0, len(group), batch_size)]
         self.mean: List[Optional[torch.Tensor]] = [None] * len(dataset)
         self.std: List[Optional[torch.Tensor]] = [None] * len(dataset)
