@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .errors import UsageError, describe_exception
+from .lora import UNET_TARGET_MODULES
 
 SUPPORTED = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
 NOT_YET = {
@@ -52,7 +53,7 @@ class StableDiffusionText:
     label = "Stable Diffusion"
     # the denoiser: its pipeline component (and folder) and class
     denoiser_name, denoiser_class_name = "unet", "UNet2DConditionModel"
-    lora_target_modules = ("to_k", "to_q", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora.py's
+    lora_target_modules = UNET_TARGET_MODULES  # diffusers' train_text_to_image_lora.py's
     lora_peft_format = False  # LoRA files in diffusers' key format (SD3's scripts save peft's)
 
     def __init__(self, path: str, revision: Optional[str] = None, variant: Optional[str] = None, **options):
