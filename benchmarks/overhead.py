@@ -128,10 +128,10 @@ def regime_variant(train, accelerator, scheduler, clean, resolution, widths, fla
     process = as_process(scheduler)
     run_args = train.parse_args(["--output_dir", "unused", "--resolution", str(resolution), "--block_out_channels", widths,
                                  "--max_train_steps", str(steps), "--seed", "0", "--noise_process", process.name, *flags])
-    regime = build_regime(run_args, process, max_train_steps=steps)
+    regime = build_regime(run_args.regime_spec, process, max_train_steps=steps)
     torch.manual_seed(0)
     model = regime.wrap_model(UNet2DModel.from_config(tiny_unet_config(resolution, 1, block_out_channels=run_args.block_out_channels)))
-    optimizer = make_optimizer(run_args, model.parameters(), 1e-4, accelerator.device)  # as the script builds it
+    optimizer = make_optimizer(run_args.optimizer_settings, model.parameters(), 1e-4, accelerator.device)  # as the script builds it
     model, optimizer = accelerator.prepare(model, optimizer)
     regime.attach(optimizer=optimizer)
     return partial(regime_step, accelerator, model, optimizer, scheduler, clean, regime, count(1))
@@ -229,7 +229,8 @@ def main(argv=None):
 
     def make(step_fn, **kwargs):
         model = copy.deepcopy(base)
-        optimizer = make_optimizer(train.parse_args(["--output_dir", "unused"]), model.parameters(), 1e-4, accelerator.device)
+        optimizer = make_optimizer(train.parse_args(["--output_dir", "unused"]).optimizer_settings, model.parameters(), 1e-4,
+                                   accelerator.device)
         model, optimizer = accelerator.prepare(model, optimizer)
         return lambda: step_fn(accelerator, model, optimizer, scheduler, clean, **kwargs)
 

@@ -9,7 +9,7 @@ from .export import read_training_regime
 from .losses import denoising_loss
 from .metrics import FashionFeatures, fashion_feature_extractor, feature_fid
 from .pipelines import ClassConditionalPipeline
-from .regimes import PRESETS, Regime, build_regime
+from .regimes import PRESETS, Regime, RegimeSpec, build_regime
 from .regimes.balancers import NashMTL, PCGrad, UncertaintyWeighting
 from .regimes.timesteps import AdaptivePacing, CurriculumSampler, FixedPacing, stage_interval
 from .sampling import IntervalSampler, LogitNormalSampler, StratifiedSampler, TimestepSampler, UniformSampler
@@ -28,6 +28,7 @@ __all__ = [
     "PCGrad",
     "PRESETS",
     "Regime",
+    "RegimeSpec",
     "StratifiedSampler",
     "TimestepRoutedExperts",
     "TimestepSampler",

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Iterable, Tuple
+from typing import Any, Dict, Iterable, Tuple
 
 import numpy as np
 import torch
@@ -91,7 +91,8 @@ def plot_affinity(affinity: np.ndarray, group_size: int, path: str) -> None:
     plt.close(fig)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None) -> Dict[str, Any]:
+    """The CLI's flags as keyword arguments of :func:`write_affinity`."""
     parser = ArgumentParser(description="Gradient task affinity between timestep groups.")
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="A saved DDPM pipeline (folder or Hub id).")
     parser.add_argument("--output_dir", type=str, default="affinity")
@@ -100,40 +101,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_batches", type=int, default=4)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for flag in ("group_size", "num_batches", "batch_size"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    return args
+    return vars(parser.parse_args(argv))
 
 
-@exits_on_usage_error
-def main(argv=None) -> np.ndarray:
+def write_affinity(pretrained_model_name_or_path: str, output_dir: str = "affinity", dataset_name: str = "fashion_mnist",
+                   group_size: int = 10, num_batches: int = 4, batch_size: int = 32, seed: int = 0) -> np.ndarray:
+    """Measures the gradient affinity of the pipeline's UNet between timestep groups of ``group_size`` on
+    ``num_batches`` batches of ``dataset_name``; writes ``affinity.npz`` (for ``--cluster_cost affinity``) and
+    ``affinity.png`` to ``output_dir``."""
     from diffusers import DiffusionPipeline
 
     from . import schedulers  # noqa: F401  (pipelines saved in the old layout name this module)
     from .data import build_dataset
 
-    args = parse_args(argv)
+    for name, value in (("group_size", group_size), ("num_batches", num_batches), ("batch_size", batch_size)):
+        if value < 1:
+            raise UsageError(f"--{name} must be >= 1, got {value}")
     try:
-        pipeline = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, trust_remote_code=True)
+        pipeline = DiffusionPipeline.from_pretrained(pretrained_model_name_or_path, trust_remote_code=True)
     except Exception as e:
-        raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: cannot load a DDPM pipeline ({type(e).__name__})") from None
+        raise UsageError(f"--pretrained_model_name_or_path {pretrained_model_name_or_path}: cannot load a DDPM pipeline ({type(e).__name__})") from None
     unet, scheduler = pipeline.unet, pipeline.scheduler
-    if args.group_size > scheduler.config.num_train_timesteps:
-        raise UsageError(f"--group_size {args.group_size} exceeds the {scheduler.config.num_train_timesteps} timesteps")
-    dataset = build_dataset(args.dataset_name, resolution=unet.config.sample_size)
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-    batches = [
-        torch.stack([dataset[int(i)]["pixel_values"] for i in order[b * args.batch_size : (b + 1) * args.batch_size]])
-        for b in range(args.num_batches)
-    ]
-    affinity = gradient_affinity(unet, scheduler, batches, args.group_size, args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    np.savez(os.path.join(args.output_dir, "affinity.npz"), affinity=affinity, group_size=args.group_size)
-    plot_affinity(affinity, args.group_size, os.path.join(args.output_dir, "affinity.png"))
-    print(f"wrote {args.output_dir}/affinity.npz ({affinity.shape[0]}×{affinity.shape[0]} groups) and affinity.png")
+    if group_size > scheduler.config.num_train_timesteps:
+        raise UsageError(f"--group_size {group_size} exceeds the {scheduler.config.num_train_timesteps} timesteps")
+    dataset = build_dataset(dataset_name, resolution=unet.config.sample_size)
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    batches = [torch.stack([dataset[int(i)]["pixel_values"] for i in order[b * batch_size : (b + 1) * batch_size]])
+               for b in range(num_batches)]
+    affinity = gradient_affinity(unet, scheduler, batches, group_size, seed)
+    os.makedirs(output_dir, exist_ok=True)
+    np.savez(os.path.join(output_dir, "affinity.npz"), affinity=affinity, group_size=group_size)
+    plot_affinity(affinity, group_size, os.path.join(output_dir, "affinity.png"))
+    print(f"wrote {output_dir}/affinity.npz ({affinity.shape[0]}×{affinity.shape[0]} groups) and affinity.png")
     return affinity
+
+
+@exits_on_usage_error
+def main(argv=None) -> np.ndarray:
+    return write_affinity(**parse_args(argv))
 
 
 if __name__ == "__main__":

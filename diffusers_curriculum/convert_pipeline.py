@@ -62,8 +62,7 @@ def main(argv=None) -> Path:
     parser = argparse.ArgumentParser(description="Rewrite a pipeline saved in the old layout so that stock diffusers loads it.")
     parser.add_argument("old", help="The pipeline folder saved in the old layout (left unchanged).")
     parser.add_argument("new", help="Where to write the portable copy (must not exist).")
-    args = parser.parse_args(argv)
-    new = convert_pipeline(args.old, args.new)
+    new = convert_pipeline(**vars(parser.parse_args(argv)))
     flag = ", trust_remote_code=True" if needs_remote_code(new) else ""
     print(f"Wrote {new}: load it with DiffusionPipeline.from_pretrained({str(new)!r}{flag})")
     return new

@@ -20,10 +20,10 @@ CLI (trains a small UNet on Fashion-MNIST, writes ``difficulty.npz``, ``difficul
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from typing import Callable, Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -107,7 +107,49 @@ def steps_to_converge(steps: np.ndarray, curves: np.ndarray, tolerance: float = 
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------
-def parse_args(argv=None) -> argparse.Namespace:
+@dataclass(frozen=True)
+class StudyConfig:
+    """The study's settings (the CLI's flags), checked when made."""
+
+    output_dir: str = "difficulty-study"
+    dataset_name: str = "fashion_mnist"
+    resolution: int = 32
+    block_out_channels: Tuple[int, ...] = (32, 64, 64)
+    max_train_steps: int = 1500
+    train_batch_size: int = 32
+    learning_rate: float = 1e-3
+    ddpm_num_steps: int = 1000
+    noise_process: str = "ddpm"
+    flow_shift: float = 1.0
+    num_buckets: int = 10
+    eval_every: int = 50
+    eval_samples: int = 512
+    kl_timesteps: int = 50
+    kl_samples: int = 256
+    tolerance: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self):
+        if isinstance(self.block_out_channels, str):  # the flag's comma-separated form
+            try:
+                object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels.split(",")))
+            except ValueError:
+                raise UsageError(f"--block_out_channels {self.block_out_channels!r}: expected comma-separated integers") from None
+        for name in ("max_train_steps", "train_batch_size", "ddpm_num_steps", "num_buckets", "eval_every", "eval_samples",
+                     "kl_timesteps", "kl_samples"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_buckets > self.ddpm_num_steps:
+            raise UsageError(f"--num_buckets {self.num_buckets} is more than --ddpm_num_steps {self.ddpm_num_steps}")
+        if self.kl_timesteps > self.ddpm_num_steps - 1:
+            raise UsageError(f"--kl_timesteps must be <= --ddpm_num_steps - 1 = {self.ddpm_num_steps - 1}")
+        if not self.flow_shift > 0 or (self.flow_shift != 1.0 and self.noise_process != "flow"):
+            raise UsageError(f"--flow_shift {self.flow_shift}: a shift > 0 of --noise_process flow")
+        if not 0 < self.tolerance < 1:
+            raise UsageError(f"--tolerance must be in (0, 1), got {self.tolerance}")
+
+
+def parse_args(argv=None) -> StudyConfig:
     parser = ArgumentParser(description="Per-timestep difficulty study: convergence and relative entropy.")
     parser.add_argument("--output_dir", type=str, default="difficulty-study")
     parser.add_argument("--dataset_name", type=str, default="fashion_mnist")
@@ -127,24 +169,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kl_samples", type=int, default=256)
     parser.add_argument("--tolerance", type=float, default=0.1, help="Band around the final loss for steps-to-converge.")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for flag in ("max_train_steps", "train_batch_size", "ddpm_num_steps", "num_buckets", "eval_every", "eval_samples",
-                 "kl_timesteps", "kl_samples"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
-    if args.num_buckets > args.ddpm_num_steps:
-        raise UsageError(f"--num_buckets {args.num_buckets} is more than --ddpm_num_steps {args.ddpm_num_steps}")
-    if args.kl_timesteps > args.ddpm_num_steps - 1:
-        raise UsageError(f"--kl_timesteps must be <= --ddpm_num_steps - 1 = {args.ddpm_num_steps - 1}")
-    if not args.flow_shift > 0 or (args.flow_shift != 1.0 and args.noise_process != "flow"):
-        raise UsageError(f"--flow_shift {args.flow_shift}: a shift > 0 of --noise_process flow")
-    if not 0 < args.tolerance < 1:
-        raise UsageError(f"--tolerance must be in (0, 1), got {args.tolerance}")
-    args.block_out_channels = [int(c) for c in args.block_out_channels.split(",")]
-    return args
+    return StudyConfig(**vars(parser.parse_args(argv)))
 
 
-def run_study(args: argparse.Namespace) -> Dict[str, object]:
+def run_study(config: StudyConfig) -> Dict[str, object]:
     from diffusers import UNet2DModel
 
     from .data import build_dataset, load_fashion_mnist, TensorImageDataset
@@ -152,38 +180,38 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
     from .regimes import Regime
     from .sampling import UniformSampler
 
-    torch.manual_seed(args.seed)
-    dataset = build_dataset(args.dataset_name, resolution=args.resolution)
-    config = unet_config_from_args(None, args.resolution, 1, args.block_out_channels, 1)
-    model = UNet2DModel.from_config(config)
-    process = make_process(args.noise_process, args.ddpm_num_steps, shift=args.flow_shift)
-    sampler = UniformSampler(args.ddpm_num_steps, seed=args.seed)
+    torch.manual_seed(config.seed)
+    dataset = build_dataset(config.dataset_name, resolution=config.resolution)
+    unet_config = unet_config_from_args(None, config.resolution, 1, list(config.block_out_channels), 1)
+    model = UNet2DModel.from_config(unet_config)
+    process = make_process(config.noise_process, config.ddpm_num_steps, shift=config.flow_shift)
+    sampler = UniformSampler(config.ddpm_num_steps, seed=config.seed)
     sampler.continuous = process.continuous
-    regime = Regime(process, sampler, seed=args.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True, drop_last=True,
-                                         generator=torch.Generator().manual_seed(args.seed))
+    regime = Regime(process, sampler, seed=config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(config.seed))
 
     # Held-out evaluation images (test split for Fashion-MNIST), with fixed noise and timesteps.
-    if args.dataset_name == "fashion_mnist":
+    if config.dataset_name == "fashion_mnist":
         images, labels = load_fashion_mnist("test")
-        held_out = TensorImageDataset(images, labels, args.resolution)
+        held_out = TensorImageDataset(images, labels, config.resolution)
     else:
         held_out = dataset
-    eval_gen = torch.Generator().manual_seed(args.seed + 1)
-    eval_x0 = torch.stack([held_out[i]["pixel_values"] for i in range(min(args.eval_samples, len(held_out)))])
-    eval_buckets = torch.arange(eval_x0.shape[0]) % args.num_buckets
-    width = args.ddpm_num_steps / args.num_buckets
+    eval_gen = torch.Generator().manual_seed(config.seed + 1)
+    eval_x0 = torch.stack([held_out[i]["pixel_values"] for i in range(min(config.eval_samples, len(held_out)))])
+    eval_buckets = torch.arange(eval_x0.shape[0]) % config.num_buckets
+    width = config.ddpm_num_steps / config.num_buckets
     eval_t = eval_buckets * width + torch.rand(eval_x0.shape[0], generator=eval_gen) * width
-    eval_t = eval_t.clamp_max(args.ddpm_num_steps - 1e-3) if process.continuous else eval_t.long()
+    eval_t = eval_t.clamp_max(config.ddpm_num_steps - 1e-3) if process.continuous else eval_t.long()
     eval_noise = torch.randn(eval_x0.shape, generator=eval_gen)
 
     def denoiser(x_t, t):
         return model(x_t, t).sample
 
     steps, curves = [], []
-    step, progress = 0, tqdm(total=args.max_train_steps, desc="difficulty study")
-    while step < args.max_train_steps:
+    step, progress = 0, tqdm(total=config.max_train_steps, desc="difficulty study")
+    while step < config.max_train_steps:
         for batch in loader:
             clean = batch["pixel_values"]
             noise, t = regime.sample(clean)
@@ -194,42 +222,42 @@ def run_study(args: argparse.Namespace) -> Dict[str, object]:
             optimizer.zero_grad()
             step += 1
             progress.update(1)
-            if step % args.eval_every == 0 or step == args.max_train_steps:
+            if step % config.eval_every == 0 or step == config.max_train_steps:
                 model.eval()
-                curves.append(bucket_losses(denoiser, eval_x0, eval_noise, eval_t, eval_buckets, args.num_buckets, process))
+                curves.append(bucket_losses(denoiser, eval_x0, eval_noise, eval_t, eval_buckets, config.num_buckets, process))
                 steps.append(step)
                 model.train()
-            if step >= args.max_train_steps:
+            if step >= config.max_train_steps:
                 break
     progress.close()
 
     model.eval()
-    kl_t = np.unique(np.linspace(1, args.ddpm_num_steps - 1, args.kl_timesteps).round().astype(int))
+    kl_t = np.unique(np.linspace(1, config.ddpm_num_steps - 1, config.kl_timesteps).round().astype(int))
     if process.name == "ddpm":
-        kl = relative_entropy(denoiser, process.scheduler, eval_x0[: args.kl_samples], kl_t.tolist(),
-                              torch.Generator().manual_seed(args.seed + 2))
+        kl = relative_entropy(denoiser, process.scheduler, eval_x0[: config.kl_samples], kl_t.tolist(),
+                              torch.Generator().manual_seed(config.seed + 2))
     else:  # no Gaussian posterior: nothing to measure
         kl_t, kl = np.zeros(0, dtype=int), np.zeros(0)
     steps_arr, curves_arr = np.asarray(steps), np.stack(curves)
-    converge = steps_to_converge(steps_arr, curves_arr, args.tolerance)
-    bucket_edges = [(int(round(i * width)), int(round((i + 1) * width))) for i in range(args.num_buckets)]
+    converge = steps_to_converge(steps_arr, curves_arr, config.tolerance)
+    bucket_edges = [(int(round(i * width)), int(round((i + 1) * width))) for i in range(config.num_buckets)]
     summary = {
         "buckets": bucket_edges,
         "final_bucket_loss": curves_arr[-1].tolist(),
         "steps_to_within_tolerance": converge.tolist(),
-        "tolerance": args.tolerance,
+        "tolerance": config.tolerance,
         "kl_timesteps": kl_t.tolist(),
         "relative_entropy_nats": kl.tolist(),
         "noise_process": process.name,
-        "max_train_steps": args.max_train_steps,
-        "seed": args.seed,
+        "max_train_steps": config.max_train_steps,
+        "seed": config.seed,
     }
-    os.makedirs(args.output_dir, exist_ok=True)
-    np.savez(os.path.join(args.output_dir, "difficulty.npz"), steps=steps_arr, bucket_losses=curves_arr,
+    os.makedirs(config.output_dir, exist_ok=True)
+    np.savez(os.path.join(config.output_dir, "difficulty.npz"), steps=steps_arr, bucket_losses=curves_arr,
              buckets=np.asarray(bucket_edges), kl_timesteps=kl_t, relative_entropy=kl)
-    with open(os.path.join(args.output_dir, "difficulty.json"), "w") as f:
+    with open(os.path.join(config.output_dir, "difficulty.json"), "w") as f:
         json.dump(summary, f, indent=2)
-    plot_study(args.output_dir, steps_arr, curves_arr, bucket_edges, kl_t, kl)
+    plot_study(config.output_dir, steps_arr, curves_arr, bucket_edges, kl_t, kl)
     return summary
 
 

@@ -234,15 +234,15 @@ def publish(output_dir: str, write_card: Optional[Callable[[str], Any]], push_to
     return repo_id
 
 
-def publish_or_exit(args, write_card: Optional[Callable[[str], Any]]) -> str:
+def publish_or_exit(write_card: Optional[Callable[[str], Any]], output_dir: str, push_to_hub: bool = False,
+                    hub_model_id: Optional[str] = None, token: Optional[str] = None, private: bool = False) -> str:
     """A script's last step: :func:`publish` with its ``--output_dir --push_to_hub --hub_model_id
     --hub_private_repo`` (token resolved up front); a failed push prints one line and exits with status 1."""
     try:
-        repo_id = publish(args.output_dir, write_card, args.push_to_hub, args.hub_model_id,
-                          getattr(args, "hub_token_resolved", None), getattr(args, "hub_private_repo", False))
+        repo_id = publish(output_dir, write_card, push_to_hub, hub_model_id, token, private)
     except HubPushError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if args.push_to_hub:
+    if push_to_hub:
         print(f"Pushed to https://huggingface.co/{repo_id}")
     return repo_id

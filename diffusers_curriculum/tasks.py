@@ -1,14 +1,15 @@
 """What a pixel-space training script conditions on: nothing, or a class label.
 
 ``train_scripts/train_unconditional.py`` runs the loop; a task adds its flags, checks the data, extends the
-UNet config, gives the extra model inputs of a batch and builds the pipeline that is saved.
+UNet config, gives the extra model inputs of a batch and builds the pipeline that is saved. A task is made from
+plain values (its flags' values, checked when it is made: ``config.from_flags(TASKS[name], vars(args))``).
 ``train_scripts/train_class_conditional.py`` is the unconditional script with :class:`ClassConditional`.
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 from diffusers import DDPMPipeline
@@ -29,11 +30,8 @@ class Unconditional:
     def add_args(parser: argparse.ArgumentParser) -> None:
         pass
 
-    def __init__(self, args: argparse.Namespace, process_index: int = 0, num_processes: int = 1):
-        self.args = args
-
-    def validate_args(self) -> None:
-        pass
+    def __init__(self, process_index: int = 0, num_processes: int = 1):
+        self.process_index, self.num_processes = process_index, num_processes
 
     def check_dataset(self, dataset) -> None:
         pass
@@ -69,11 +67,19 @@ class ClassConditional(Unconditional):
     # checkpointed with the run: the global RNG is also used by data loaders and would not resume exactly.
     DROPOUT_SEED_SALT = 0x5EED
 
-    def __init__(self, args: argparse.Namespace, process_index: int = 0, num_processes: int = 1):
-        super().__init__(args)
-        seed = getattr(args, "seed", None) or 0
-        self.generator = torch.Generator().manual_seed(seed + self.DROPOUT_SEED_SALT)
-        self.process_index, self.num_processes = process_index, num_processes
+    def __init__(self, num_classes: Optional[int] = None, class_dropout_prob: float = 0.1, guidance_scale: float = 1.0,
+                 dataset_name: Optional[str] = None, train_data_dir: Optional[str] = None, seed: Optional[int] = None,
+                 process_index: int = 0, num_processes: int = 1):
+        super().__init__(process_index, num_processes)
+        if not 0 <= class_dropout_prob < 1:
+            raise UsageError(f"--class_dropout_prob must be in [0, 1), got {class_dropout_prob}")
+        if num_classes is not None and num_classes < 1:
+            raise UsageError(f"--num_classes must be >= 1, got {num_classes}")
+        if guidance_scale != 1.0 and class_dropout_prob == 0:
+            raise UsageError("--guidance_scale needs --class_dropout_prob > 0 (the null class must be trained)")
+        self.num_classes, self.class_dropout_prob, self.guidance_scale = num_classes, class_dropout_prob, guidance_scale
+        self.names_from = dataset_name if train_data_dir is None else None  # where class names come from (an embedded set)
+        self.generator = torch.Generator().manual_seed((seed or 0) + self.DROPOUT_SEED_SALT)
 
     @staticmethod
     def add_args(parser: argparse.ArgumentParser) -> None:
@@ -86,39 +92,30 @@ class ClassConditional(Unconditional):
                            help="Probability of replacing a label by the null class (classifier-free guidance training).")
         group.add_argument("--guidance_scale", type=float, default=1.0, help="Guidance scale of the validation samples.")
 
-    def validate_args(self) -> None:
-        args = self.args
-        if not 0 <= args.class_dropout_prob < 1:
-            raise UsageError(f"--class_dropout_prob must be in [0, 1), got {args.class_dropout_prob}")
-        if args.num_classes is not None and args.num_classes < 1:
-            raise UsageError(f"--num_classes must be >= 1, got {args.num_classes}")
-        if args.guidance_scale != 1.0 and args.class_dropout_prob == 0:
-            raise UsageError("--guidance_scale needs --class_dropout_prob > 0 (the null class must be trained)")
-
     def check_dataset(self, dataset) -> None:
-        """Every label must be a class index in [0, num_classes); sets ``args.num_classes`` when not given."""
+        """Every label must be a class index in [0, num_classes); sets ``num_classes`` when not given."""
         labels = dataset_labels(dataset)
         if labels.numel() == 0 or int(labels.min()) < 0:
             raise UsageError("class-conditional training needs labels: the data set has none "
                              "(pass --label_column, or use an image folder with one sub-folder per class)")
         largest = int(labels.max())
-        if self.args.num_classes is None:
-            self.args.num_classes = largest + 1
-        elif largest >= self.args.num_classes:
-            raise UsageError(f"class label {largest} in the data set is >= --num_classes {self.args.num_classes}")
+        if self.num_classes is None:
+            self.num_classes = largest + 1
+        elif largest >= self.num_classes:
+            raise UsageError(f"class label {largest} in the data set is >= --num_classes {self.num_classes}")
 
     @property
     def null_class(self) -> int:
-        return self.args.num_classes
+        return self.num_classes
 
     def unet_config(self, config: Dict[str, Any]) -> Dict[str, Any]:
-        return {**config, "num_class_embeds": self.args.num_classes + 1}
+        return {**config, "num_class_embeds": self.num_classes + 1}
 
     def model_kwargs(self, batch, device):
         labels = batch["labels"].to(device)
-        if self.args.class_dropout_prob > 0:
+        if self.class_dropout_prob > 0:
             draw = torch.rand(labels.shape[0] * self.num_processes, generator=self.generator)
-            drop = draw[self.process_index :: self.num_processes] < self.args.class_dropout_prob
+            drop = draw[self.process_index :: self.num_processes] < self.class_dropout_prob
             labels = torch.where(drop.to(device), torch.full_like(labels, self.null_class), labels)
         return {"class_labels": labels}
 
@@ -129,21 +126,21 @@ class ClassConditional(Unconditional):
         self.generator.set_state(state["generator"])
 
     def build_pipeline(self, unet, scheduler):
-        return ClassConditionalPipeline(unet=unet, scheduler=scheduler, num_classes=self.args.num_classes,
-                                        guidance_trained=self.args.class_dropout_prob > 0)
+        return ClassConditionalPipeline(unet=unet, scheduler=scheduler, num_classes=self.num_classes,
+                                        guidance_trained=self.class_dropout_prob > 0)
 
     def generate(self, pipeline, num_images, num_inference_steps, generator):
-        labels = [i % self.args.num_classes for i in range(num_images)]
-        return pipeline(class_labels=labels, guidance_scale=self.args.guidance_scale, generator=generator,
+        labels = [i % self.num_classes for i in range(num_images)]
+        return pipeline(class_labels=labels, guidance_scale=self.guidance_scale, generator=generator,
                         num_inference_steps=num_inference_steps, output_type="pil").images
 
     def card_settings(self) -> Dict[str, Any]:
-        return {"num_classes": self.args.num_classes, "class_dropout_prob": self.args.class_dropout_prob}
+        return {"num_classes": self.num_classes, "class_dropout_prob": self.class_dropout_prob}
 
     def card_kwargs(self, dataset) -> Dict[str, Any]:
         """The label of each class index (where the data names them) and the labels the card's snippet samples."""
-        names = class_names(self.args.dataset_name if self.args.train_data_dir is None else None, dataset, self.args.num_classes)
-        labels = list(range(min(4, self.args.num_classes)))
+        names = class_names(self.names_from, dataset, self.num_classes)
+        labels = list(range(min(4, self.num_classes)))
         return {"class_names": names, "example_labels": labels,
                 "example_names": ", ".join(names[label] for label in labels) if names else None}
 

@@ -154,14 +154,19 @@ def main(argv=None):
     parser.add_argument("--output_dir", type=str, required=True)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--family", type=str, default="sd", choices=sorted(FAMILIES), help="Stable Diffusion 1.x-style, SDXL or SD3.")
-    args = parser.parse_args(argv)
-    folder = Path(args.output_dir)
-    pipeline = FAMILIES[args.family](folder / ".build", seed=args.seed)
-    pipeline.save_pretrained(folder)
+    write_tiny(**vars(parser.parse_args(argv)))
+
+
+def write_tiny(output_dir: str, family: str = "sd", seed: int = 0):
+    """Saves the tiny random pipeline of ``family`` to ``output_dir``; returns it."""
     import shutil
 
+    folder = Path(output_dir)
+    pipeline = FAMILIES[family](folder / ".build", seed=seed)
+    pipeline.save_pretrained(folder)
     shutil.rmtree(folder / ".build", ignore_errors=True)
     print(f"Saved a tiny {type(pipeline).__name__} to {folder}")
+    return pipeline
 
 
 if __name__ == "__main__":

@@ -5,90 +5,50 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, ProjectConfiguration
 from diffusers.training_utils import EMAModel
-from huggingface_hub import get_token
 from packaging.version import Version
 
 from .checkpointing import (
     check_resume, checkpoint_step, clean_leftovers, finished_at, list_checkpoints, load_checkpoint, resolve_resume_path,
     save_checkpoint, start_over,
 )
-from .errors import UsageError, describe_exception
-from .hub import STAGING_DIR, publish_or_exit, resolve_hub_token
-from .hub_checkpoints import CheckpointUploader, download_checkpoint, is_hub_repo_id
+from .config import OptimizerSettings, RunConfig
 from .distributed import force_cpu_backend
+from .errors import UsageError, describe_exception
+from .hub import STAGING_DIR, publish_or_exit
+from .hub_checkpoints import CheckpointUploader, download_checkpoint, is_hub_repo_id
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
-from .regimes import check_launch, needs_unused_parameters
-
-
-# --report_to names accelerate can log to, and the module each needs.
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml", "mlflow": "mlflow",
-                   "clearml": "clearml", "dvclive": "dvclive", "aim": "aim", "swanlab": "swanlab", "trackio": "trackio"}
-
-
-def check_report_to(report_to: Optional[str]) -> None:
-    """``--report_to``: ``none``, ``all`` or comma-separated tracker names, each installed (one-line error
-    naming the missing package before any work, instead of accelerate's warning and no logs)."""
-    if report_to in (None, "none", "all"):
-        return
-    for name in report_to.split(","):
-        if name not in TRACKER_MODULES:
-            raise UsageError(f"--report_to {name!r} is unknown; choose none, all or from {', '.join(TRACKER_MODULES)}")
-        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
-            raise UsageError(f"--report_to {name}: {TRACKER_MODULES[name]} is not installed (pip install {TRACKER_MODULES[name]})")
-
-
-def check_run_flags(args) -> None:
-    """The checks of flags both script families share, before any work: trackers installed, 8-bit Adam able to
-    run here."""
-    check_report_to(args.report_to)
-    if getattr(args, "push_checkpoints", False):
-        if not args.push_checkpoints_timeout > 0:
-            raise UsageError(f"--push_checkpoints_timeout must be > 0, got {args.push_checkpoints_timeout}")
-        args.hub_token_resolved = resolve_hub_token(args.hub_token, "--push_checkpoints")
-    elif is_hub_repo_id(args.resume_from_checkpoint):  # a public repo needs no token; a private one takes the login's
-        args.hub_token_resolved = args.hub_token or get_token()
-    if getattr(args, "use_8bit_adam", False):
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise UsageError("--use_8bit_adam: bitsandbytes is not installed (pip install 'diffusers-curriculum[8bit]')")
-        if not torch.cuda.is_available():
-            raise UsageError("--use_8bit_adam needs a CUDA GPU (bitsandbytes' 8-bit optimizers); this run is on the CPU")
+from .regimes import RegimeSpec
 
 
 # Devices whose fused AdamW kernel torch ships (CPU since torch 2.4).
 FUSED_ADAM_DEVICES = ("cpu", "cuda")
 
 
-def make_optimizer(args, parameters, learning_rate: float, device: Optional[torch.device] = None) -> torch.optim.Optimizer:
-    """AdamW with the script's betas, weight decay and epsilon; bitsandbytes' ``AdamW8bit`` with ``--use_8bit_adam``.
+def make_optimizer(settings: OptimizerSettings, parameters, learning_rate: Optional[float] = None,
+                   device: Optional[torch.device] = None) -> torch.optim.Optimizer:
+    """AdamW with the settings' learning rate (or ``learning_rate``, e.g. scaled by the batch), betas, weight decay
+    and epsilon; bitsandbytes' ``AdamW8bit`` with ``use_8bit_adam``.
 
     On a CPU or CUDA ``device`` (torch >= 2.4) AdamW runs fused: one kernel over all parameters instead of a loop
     over them (on this CPU 5x faster for a tiny UNet; TDC's k experts make it k times the work)."""
-    hyper = dict(lr=learning_rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
-    if getattr(args, "use_8bit_adam", False):
+    hyper = dict(lr=settings.learning_rate if learning_rate is None else learning_rate,
+                 betas=(settings.adam_beta1, settings.adam_beta2), weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
+    if settings.use_8bit_adam:
         import bitsandbytes as bnb
 
         return bnb.optim.AdamW8bit(parameters, **hyper)
     fused = device is not None and torch.device(device).type in FUSED_ADAM_DEVICES and Version(torch.__version__).release[:2] >= (2, 4)
     return torch.optim.AdamW(parameters, fused=fused or None, **hyper)
-
-
-def optimizer_record(args) -> Dict[str, Any]:
-    """The run's optimizer settings, kept in ``training_regime.json`` so that later fine-tuning of the saved model
-    (``prune_experts.py``) steps as the run did."""
-    return {"name": "AdamW8bit" if getattr(args, "use_8bit_adam", False) else "AdamW", "learning_rate": args.learning_rate,
-            "betas": [args.adam_beta1, args.adam_beta2], "weight_decay": args.adam_weight_decay, "eps": args.adam_epsilon,
-            "max_grad_norm": args.max_grad_norm}
 
 
 def configure_logging(accelerator, logger) -> None:
@@ -112,28 +72,27 @@ def configure_logging(accelerator, logger) -> None:
         diffusers.utils.logging.set_verbosity_error()
 
 
-def make_accelerator(args) -> Accelerator:
-    """The Accelerator of a run: accumulation, precision (``--mixed_precision``, else the accelerate config's),
-    trackers, seedable data order, CPU DDP when asked, ``find_unused_parameters`` for regimes that leave
-    parameters without gradient (TDC). ``args.mixed_precision`` becomes the precision in effect; what cannot
-    run with it (fp16 on the CPU, self-formed gradients under fp16 or sharding) is refused here."""
-    if getattr(args, "mixed_precision", None) == "fp16" and not gpu_available():  # before accelerate's state is set
+def make_accelerator(run: RunConfig, spec: RegimeSpec) -> Accelerator:
+    """The Accelerator of a run: accumulation, precision (``--mixed_precision``, else the accelerate config's:
+    ``accelerator.mixed_precision`` is the one in effect), trackers, seedable data order, CPU DDP when asked,
+    ``find_unused_parameters`` for regimes that leave parameters without gradient (TDC). What cannot run with
+    the precision or the launch (fp16 on the CPU, self-formed gradients under fp16 or sharding) is refused here."""
+    if run.mixed_precision == "fp16" and not gpu_available():  # before accelerate's state is set
         raise UsageError("--mixed_precision fp16 needs a GPU (this run is on the CPU); use --mixed_precision bf16 or no")
-    if getattr(args, "allow_tf32", False) and torch.cuda.is_available():
+    if run.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to in (None, "none") else args.report_to.split(","),
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        gradient_accumulation_steps=run.gradient_accumulation_steps,
+        mixed_precision=run.mixed_precision,
+        log_with=None if run.report_to in (None, "none") else run.report_to.split(","),
+        project_config=ProjectConfiguration(project_dir=run.output_dir, logging_dir=os.path.join(run.output_dir, run.logging_dir)),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         cpu=force_cpu_backend(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=needs_unused_parameters(args))],
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=spec.needs_unused_parameters)],
     )
-    args.mixed_precision = accelerator.mixed_precision  # the flag, or the accelerate config's (for checks and the card)
     if accelerator.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise UsageError("--mixed_precision fp16 (from the accelerate config) needs a GPU; this run is on the CPU")
-    check_launch(args, accelerator.mixed_precision, accelerator.distributed_type)
+    spec.check_launch(accelerator.mixed_precision, accelerator.distributed_type)
     return accelerator
 
 
@@ -145,73 +104,71 @@ def gpu_available() -> bool:
     return torch.cuda.is_available() or bool(xpu and xpu.is_available()) or torch.backends.mps.is_available()
 
 
-def run_record(args, regime, task: str) -> Dict[str, object]:
+def run_record(run: RunConfig, regime, task: str) -> Dict[str, object]:
     """What a checkpoint is written with and a resume must match (``run.json``): the script's task, the
     adapter, the regime's axes."""
-    return {"task": task, "adapter": "lora" if getattr(args, "use_lora", False) else None, "regime": regime.axes()}
+    return {"task": task, "adapter": "lora" if run.use_lora else None, "regime": regime.axes()}
 
 
-def begin_run(accelerator, args, logger) -> Optional[Path]:
+def begin_run(accelerator, run: RunConfig, logger) -> Optional[Path]:
     """Readies ``--output_dir`` once every check has passed, and returns the checkpoint to resume from.
 
     On the main process: what an interrupted save left behind is cleaned up; a fresh start with
     ``--overwrite_output_dir`` removes the earlier run's checkpoints and finished-run markers (they would be
     rotated in as the newest or resumed by ``latest``). Every rank then resolves ``--resume_from_checkpoint``."""
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
-        for name in clean_leftovers(args.output_dir):
+        os.makedirs(run.output_dir, exist_ok=True)
+        for name in clean_leftovers(run.output_dir):
             logger.info(f"Removed {name}, left by an interrupted save")
-        if args.resume_from_checkpoint is None and args.overwrite_output_dir:
-            removed = start_over(args.output_dir)
+        if run.resume_from_checkpoint is None and run.overwrite_output_dir:
+            removed = start_over(run.output_dir)
             if removed:
                 logger.warning(f"--overwrite_output_dir: removed the earlier run's {', '.join(removed)}")
-    resume_from = args.resume_from_checkpoint
-    hub_repo = hub_resume_repo(args)
+    resume_from = run.resume_from_checkpoint
+    hub_repo = hub_resume_repo(run)
     if hub_repo is not None:  # the main process fetches the Hub's newest complete checkpoint; every rank takes it
         if accelerator.is_main_process:
-            found = download_checkpoint(hub_repo, args.output_dir, getattr(args, "hub_token_resolved", None))
+            found = download_checkpoint(hub_repo, run.output_dir, run.hub_token)
             accelerator.print(f"Resuming from {hub_repo}: {found.name}" if found else f"No checkpoint in {hub_repo} on the Hub.")
         resume_from = "latest"
     accelerator.wait_for_everyone()
-    path = resolve_resume_path(args.output_dir, resume_from)
+    path = resolve_resume_path(run.output_dir, resume_from)
     if path is None and resume_from == "latest":
-        accelerator.print(f"No checkpoint in {args.output_dir}; starting a new run.")
+        accelerator.print(f"No checkpoint in {run.output_dir}; starting a new run.")
     return path
 
 
-def hub_resume_repo(args) -> Optional[str]:
+def hub_resume_repo(run: RunConfig) -> Optional[str]:
     """The Hub repo a resume downloads from: ``--resume_from_checkpoint owner/name``, or with ``--push_checkpoints``,
     ``latest`` when ``--output_dir`` holds no checkpoint (the machine that wrote them is gone) looks in the repo
     the checkpoints were pushed to."""
-    if is_hub_repo_id(args.resume_from_checkpoint):
-        return args.resume_from_checkpoint
-    if (args.resume_from_checkpoint == "latest" and getattr(args, "push_checkpoints", False)
-            and not list_checkpoints(args.output_dir)):
-        return checkpoint_repo_id(args)
+    if is_hub_repo_id(run.resume_from_checkpoint):
+        return run.resume_from_checkpoint
+    if run.resume_from_checkpoint == "latest" and run.push_checkpoints and not list_checkpoints(run.output_dir):
+        return checkpoint_repo_id(run)
     return None
 
 
-def checkpoint_repo_id(args) -> str:
+def checkpoint_repo_id(run: RunConfig) -> str:
     """The repo checkpoints go to: ``--hub_model_id``, else ``<user>/<output_dir name>`` (the token's user)."""
     from huggingface_hub import HfApi
 
-    repo_id = args.hub_model_id or Path(args.output_dir).resolve().name
+    repo_id = run.hub_model_id or Path(run.output_dir).resolve().name
     if "/" not in repo_id:
         try:
-            repo_id = f"{HfApi().whoami(token=getattr(args, 'hub_token_resolved', None))['name']}/{repo_id}"
+            repo_id = f"{HfApi().whoami(token=run.hub_token)['name']}/{repo_id}"
         except Exception as e:
             raise UsageError(f"--push_checkpoints: cannot ask the Hub who the token belongs to ({describe_exception(e)}); "
                              f"give --hub_model_id owner/name") from None
     return repo_id
 
 
-def checkpoint_uploader(accelerator, args) -> Optional[CheckpointUploader]:
+def checkpoint_uploader(accelerator, run: RunConfig) -> Optional[CheckpointUploader]:
     """With ``--push_checkpoints``, on the main process: the background uploader of every checkpoint the run writes."""
-    if not getattr(args, "push_checkpoints", False) or not accelerator.is_main_process:
+    if not run.push_checkpoints or not accelerator.is_main_process:
         return None
-    return CheckpointUploader(checkpoint_repo_id(args), getattr(args, "hub_token_resolved", None),
-                              os.path.join(args.output_dir, STAGING_DIR), args.checkpoints_total_limit,
-                              private=getattr(args, "hub_private_repo", False))
+    return CheckpointUploader(checkpoint_repo_id(run), run.hub_token, os.path.join(run.output_dir, STAGING_DIR),
+                              run.checkpoints_total_limit, private=run.hub_private_repo)
 
 
 def is_finished(resume_path: Optional[Path], max_train_steps: int, output_dir: str, done_file: str) -> bool:
@@ -226,16 +183,22 @@ def is_finished(resume_path: Optional[Path], max_train_steps: int, output_dir: s
     return step == max_train_steps and finished_at(output_dir, done_file) == max_train_steps
 
 
-def already_done(accelerator, args, resume_path: Optional[Path], done_file: str, regime) -> Optional[Dict[str, object]]:
+def already_done(accelerator, run: RunConfig, resume_path: Optional[Path], done_file: str, regime) -> Optional[Dict[str, object]]:
     """For the re-run of a finished command (:func:`is_finished`): says so, retries the push with
     ``--push_to_hub`` (an earlier one may have failed), ends the run and returns the script's summary; else ``None``."""
-    if not is_finished(resume_path, args.max_train_steps, args.output_dir, done_file):
+    if not is_finished(resume_path, run.max_train_steps, run.output_dir, done_file):
         return None
-    accelerator.print(f"{args.output_dir} already holds this run, trained to step {args.max_train_steps}; nothing to do.")
-    if accelerator.is_main_process and args.push_to_hub:
-        publish_or_exit(args, write_card=None)  # the folder's own card goes as it is
+    accelerator.print(f"{run.output_dir} already holds this run, trained to step {run.max_train_steps}; nothing to do.")
+    if accelerator.is_main_process and run.push_to_hub:
+        publish_run(run, write_card=None)  # the folder's own card goes as it is
     end_training(accelerator)
-    return {"global_step": args.max_train_steps, "losses": [], "regime_state": regime.state_dict(), "finished_before": True}
+    return {"global_step": run.max_train_steps, "losses": [], "regime_state": regime.state_dict(), "finished_before": True}
+
+
+def publish_run(run: RunConfig, write_card) -> str:
+    """The run's last step: its card written and, with ``--push_to_hub``, the folder pushed
+    (:func:`~diffusers_curriculum.hub.publish_or_exit`)."""
+    return publish_or_exit(write_card, run.output_dir, run.push_to_hub, run.hub_model_id, run.hub_token, run.hub_private_repo)
 
 
 def resume(accelerator, resume_path, steps_per_epoch: int, gradient_accumulation_steps: int,
@@ -282,12 +245,12 @@ def make_ema(model, use_ema: bool, foreach: bool = False, warmup: Optional[Dict[
     return EMAModel(model.parameters(), model_cls=type(model), model_config=model.config, foreach=foreach, **kwargs)
 
 
-def place_ema(args, ema_model, accelerator) -> None:
+def place_ema(ema_model, accelerator, offload_ema: bool = False) -> None:
     """Moves the EMA weights where they live between updates: the training device, or pinned CPU memory
-    with ``--offload_ema``."""
+    with ``offload_ema``."""
     if ema_model is None:
         return
-    if args.offload_ema:
+    if offload_ema:
         ema_model.to("cpu")
         if torch.cuda.is_available():
             ema_model.pin_memory()
@@ -313,19 +276,19 @@ def after_sync_step(accelerator, regime, model, ema_model, loss: float, lr_sched
     return logs
 
 
-def checkpoint_and_preempt(accelerator, args, global_step: int, preemption, logger, record=None, uploader=None) -> None:
+def checkpoint_and_preempt(accelerator, run: RunConfig, global_step: int, preemption, logger, record=None, uploader=None) -> None:
     """Every ``--checkpointing_steps`` and at the last step (so the steps after the last periodic checkpoint
     are never lost to a crash while the result is saved): a checkpoint, handed to ``uploader`` (the Hub push of
     ``--push_checkpoints``) when there is one. On SIGTERM: a checkpoint now, its upload waited for, then exit 143."""
-    stop = preemption.requested(accelerator) and global_step < args.max_train_steps  # at the last step: finish instead
-    if stop or global_step % args.checkpointing_steps == 0 or global_step == args.max_train_steps:
-        path = save_checkpoint(accelerator, args.output_dir, global_step, args.checkpoints_total_limit, record)
+    stop = preemption.requested(accelerator) and global_step < run.max_train_steps  # at the last step: finish instead
+    if stop or global_step % run.checkpointing_steps == 0 or global_step == run.max_train_steps:
+        path = save_checkpoint(accelerator, run.output_dir, global_step, run.checkpoints_total_limit, record)
         logger.info(f"Saved state to {path}")
         if uploader is not None:
             uploader.submit(path)
     if stop:
         if uploader is not None:
-            uploader.close(args.push_checkpoints_timeout)
+            uploader.close(run.push_checkpoints_timeout)
         logger.warning(f"SIGTERM: saved checkpoint-{global_step}; resume with --resume_from_checkpoint latest")
         accelerator.end_training()
         sys.exit(PREEMPTED_EXIT_CODE)
@@ -375,6 +338,6 @@ def log_images(accelerator, tag: str, images, step: int) -> None:
             tracker.log({tag: [wandb.Image(image) for image in images]}, step=step)
 
 
-def run_config(args) -> dict:
-    """Flags for the trackers: plain values, nothing secret."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and "token" not in k}
+def tracker_config(flags: Mapping[str, Any]) -> dict:
+    """A script's flags (``vars`` of its namespace) for the trackers: plain values, nothing secret."""
+    return {k: v for k, v in flags.items() if isinstance(v, (int, float, str, bool)) and "token" not in k}

@@ -36,33 +36,25 @@ TINY_FLAGS = [
 ]
 
 
-def regime_args(*argv):
-    """The regime flags as a training script parses and validates them (seed 0, T = 1000, fp32)."""
-    import argparse
-
-    from diffusers_curriculum.regimes import add_regime_args, validate_regime_args
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ddpm_num_steps", type=int, default=1000)
-    parser.add_argument("--mixed_precision", type=str, default="no")
-    add_regime_args(parser)
-    args = parser.parse_args(list(argv))
-    validate_regime_args(args, num_train_timesteps=args.ddpm_num_steps)
-    return args
-
-
 def parse_regime_flags(*argv):
-    """The regime flags parsed (not yet validated: ``build_regime`` checks them), seed 0, fp32."""
+    """The :class:`RegimeSpec` the regime flags make, as a training script's parser makes it (seed 0, fp32); not yet
+    checked against a noise process (``build_regime`` checks it against the one it is given)."""
     import argparse
 
-    from diffusers_curriculum.regimes import add_regime_args
+    from diffusers_curriculum.regimes import add_regime_args, regime_spec
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mixed_precision", type=str, default="no")
     add_regime_args(parser)
-    return parser.parse_args([str(a) for a in argv])
+    return regime_spec(parser.parse_args([str(a) for a in argv]))
+
+
+def regime_args(*argv):
+    """The :class:`RegimeSpec` of the regime flags, checked against DDPM with T = 1000 (seed 0, fp32)."""
+    spec = parse_regime_flags(*argv)
+    spec.check_process(1000, "ddpm")
+    return spec
 
 
 def axis_flags(sampling, weighting, balancer, experts, snr_gamma=5.0):

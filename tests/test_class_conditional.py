@@ -1,6 +1,5 @@
 """train_scripts/train_class_conditional.py and ClassConditionalPipeline."""
 
-import argparse
 import shutil
 
 import numpy as np
@@ -91,7 +90,7 @@ def test_pipeline_passes_requested_labels_and_applies_guidance():
 
 
 def test_class_dropout_replaces_labels_by_the_null_class_at_the_given_rate():
-    task = ClassConditional(argparse.Namespace(num_classes=10, class_dropout_prob=0.3, seed=0))
+    task = ClassConditional(num_classes=10, class_dropout_prob=0.3, seed=0)
     torch.manual_seed(0)
     labels = task.model_kwargs({"labels": torch.randint(0, 10, (20000,))}, "cpu")["class_labels"]
     assert (labels == 10).float().mean().item() == pytest.approx(0.3, abs=0.015)

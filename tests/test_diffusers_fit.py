@@ -280,7 +280,7 @@ def test_fp16_from_the_config_on_a_cpu_is_refused(train_unconditional, tmp_path,
     monkeypatch.setattr(training, "Accelerator", FakeAccelerator)
     args = train_unconditional.parse_args(["--output_dir", str(tmp_path / "run"), *FLAGS])
     with pytest.raises(UsageError, match=r"--mixed_precision fp16 \(from the accelerate config\) needs a GPU"):
-        training.make_accelerator(args)
+        training.make_accelerator(args.run_config, args.regime_spec)
 
 
 # ---- 8. PCGrad / Nash on sharded parameters ---------------------------------------------------------------
@@ -299,9 +299,9 @@ def test_self_formed_gradients_are_refused_on_sharded_launches(train_uncondition
     monkeypatch.setattr(training, "Accelerator", ShardedAccelerator)
     args = train_unconditional.parse_args(["--output_dir", str(tmp_path / "run"), *FLAGS, "--regime", "ant", "--ant_method", balancer])
     with pytest.raises(UsageError, match=f"--ant_method {balancer} writes each parameter's gradient itself and cannot run on sharded parameters \\({kind}\\)"):
-        training.make_accelerator(args)
+        training.make_accelerator(args.run_config, args.regime_spec)
     args = train_unconditional.parse_args(["--output_dir", str(tmp_path / "run"), *FLAGS, "--regime", "ant"])  # uw: fine
-    training.make_accelerator(args)
+    training.make_accelerator(args.run_config, args.regime_spec)
 
 
 # ---- 7. shipping the EMA weights does not copy the model ----------------------------------------------------

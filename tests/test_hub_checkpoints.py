@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from diffusers_curriculum import hub_checkpoints, training
+from diffusers_curriculum.config import RunConfig
 from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.hub_checkpoints import CheckpointUploader, download_checkpoint, hub_checkpoint_steps
 
@@ -168,25 +170,17 @@ def test_push_checkpoints_flags_are_checked_before_work(train_unconditional, tmp
 
 
 def test_resume_looks_at_the_hub_only_when_asked_or_when_the_folder_is_empty(tmp_path):
-    class Args:
-        hub_model_id, hub_token_resolved, push_checkpoints = "someone/run", None, True
-        output_dir = str(tmp_path / "run")
-        resume_from_checkpoint = "latest"
-
-    args = Args()
-    assert training.hub_resume_repo(args) == "someone/run"  # empty folder, checkpoints pushed: the Hub has them
+    run = RunConfig(output_dir=str(tmp_path / "run"), report_to="none", hub_model_id="someone/run", hub_token="x", push_checkpoints=True,
+                    resume_from_checkpoint="latest")
+    assert training.hub_resume_repo(run) == "someone/run"  # empty folder, checkpoints pushed: the Hub has them
     make_checkpoint(tmp_path / "run", 4)
-    assert training.hub_resume_repo(args) is None  # the local checkpoint wins
-    args.resume_from_checkpoint = "other/repo"
-    assert training.hub_resume_repo(args) == "other/repo"
-    args.resume_from_checkpoint = str(tmp_path / "run" / "checkpoint-4")  # a local path is never a repo id
-    assert training.hub_resume_repo(args) is None
-    args.resume_from_checkpoint = "out/checkpoint-9"  # nor a checkpoint folder's name, there or not
-    assert training.hub_resume_repo(args) is None
-    args.push_checkpoints, args.resume_from_checkpoint = False, "latest"
+    assert training.hub_resume_repo(run) is None  # the local checkpoint wins
+    assert training.hub_resume_repo(replace(run, resume_from_checkpoint="other/repo")) == "other/repo"
+    # a local path is never a repo id, nor a checkpoint folder's name, there or not
+    assert training.hub_resume_repo(replace(run, resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-4"))) is None
+    assert training.hub_resume_repo(replace(run, resume_from_checkpoint="out/checkpoint-9")) is None
     (tmp_path / "empty").mkdir()
-    args.output_dir = str(tmp_path / "empty")
-    assert training.hub_resume_repo(args) is None
+    assert training.hub_resume_repo(replace(run, push_checkpoints=False, output_dir=str(tmp_path / "empty"))) is None
 
 
 # A composed regime: curriculum stages over 4 clusters, their losses balanced by UW, EDM2's learned weighting.
@@ -249,10 +243,10 @@ def test_sigterm_checkpoints_then_waits_for_the_upload_before_exiting(tmp_path, 
                                close=lambda timeout: calls.append(("close", timeout)) or [])
     accelerator = SimpleNamespace(end_training=lambda: calls.append(("end",)))
     preemption = SimpleNamespace(requested=lambda accelerator: True)
-    args = SimpleNamespace(output_dir=str(tmp_path), max_train_steps=10, checkpointing_steps=5, checkpoints_total_limit=None,
-                           push_checkpoints_timeout=7.0)
+    run = RunConfig(output_dir=str(tmp_path), max_train_steps=10, checkpointing_steps=5, push_checkpoints_timeout=7.0,
+                    report_to="none")
     with pytest.raises(SystemExit) as exit_info:
-        training.checkpoint_and_preempt(accelerator, args, 3, preemption, logging.getLogger("test"), None, uploader)
+        training.checkpoint_and_preempt(accelerator, run, 3, preemption, logging.getLogger("test"), None, uploader)
     assert exit_info.value.code == 143
     assert calls == [("save", 3), ("submit", "checkpoint-3"), ("close", 7.0), ("end",)]
 

@@ -103,8 +103,7 @@ def validate_args(args):
         raise UsageError("--output_dir must differ from --pretrained_model_name_or_path (the unpruned pipeline is kept)")
     if os.path.exists(os.path.join(args.output_dir, "model_index.json")) and not args.overwrite_output_dir:
         raise UsageError(f"--output_dir {args.output_dir} already holds a saved pipeline; pass --overwrite_output_dir")
-    if args.push_to_hub:
-        args.hub_token_resolved = resolve_hub_token(args.hub_token)
+    args.hub_token_resolved = resolve_hub_token(args.hub_token) if args.push_to_hub else None
 
 
 def load_tdc_pipeline(path):
@@ -186,7 +185,7 @@ def main(args):
     )
     print(f"FLOPs per sample ({args.num_inference_steps} steps): {before['flops_per_sample']:.3e} -> "
           f"{after['flops_per_sample']:.3e} ({summary['flops_saved_fraction']:.1%} fewer); saved to {args.output_dir}")
-    publish_or_exit(args, write_card)
+    publish_or_exit(write_card, args.output_dir, args.push_to_hub, args.hub_model_id, args.hub_token_resolved)
     return summary
 
 

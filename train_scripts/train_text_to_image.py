@@ -22,6 +22,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,26 +36,22 @@ from tqdm.auto import tqdm
 from diffusers_curriculum.buckets import BucketBatchSampler, parse_buckets
 from diffusers_curriculum.caching import LatentCache, TextEmbeddingCache
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, move_into_place, save_pipeline
+from diffusers_curriculum.config import OptimizerSettings, RunConfig, from_flags
 from diffusers_curriculum.data import HUB_DATASET_IDS, INTERPOLATION_MODES, build_caption_dataset, describe_data
 from diffusers_curriculum.errors import ArgumentParser, UsageError, describe_exception, exits_on_usage_error
 from diffusers_curriculum.families import FAMILY_CLASSES, family_of, load_text_conditioning
 from diffusers_curriculum.export import write_training_regime
-from diffusers_curriculum.hub import (
-    base_model_fields, publish_or_exit, resolve_hub_token, training_facts, write_model_card,
-)
+from diffusers_curriculum.hub import base_model_fields, training_facts, write_model_card
 from diffusers_curriculum.lora import LORA_WEIGHTS, add_lora, register_lora_hooks, save_lora_weights
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.noise import process_from_config
 from diffusers_curriculum.preemption import Preemption
-from diffusers_curriculum.regimes import (
-    add_regime_args, build_regime, check_schedule, needs_unused_parameters, validate_regime_args,
-)
+from diffusers_curriculum.regimes import add_regime_args, build_regime, regime_spec
 from diffusers_curriculum.regimes.words import regime_in_words
 from diffusers_curriculum.training import (
-    after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, checkpoint_uploader, configure_logging,
-    end_training, epoch_batches,
-    log_images, make_accelerator, make_ema, make_optimizer, optimizer_record, optimizer_step, place_ema, resume, run_config,
-    run_record, shipped_weights,
+    after_sync_step, already_done, begin_run, checkpoint_and_preempt, checkpoint_uploader, configure_logging, end_training,
+    epoch_batches, log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, publish_run, resume,
+    run_record, shipped_weights, tracker_config,
 )
 from diffusers_curriculum.weighting import FLOW_WEIGHTINGS
 
@@ -212,17 +209,14 @@ def validate_args(args):
         raise UsageError(f"--noise_offset must be >= 0, got {args.noise_offset}")
     if args.use_lora and args.use_ema:
         raise UsageError("--use_ema keeps an EMA of the full denoiser and does not apply to --use_lora (LoRA trains adapters only)")
-    if args.use_lora and needs_unused_parameters(args):
-        raise UsageError(f"{'--regime tdc' if args.regime == 'tdc' else '--experts'} trains full expert copies; it does not combine with --use_lora")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise UsageError("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install 'diffusers-curriculum[xformers]')")
-    if args.push_to_hub:
-        args.hub_token_resolved = resolve_hub_token(args.hub_token)
     if args.train_data_dir is None and args.dataset_name is None:
         raise UsageError("give --dataset_name (a Hub id, or fashion_mnist offline) or --train_data_dir")
     if args.validation_prompt is not None:  # diffusers' LoRA script's single prompt joins the list
         args.validation_prompts = [*(args.validation_prompts or []), args.validation_prompt]
-    check_run_flags(args)
+    args.run_config = from_flags(RunConfig, vars(args))  # trackers installed, Hub token resolved
+    args.optimizer_settings = from_flags(OptimizerSettings, vars(args))
     family, num_train_timesteps, process = read_base(args)
     if family != "sd3":
         for flag in ("max_sequence_length", "drop_t5"):
@@ -237,7 +231,9 @@ def validate_args(args):
         args.weighting_scheme = "logit_normal"
     if args.prediction_type is not None and process != "ddpm":
         raise UsageError(f"--prediction_type applies to DDPM bases; {args.pretrained_model_name_or_path} is a {process} model")
-    validate_regime_args(args, num_train_timesteps=num_train_timesteps, noise_process=process)
+    args.regime_spec = regime_spec(args, num_train_timesteps=num_train_timesteps, noise_process=process)
+    if args.use_lora and args.regime_spec.experts is not None:
+        raise UsageError(f"{'--regime tdc' if args.regime == 'tdc' else '--experts'} trains full expert copies; it does not combine with --use_lora")
     check_fresh_start(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, done_file(args))
     check_writable(args.output_dir)
 
@@ -312,13 +308,12 @@ def collate(text):
 
 
 def main(args):
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args.run_config, args.regime_spec)
     configure_logging(accelerator, logger)
     if args.seed is not None:
         set_seed(args.seed)
 
     resolution, buckets = check_resolution(args)
-    args.resolution = resolution  # the card shows the resolution trained at
     text, vae, denoiser, noise_process = load_components(args)
     if args.prediction_type is not None:  # a DDPM base (checked in validate_args)
         noise_process.scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -338,10 +333,9 @@ def main(args):
         where = "the data set" if buckets is None else "every aspect-ratio bucket"
         raise UsageError(f"--train_batch_size {args.train_batch_size} is larger than {where} ({len(dataset)} images)")
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_train_epochs * steps_per_epoch
-    check_schedule(args, args.max_train_steps)
-    regime = build_regime(args, noise_process, accelerator, args.max_train_steps)  # the run's length sizes a curriculum
+    run = replace(args.run_config, max_train_steps=args.max_train_steps or args.num_train_epochs * steps_per_epoch,
+                  mixed_precision=accelerator.mixed_precision)  # the run's length and precision, now known
+    regime = build_regime(args.regime_spec, noise_process, accelerator, run.max_train_steps)  # the length sizes a curriculum
 
     vae.requires_grad_(False)
     for encoder in text.text_encoders:
@@ -365,18 +359,18 @@ def main(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
-    optimizer = make_optimizer(args, trainable, learning_rate, accelerator.device)
-    resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
-    done = already_done(accelerator, args, resume_path, done_file(args), regime)  # a finished run's re-run: nothing to train
+    optimizer = make_optimizer(args.optimizer_settings, trainable, learning_rate, accelerator.device)
+    resume_path = begin_run(accelerator, run, logger)  # every check passed: only now is --output_dir touched
+    done = already_done(accelerator, run, resume_path, done_file(args), regime)  # a finished run's re-run: nothing to train
     if done is not None:
         return done
-    uploader = checkpoint_uploader(accelerator, args)  # --push_checkpoints: each checkpoint to the Hub, in the background
+    uploader = checkpoint_uploader(accelerator, run)  # --push_checkpoints: each checkpoint to the Hub, in the background
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-                                 num_training_steps=args.max_train_steps * accelerator.num_processes)
+                                 num_training_steps=run.max_train_steps * accelerator.num_processes)
     denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, train_dataloader, lr_scheduler)
     if ema_denoiser is not None:
-        place_ema(args, ema_denoiser, accelerator)
+        place_ema(ema_denoiser, accelerator, run.offload_ema)
         accelerator.register_for_checkpointing(ema_denoiser)
     accelerator.register_for_checkpointing(regime)
     regime.attach(optimizer=optimizer, ema_model=ema_denoiser)
@@ -389,28 +383,28 @@ def main(args):
                                         disable_progress=not accelerator.is_local_main_process)
 
     steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
-    record = run_record(args, regime, "text_to_image")
+    num_epochs = math.ceil(run.max_train_steps / steps_per_epoch)
+    record = run_record(run, regime, "text_to_image")
     global_step, first_epoch, resume_step = resume(accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps,
                                                    record, regime)
     if resume_path is not None:  # load_state hands the EMA its weights on the CPU
-        place_ema(args, ema_denoiser, accelerator)
+        place_ema(ema_denoiser, accelerator, run.offload_ema)
     if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=run_config(args))
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(vars(args)))
 
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {len(dataset)}; {'resolution ' + str(resolution) if buckets is None else 'buckets ' + args.aspect_ratio_buckets}; {'LoRA rank ' + str(args.rank) if args.use_lora else 'full ' + text.denoiser_class_name}")
     logger.info(f"  Regime = {json.dumps(regime.describe())}")
-    logger.info(f"  Total train batch size = {total_batch_size}; optimization steps = {args.max_train_steps}")
+    logger.info(f"  Total train batch size = {total_batch_size}; optimization steps = {run.max_train_steps}")
 
     losses = []
-    progress_bar = tqdm(total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps")
+    progress_bar = tqdm(total=run.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps")
     # SIGTERM: checkpoint after the current step, then exit; during the final save: finish it first.
     with Preemption() as preemption:
         for epoch in range(first_epoch, num_epochs):
             denoiser.train()
             for batch in epoch_batches(accelerator, train_dataloader, epoch, first_epoch, resume_step):
-                if global_step >= args.max_train_steps:  # before the step: a resumed finished run trains no more
+                if global_step >= run.max_train_steps:  # before the step: a resumed finished run trains no more
                     break
                 with torch.no_grad():
                     if latent_cache is not None:
@@ -436,22 +430,22 @@ def main(args):
                     global_step += 1
                     progress_bar.update(1)
                     losses.append(loss.item())
-                    logs = after_sync_step(accelerator, regime, denoiser, ema_denoiser, losses[-1], lr_scheduler, global_step, args.offload_ema)
+                    logs = after_sync_step(accelerator, regime, denoiser, ema_denoiser, losses[-1], lr_scheduler, global_step, run.offload_ema)
                     progress_bar.set_postfix(**logs)
                     accelerator.log(logs, step=global_step)
-                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record, uploader)
-                if global_step >= args.max_train_steps:
+                    checkpoint_and_preempt(accelerator, run, global_step, preemption, logger, record, uploader)
+                if global_step >= run.max_train_steps:
                     break
             if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
-                    and global_step < args.max_train_steps):
+                    and global_step < run.max_train_steps):
                 validate(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, f"epoch_{epoch}", global_step)
-            if global_step >= args.max_train_steps:
+            if global_step >= run.max_train_steps:
                 break
         progress_bar.close()
 
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            finish(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step,
+            finish(args, run, resolution, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step,
                    len(dataset), total_batch_size, uploader)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
@@ -506,11 +500,11 @@ def save_lora(denoiser, output_dir, text):
     shutil.rmtree(tmp)
 
 
-def finish(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step, num_examples,
+def finish(args, run, resolution, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step, num_examples,
            total_batch_size, uploader=None):
     """Saves the pipeline (the EMA weights with --use_ema) or the LoRA weights, the validation images and the
     model card; then pushes when asked."""
-    record = {**regime.describe(), "trained_steps": global_step, "optimizer": optimizer_record(args)}
+    record = {**regime.describe(), "trained_steps": global_step, "optimizer": args.optimizer_settings.record()}
     with shipped_weights(accelerator, denoiser, ema_denoiser, final=True) as shipped:  # training is over: no restore
         pipeline = build_pipeline(shipped, text, vae, noise_process)
         if args.use_lora:
@@ -520,7 +514,8 @@ def finish(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, 
             save_pipeline(pipeline, args.output_dir, training_regime=record)
         images = log_validation(args, accelerator, pipeline, "final", global_step, text.sampling_kwargs()) if args.validation_prompts else []
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
-    settings.update(trained_steps=global_step, prediction_type=noise_process.prediction_type)
+    settings.update(trained_steps=global_step, prediction_type=noise_process.prediction_type, resolution=resolution,
+                    max_train_steps=run.max_train_steps, mixed_precision=run.mixed_precision)
     if record.get("stage_history"):
         logger.info(regime_in_words(record, global_step)[-1])  # how far the curriculum got
     dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
@@ -544,8 +539,8 @@ def finish(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, 
     )
     logger.info(f"Saved {'LoRA weights' if args.use_lora else text.pipeline_class_name} to {args.output_dir}")
     if uploader is not None:  # the checkpoints' commits first: one writer to the repo at a time
-        uploader.close(args.push_checkpoints_timeout)
-    publish_or_exit(args, write_card)
+        uploader.close(run.push_checkpoints_timeout)
+    publish_run(run, write_card)
 
 
 @exits_on_usage_error

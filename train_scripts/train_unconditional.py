@@ -13,6 +13,7 @@ import functools
 import json
 import math
 import os
+from dataclasses import replace
 
 import torch
 from accelerate.logging import get_logger
@@ -25,22 +26,22 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, save_pipeline
+from diffusers_curriculum.config import OptimizerSettings, RunConfig, from_flags
 from diffusers_curriculum.data import (
     BUILTIN_DATASETS, HUB_DATASET_IDS, INTERPOLATION_MODES, build_dataset, describe_data, num_channels,
 )
 from diffusers_curriculum.errors import ArgumentParser, UsageError, exits_on_usage_error
-from diffusers_curriculum.hub import publish_or_exit, resolve_hub_token, training_facts, write_model_card
+from diffusers_curriculum.hub import training_facts, write_model_card
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.noise import NOISE_PROCESSES, make_process
 from diffusers_curriculum.preemption import Preemption
-from diffusers_curriculum.regimes import add_regime_args, build_regime, check_schedule, validate_regime_args
+from diffusers_curriculum.regimes import add_regime_args, build_regime, regime_spec
 from diffusers_curriculum.regimes.words import regime_in_words
 from diffusers_curriculum.training import (
-    after_sync_step, already_done, begin_run, check_run_flags, checkpoint_and_preempt, checkpoint_uploader, configure_logging,
-    end_training, epoch_batches,
-    log_images, make_accelerator, make_ema, make_optimizer, optimizer_record, optimizer_step, place_ema, resume, run_config,
-    run_record, shipped_weights,
+    after_sync_step, already_done, begin_run, checkpoint_and_preempt, checkpoint_uploader, configure_logging, end_training,
+    epoch_batches, log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, publish_run, resume,
+    run_record, shipped_weights, tracker_config,
 )
 from diffusers_curriculum.tasks import TASKS, Unconditional
 
@@ -158,6 +159,8 @@ def build_parser(task_cls=Unconditional) -> ArgumentParser:
 
 
 def parse_args(argv=None, task_cls=Unconditional):
+    """The flags, checked; the parser's products ride along: ``args.regime_spec`` (the regime), ``args.run_config``
+    (output, checkpoints, Hub) and ``args.optimizer_settings``, each made once here."""
     parser = build_parser(task_cls)
     args = parser.parse_args(argv)
     args.task = task_cls.name
@@ -187,9 +190,8 @@ def validate_args(args):
         raise UsageError(f"--block_out_channels {args.block_out_channels}: channels must be positive")
     if args.enable_xformers_memory_efficient_attention and not is_xformers_available():
         raise UsageError("--enable_xformers_memory_efficient_attention: xformers is not installed (pip install 'diffusers-curriculum[xformers]')")
-    check_run_flags(args)
-    if args.push_to_hub:
-        args.hub_token_resolved = resolve_hub_token(args.hub_token)
+    args.run_config = from_flags(RunConfig, vars(args))  # trackers installed, Hub token resolved
+    args.optimizer_settings = from_flags(OptimizerSettings, vars(args))
     if args.train_data_dir is None and args.dataset_name is None:
         raise UsageError("give --dataset_name or --train_data_dir")
     if args.noise_process == "flow":
@@ -201,8 +203,8 @@ def validate_args(args):
             raise UsageError(f"--flow_shift must be > 0, got {args.flow_shift}")
     elif args.flow_shift != 1.0:
         raise UsageError("--flow_shift applies to --noise_process flow")
-    validate_regime_args(args, num_train_timesteps=args.ddpm_num_steps, noise_process=args.noise_process)
-    TASKS[args.task](args).validate_args()
+    args.regime_spec = regime_spec(args, num_train_timesteps=args.ddpm_num_steps, noise_process=args.noise_process)
+    from_flags(TASKS[args.task], vars(args))  # the task's flags, checked
     # Never train on top of another run by accident; --resume_from_checkpoint continues one.
     check_fresh_start(args.output_dir, args.overwrite_output_dir, args.resume_from_checkpoint, "model_index.json")
     check_writable(args.output_dir)
@@ -216,7 +218,7 @@ def build_pipeline(args, task, unet, noise_process):
 
 def saved_record(args, regime, global_step):
     """``training_regime.json``: the regime, the steps trained and the optimizer settings (pruning fine-tunes with them)."""
-    return {**regime.describe(), "trained_steps": global_step, "optimizer": optimizer_record(args)}
+    return {**regime.describe(), "trained_steps": global_step, "optimizer": args.optimizer_settings.record()}
 
 
 def save_sample_grid(args, task, pipeline, path, seed):
@@ -238,11 +240,11 @@ def save_sample_grid(args, task, pipeline, path, seed):
 def main(args, evaluate=None):
     """Trains; ``evaluate(global_step, pipeline)``, when given, is called on the main process every
     ``--validation_steps`` and at the end with the pipeline that would be shipped (EMA weights with --use_ema)."""
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args.run_config, args.regime_spec)
     configure_logging(accelerator, logger)
     if args.seed is not None:
         set_seed(args.seed)
-    task = TASKS[args.task](args, accelerator.process_index, accelerator.num_processes)
+    task = from_flags(TASKS[args.task], vars(args), process_index=accelerator.process_index, num_processes=accelerator.num_processes)
 
     # Data and model: everything that can be wrong with them fails here, before any training.
     dataset = build_dataset(
@@ -264,10 +266,9 @@ def main(args, evaluate=None):
     if len(train_dataloader) == 0:
         raise UsageError(f"--train_batch_size {args.train_batch_size} is larger than the data set ({len(dataset)} images)")
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    if args.max_train_steps is None:
-        args.max_train_steps = args.num_epochs * num_update_steps_per_epoch
-    check_schedule(args, args.max_train_steps)
-    regime = build_regime(args, noise_process, accelerator, args.max_train_steps)  # the run's length sizes a curriculum
+    run = replace(args.run_config, max_train_steps=args.max_train_steps or args.num_epochs * num_update_steps_per_epoch,
+                  mixed_precision=accelerator.mixed_precision)  # the run's length and precision, now known
+    regime = build_regime(args.regime_spec, noise_process, accelerator, run.max_train_steps)  # the length sizes a curriculum
 
     model = UNet2DModel.from_config(unet_config)
     if args.enable_xformers_memory_efficient_attention:
@@ -275,19 +276,19 @@ def main(args, evaluate=None):
     model = regime.wrap_model(model)  # e.g. TDC trains a timestep-routed copy per group
     ema_model = make_ema(model, args.use_ema, args.foreach_ema,
                          warmup={"decay": args.ema_max_decay, "inv_gamma": args.ema_inv_gamma, "power": args.ema_power})
-    optimizer = make_optimizer(args, model.parameters(), args.learning_rate, accelerator.device)
-    resume_path = begin_run(accelerator, args, logger)  # every check passed: only now is --output_dir touched
-    done = already_done(accelerator, args, resume_path, "model_index.json", regime)  # a finished run's re-run: nothing to train
+    optimizer = make_optimizer(args.optimizer_settings, model.parameters(), device=accelerator.device)
+    resume_path = begin_run(accelerator, run, logger)  # every check passed: only now is --output_dir touched
+    done = already_done(accelerator, run, resume_path, "model_index.json", regime)  # a finished run's re-run: nothing to train
     if done is not None:
         return done
-    uploader = checkpoint_uploader(accelerator, args)  # --push_checkpoints: each checkpoint to the Hub, in the background
+    uploader = checkpoint_uploader(accelerator, run)  # --push_checkpoints: each checkpoint to the Hub, in the background
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_training_steps=run.max_train_steps * accelerator.num_processes,
     )
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
     if ema_model is not None:
-        place_ema(args, ema_model, accelerator)
+        place_ema(ema_model, accelerator, run.offload_ema)
         accelerator.register_for_checkpointing(ema_model)
     accelerator.register_for_checkpointing(regime)
     if hasattr(task, "state_dict"):  # e.g. the class-dropout generator
@@ -295,34 +296,34 @@ def main(args, evaluate=None):
     regime.attach(optimizer=optimizer, ema_model=ema_model)
 
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
-    record = run_record(args, regime, task.name)
+    num_epochs = math.ceil(run.max_train_steps / num_update_steps_per_epoch)
+    record = run_record(run, regime, task.name)
     global_step, first_epoch, resume_step = resume(
         accelerator, resume_path, num_update_steps_per_epoch, args.gradient_accumulation_steps, record, regime
     )
     if resume_path is not None:  # load_state hands the EMA its weights on the CPU
-        place_ema(args, ema_model, accelerator)
+        place_ema(ema_model, accelerator, run.offload_ema)
 
     if accelerator.is_main_process:
-        accelerator.init_trackers(f"train_{task.name}", config=run_config(args))
+        accelerator.init_trackers(f"train_{task.name}", config=tracker_config(vars(args)))
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {len(dataset)}")
     logger.info(f"  Regime = {json.dumps(regime.describe())}")
     logger.info(f"  Total train batch size (w. parallel & accumulation) = {total_batch_size}")
-    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    logger.info(f"  Total optimization steps = {run.max_train_steps}")
 
     loss_history = []
     progress_bar = tqdm(
-        total=args.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
+        total=run.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
     )
     # SIGTERM: checkpoint after the current step, then exit; during the final save: finish it first.
     with Preemption() as preemption:
         for epoch in range(first_epoch, num_epochs):
             model.train()
             for batch in epoch_batches(accelerator, train_dataloader, epoch, first_epoch, resume_step):
-                if global_step >= args.max_train_steps:  # before the step: a resumed finished run trains no more
+                if global_step >= run.max_train_steps:  # before the step: a resumed finished run trains no more
                     break
                 clean_images = batch["pixel_values"].to(accelerator.device)
                 noise, timesteps = regime.sample(clean_images)  # noise levels: DDPM's integer t or the flow's real t
@@ -346,10 +347,10 @@ def main(args, evaluate=None):
 
                     if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                         validate(args, task, accelerator, model, ema_model, noise_process, global_step, f"step_{global_step}", evaluate)
-                    checkpoint_and_preempt(accelerator, args, global_step, preemption, logger, record, uploader)
-                if global_step >= args.max_train_steps:
+                    checkpoint_and_preempt(accelerator, run, global_step, preemption, logger, record, uploader)
+                if global_step >= run.max_train_steps:
                     break
-            if global_step >= args.max_train_steps:
+            if global_step >= run.max_train_steps:
                 break
             if accelerator.is_main_process:  # diffusers' per-epoch grid and pipeline (the last epoch's: finish)
                 if (epoch + 1) % args.save_images_epochs == 0:
@@ -364,7 +365,7 @@ def main(args, evaluate=None):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             validated = bool(args.validation_steps) and global_step % args.validation_steps == 0  # this step's grid is out
-            finish(args, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
+            finish(args, run, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
                    evaluate, validated, uploader)
         if preemption.signalled:
             logger.warning("SIGTERM arrived during the final save; the save was finished first")
@@ -384,7 +385,7 @@ def validate(args, task, accelerator, model, ema_model, noise_process, global_st
             evaluate(global_step, pipeline)
 
 
-def finish(args, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
+def finish(args, run, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
            evaluate=None, validated=False, uploader=None):
     """Saves the pipeline (the EMA weights with --use_ema), a sample grid and the model card; unless the last
     step was ``validated`` already, sends the grid to the trackers and calls ``evaluate``; then pushes when asked."""
@@ -399,7 +400,8 @@ def finish(args, task, accelerator, model, ema_model, noise_process, regime, glo
         validation_image = "samples/final.png"
     if evaluate is not None and not validated:
         evaluate(global_step, pipeline)
-    settings = {key: getattr(args, key) for key in CARD_SETTINGS}
+    settings = {**{key: getattr(args, key) for key in CARD_SETTINGS}, "max_train_steps": run.max_train_steps,
+                "mixed_precision": run.mixed_precision}
     if args.noise_process == "flow":
         settings = {**{k: v for k, v in settings.items() if k not in ("prediction_type", "ddpm_beta_schedule")},
                     **{key: getattr(args, key) for key in FLOW_CARD_SETTINGS}}
@@ -421,8 +423,8 @@ def finish(args, task, accelerator, model, ema_model, noise_process, regime, glo
     )
     logger.info(f"Saved {type(pipeline).__name__} to {args.output_dir}")
     if uploader is not None:  # the checkpoints' commits first: one writer to the repo at a time
-        uploader.close(args.push_checkpoints_timeout)
-    publish_or_exit(args, write_card)
+        uploader.close(run.push_checkpoints_timeout)
+    publish_run(run, write_card)
     return pipeline
 
 

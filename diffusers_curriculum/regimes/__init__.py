@@ -6,12 +6,14 @@
 * :mod:`.balancers` -- multi-task balancers over the cluster losses (UW, PCGrad, NashMTL);
 * :mod:`.experts` -- TDC's base stage, branching and routed experts;
 * :mod:`.regime` -- :class:`Regime`, the one object a training script calls;
-* :mod:`.cli` -- every flag, every check, the presets and :func:`build_regime`.
+* :mod:`.spec` -- :class:`RegimeSpec`, the regime as checked plain values, the presets, and :func:`build_regime`;
+* :mod:`.cli` -- every flag, and :func:`regime_spec`, which resolves them into a spec once.
 
-Constructors take plain values (T, boundaries, seeds); only :mod:`.cli` reads an argparse namespace.
+Constructors take plain values (T, boundaries, seeds) or the spec; only :mod:`.cli` reads an argparse namespace.
 """
 
-from .cli import PRESETS, add_regime_args, build_regime, check_launch, check_schedule, needs_unused_parameters, validate_regime_args
+from .cli import add_regime_args, regime_spec
 from .regime import Regime
+from .spec import PRESETS, RegimeSpec, build_regime
 
-__all__ = ["PRESETS", "Regime", "add_regime_args", "build_regime", "check_launch", "check_schedule", "needs_unused_parameters", "validate_regime_args"]
+__all__ = ["PRESETS", "Regime", "RegimeSpec", "add_regime_args", "build_regime", "regime_spec"]
