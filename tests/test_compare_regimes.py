@@ -181,7 +181,7 @@ def test_every_arm_builds_the_regime_its_name_says(train_unconditional):
         if flags is None:
             continue
         args = train_unconditional.parse_args(["--output_dir", "unused", "--max_train_steps", "300", *flags])
-        axes = build_regime(args, DDPMScheduler(num_train_timesteps=1000)).axes()
+        axes = build_regime(args.regime_spec, DDPMScheduler(num_train_timesteps=1000)).axes()
         found = {"weighting": axes["weighting"]["weighting"], "timestep_sampling": axes["timestep_sampling"],
                  "balancer": axes["balancer"]["method"], "experts": (axes["experts"] or {}).get("num_experts")}
         for part in arm.split("+"):
@@ -189,7 +189,7 @@ def test_every_arm_builds_the_regime_its_name_says(train_unconditional):
                 axis, value = ARM_PARTS[part]
                 assert found[axis] == value, (arm, axis, found)
     round_robin = train_unconditional.parse_args(["--output_dir", "unused", "--max_train_steps", "300", *all_arms["tdc_round_robin"]])
-    assert build_regime(round_robin, DDPMScheduler(num_train_timesteps=1000)).axes()["experts"]["schedule"] == "round_robin"
+    assert build_regime(round_robin.regime_spec, DDPMScheduler(num_train_timesteps=1000)).axes()["experts"]["schedule"] == "round_robin"
 
 
 @pytest.mark.parametrize("share, cap, check_every", [(0.5, 30, 6), (0.05, 3, 3), (0.2, 12, 6)])
@@ -201,7 +201,7 @@ def test_the_curriculum_share_caps_its_stages(train_unconditional, share, cap, c
 
     flags = load_benchmark().arms(300, curriculum_share=share, curriculum_clusters=5)["curriculum"]
     args = train_unconditional.parse_args(["--output_dir", "unused", "--max_train_steps", "300", *flags])
-    pacing = build_regime(args, DDPMScheduler(num_train_timesteps=1000)).sampler.pacing
+    pacing = build_regime(args.regime_spec, DDPMScheduler(num_train_timesteps=1000), max_train_steps=300).sampler.pacing
     assert (pacing.max_stage_steps, pacing.check_every, pacing.patience) == (cap, check_every, 5)
 
 

@@ -135,7 +135,7 @@ def test_logger_is_report_to_and_weighting_scheme_maps_onto_the_samplers(train_u
     from diffusers_curriculum.regimes import build_regime
     from diffusers_curriculum.sampling import ModeSampler
 
-    regime = build_regime(args, DDPMScheduler(num_train_timesteps=100), None)
+    regime = build_regime(args.regime_spec, DDPMScheduler(num_train_timesteps=100), None)
     assert isinstance(regime.sampler, ModeSampler) and regime.sampler.mode_scale == 0.5 and regime.name == "mode"
     with pytest.raises(UsageError, match="--weighting_scheme and --timestep_sampling both choose"):
         train_unconditional.parse_args(["--weighting_scheme", "logit_normal", "--timestep_sampling", "uniform", "--output_dir", "unused"])

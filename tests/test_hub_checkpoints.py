@@ -157,7 +157,6 @@ def test_a_half_uploaded_checkpoint_is_never_resumed_from(hub, tmp_path):
 def test_push_checkpoints_flags_are_checked_before_work(train_unconditional, tmp_path, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
-    monkeypatch.setattr(training, "get_token", lambda: None)
     from diffusers_curriculum import hub
 
     monkeypatch.setattr(hub, "get_token", lambda: None)

@@ -502,7 +502,7 @@ def test_sd3_defaults_to_diffusers_logit_normal_density_unless_a_regime_or_flag_
     assert parse(tiny_sd3, "--weighting_scheme", "none").weighting_scheme == "none"
     assert parse(tiny_sd3, "--timestep_sampling", "mode").weighting_scheme is None
     assert parse(tiny_sd3, "--regime", "curriculum").weighting_scheme is None  # the curriculum owns the density
-    assert parse(tiny_sd3, "--weighting_scheme", "cosmap").weighting == "cosmap"  # a flow weighting on a flow base
+    assert parse(tiny_sd3, "--weighting_scheme", "cosmap").regime_spec.weighting == "cosmap"  # a flow weighting on a flow base
     assert parse(tiny_sd3, "--weighting", "sigma_sqrt").weighting_scheme is None  # as diffusers: SD3's weights on uniform draws
     assert parse(tiny_sd).weighting_scheme is None and parse(tiny_sd).max_sequence_length is None  # DDPM bases: uniform
 

@@ -18,7 +18,6 @@ or ``fashion_mnist``: Fashion-MNIST captioned from its labels, "a photo of a sne
 
 import argparse
 import functools
-import json
 import math
 import os
 import shutil
@@ -31,7 +30,6 @@ from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, DDPMScheduler
 from diffusers.optimization import get_scheduler
 from diffusers.utils.import_utils import is_xformers_available
-from tqdm.auto import tqdm
 
 from diffusers_curriculum.buckets import BucketBatchSampler, parse_buckets
 from diffusers_curriculum.caching import LatentCache, TextEmbeddingCache
@@ -45,13 +43,12 @@ from diffusers_curriculum.hub import base_model_fields, training_facts, write_mo
 from diffusers_curriculum.lora import LORA_WEIGHTS, add_lora, register_lora_hooks, save_lora_weights
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.noise import process_from_config
-from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, regime_spec
 from diffusers_curriculum.regimes.words import regime_in_words
+from diffusers_curriculum.loop import TrainingLoop
 from diffusers_curriculum.training import (
-    after_sync_step, already_done, begin_run, checkpoint_and_preempt, checkpoint_uploader, configure_logging, end_training,
-    epoch_batches, log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, publish_run, resume,
-    run_record, shipped_weights, tracker_config,
+    configure_logging, end_training, log_images, make_accelerator, make_ema, make_optimizer, publish_run, shipped_weights,
+    tracker_config,
 )
 from diffusers_curriculum.weighting import FLOW_WEIGHTINGS
 
@@ -360,20 +357,15 @@ def main(args):
     learning_rate = args.learning_rate * total_batch_size if args.scale_lr else args.learning_rate
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = make_optimizer(args.optimizer_settings, trainable, learning_rate, accelerator.device)
-    resume_path = begin_run(accelerator, run, logger)  # every check passed: only now is --output_dir touched
-    done = already_done(accelerator, run, resume_path, done_file(args), regime)  # a finished run's re-run: nothing to train
-    if done is not None:
+    loop = TrainingLoop(accelerator, run, regime, logger, "text_to_image", done_file=done_file(args))
+    done = loop.begin()  # every check passed: only now is --output_dir touched
+    if done is not None:  # the re-run of a finished command: nothing to train
         return done
-    uploader = checkpoint_uploader(accelerator, run)  # --push_checkpoints: each checkpoint to the Hub, in the background
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=run.max_train_steps * accelerator.num_processes)
-    denoiser, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(denoiser, optimizer, train_dataloader, lr_scheduler)
-    if ema_denoiser is not None:
-        place_ema(ema_denoiser, accelerator, run.offload_ema)
-        accelerator.register_for_checkpointing(ema_denoiser)
-    accelerator.register_for_checkpointing(regime)
-    regime.attach(optimizer=optimizer, ema_model=ema_denoiser)
+    denoiser, optimizer, train_dataloader, lr_scheduler = loop.prepare(denoiser, optimizer, train_dataloader, lr_scheduler,
+                                                                       ema_denoiser)
     shift_factor = vae.config.get("shift_factor") or 0.0  # SD3's VAE centres its latents
     latent_cache = text_cache = None
     if args.cache_latents:  # every image through the VAE once, every caption through the text encoder once
@@ -382,76 +374,43 @@ def main(args):
         text_cache = TextEmbeddingCache(text.tokenize, text.encode, dataset.all_captions(), args.train_batch_size,
                                         disable_progress=not accelerator.is_local_main_process)
 
-    steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(run.max_train_steps / steps_per_epoch)
-    record = run_record(run, regime, "text_to_image")
-    global_step, first_epoch, resume_step = resume(accelerator, resume_path, steps_per_epoch, args.gradient_accumulation_steps,
-                                                   record, regime)
-    if resume_path is not None:  # load_state hands the EMA its weights on the CPU
-        place_ema(ema_denoiser, accelerator, run.offload_ema)
-    if accelerator.is_main_process:
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(vars(args)))
+    def step(batch):
+        """A batch's per-sample denoising losses (in latent space, conditioned on its captions) and noise levels."""
+        with torch.no_grad():
+            if latent_cache is not None:
+                mean, std = latent_cache.posterior(batch["index"], accelerator.device)
+                encoder_hidden_states, pooled = text_cache(batch["captions"])
+            else:
+                posterior = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
+                mean, std = posterior.mean, posterior.std
+                encoder_hidden_states, pooled = text.encode(batch["input_ids"])
+            conditioning = text.conditioning(pooled, batch)  # SDXL/SD3: pooled text (SDXL: sizes, crop)
+            # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
+            latents = (mean + std * regime.randn_like(mean) - shift_factor) * vae.config.scaling_factor
+        noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
+        noisy_latents = noise_process.add_noise(latents, noise, timesteps)
+        model_pred = text.predict(denoiser, noisy_latents, noise_process.model_timesteps(timesteps), encoder_hidden_states,
+                                  conditioning)
+        return denoising_loss(model_pred, noise_process, latents, noise, timesteps), timesteps
 
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(dataset)}; {'resolution ' + str(resolution) if buckets is None else 'buckets ' + args.aspect_ratio_buckets}; {'LoRA rank ' + str(args.rank) if args.use_lora else 'full ' + text.denoiser_class_name}")
-    logger.info(f"  Regime = {json.dumps(regime.describe())}")
-    logger.info(f"  Total train batch size = {total_batch_size}; optimization steps = {run.max_train_steps}")
+    def on_epoch_end(epoch, global_step):
+        if accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0:
+            validate(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, f"epoch_{epoch}", global_step)
 
-    losses = []
-    progress_bar = tqdm(total=run.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps")
-    # SIGTERM: checkpoint after the current step, then exit; during the final save: finish it first.
-    with Preemption() as preemption:
-        for epoch in range(first_epoch, num_epochs):
-            denoiser.train()
-            for batch in epoch_batches(accelerator, train_dataloader, epoch, first_epoch, resume_step):
-                if global_step >= run.max_train_steps:  # before the step: a resumed finished run trains no more
-                    break
-                with torch.no_grad():
-                    if latent_cache is not None:
-                        mean, std = latent_cache.posterior(batch["index"], accelerator.device)
-                        encoder_hidden_states, pooled = text_cache(batch["captions"])
-                    else:
-                        posterior = vae.encode(batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)).latent_dist
-                        mean, std = posterior.mean, posterior.std
-                        encoder_hidden_states, pooled = text.encode(batch["input_ids"])
-                    conditioning = text.conditioning(pooled, batch)  # SDXL/SD3: pooled text (SDXL: sizes, crop)
-                    # sample the posterior from the regime's checkpointed generator: resumes draw the same latents
-                    latents = (mean + std * regime.randn_like(mean) - shift_factor) * vae.config.scaling_factor
-                noise, timesteps = regime.sample(latents, noise_offset=args.noise_offset)
-                noisy_latents = noise_process.add_noise(latents, noise, timesteps)
-                with accelerator.accumulate(denoiser), regime.forward_context(accelerator, denoiser):
-                    model_pred = text.predict(denoiser, noisy_latents, noise_process.model_timesteps(timesteps),
-                                              encoder_hidden_states, conditioning)
-                    per_sample = denoising_loss(model_pred, noise_process, latents, noise, timesteps)
-                    loss = regime.backward(accelerator, per_sample, timesteps, denoiser)
-                    optimizer_step(accelerator, trainable, optimizer, lr_scheduler, args.max_grad_norm)
+    def on_finish(global_step):
+        finish(args, loop, resolution, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step,
+               len(dataset), total_batch_size)
 
-                if accelerator.sync_gradients:
-                    global_step += 1
-                    progress_bar.update(1)
-                    losses.append(loss.item())
-                    logs = after_sync_step(accelerator, regime, denoiser, ema_denoiser, losses[-1], lr_scheduler, global_step, run.offload_ema)
-                    progress_bar.set_postfix(**logs)
-                    accelerator.log(logs, step=global_step)
-                    checkpoint_and_preempt(accelerator, run, global_step, preemption, logger, record, uploader)
-                if global_step >= run.max_train_steps:
-                    break
-            if (accelerator.is_main_process and args.validation_prompts and (epoch + 1) % args.validation_epochs == 0
-                    and global_step < run.max_train_steps):
-                validate(args, accelerator, denoiser, ema_denoiser, text, vae, noise_process, f"epoch_{epoch}", global_step)
-            if global_step >= run.max_train_steps:
-                break
-        progress_bar.close()
-
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            finish(args, run, resolution, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step,
-                   len(dataset), total_batch_size, uploader)
-        if preemption.signalled:
-            logger.warning("SIGTERM arrived during the final save; the save was finished first")
-    del denoiser, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
+    shape = f"resolution {resolution}" if buckets is None else f"buckets {args.aspect_ratio_buckets}"
+    trained = f"LoRA rank {args.rank}" if args.use_lora else f"full {text.denoiser_class_name}"
+    summary = loop.train(step, max_grad_norm=args.max_grad_norm, parameters=trainable,
+                         tracker=(args.tracker_project_name, tracker_config(vars(args))),
+                         describe=[f"Num examples = {len(dataset)}; {shape}; {trained}",
+                                   f"Total train batch size (w. parallel & accumulation) = {total_batch_size}"],
+                         on_epoch_end=on_epoch_end, finish=on_finish)
+    denoiser = optimizer = train_dataloader = lr_scheduler = None  # the DDP wrapper goes before its process group
     end_training(accelerator)
-    return {"global_step": global_step, "losses": losses, "regime_state": regime.state_dict()}
+    return summary
 
 
 def build_pipeline(denoiser, text, vae, noise_process):
@@ -500,8 +459,8 @@ def save_lora(denoiser, output_dir, text):
     shutil.rmtree(tmp)
 
 
-def finish(args, run, resolution, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step, num_examples,
-           total_batch_size, uploader=None):
+def finish(args, loop, resolution, accelerator, denoiser, ema_denoiser, text, vae, noise_process, regime, global_step, num_examples,
+           total_batch_size):
     """Saves the pipeline (the EMA weights with --use_ema) or the LoRA weights, the validation images and the
     model card; then pushes when asked."""
     record = {**regime.describe(), "trained_steps": global_step, "optimizer": args.optimizer_settings.record()}
@@ -515,7 +474,7 @@ def finish(args, run, resolution, accelerator, denoiser, ema_denoiser, text, vae
         images = log_validation(args, accelerator, pipeline, "final", global_step, text.sampling_kwargs()) if args.validation_prompts else []
     settings = {key: getattr(args, key) for key in CARD_SETTINGS}
     settings.update(trained_steps=global_step, prediction_type=noise_process.prediction_type, resolution=resolution,
-                    max_train_steps=run.max_train_steps, mixed_precision=run.mixed_precision)
+                    max_train_steps=loop.run.max_train_steps, mixed_precision=loop.run.mixed_precision)
     if record.get("stage_history"):
         logger.info(regime_in_words(record, global_step)[-1])  # how far the curriculum got
     dataset = None if args.train_data_dir else HUB_DATASET_IDS.get(args.dataset_name, args.dataset_name)
@@ -538,9 +497,8 @@ def finish(args, run, resolution, accelerator, denoiser, ema_denoiser, text, vae
         use_lora=args.use_lora, validation=validation, num_inference_steps=args.num_validation_inference_steps,
     )
     logger.info(f"Saved {'LoRA weights' if args.use_lora else text.pipeline_class_name} to {args.output_dir}")
-    if uploader is not None:  # the checkpoints' commits first: one writer to the repo at a time
-        uploader.close(run.push_checkpoints_timeout)
-    publish_run(run, write_card)
+    loop.close_uploads()  # the checkpoints' commits first: one writer to the repo at a time
+    publish_run(loop.run, write_card)
 
 
 @exits_on_usage_error

@@ -10,7 +10,6 @@ into ``diffusers_curriculum.regimes``. Default data: Fashion-MNIST, offline, res
 
 import argparse
 import functools
-import json
 import math
 import os
 from dataclasses import replace
@@ -23,7 +22,6 @@ from diffusers.optimization import get_scheduler
 from diffusers.utils import make_image_grid
 from diffusers.utils.import_utils import is_xformers_available
 from PIL import Image
-from tqdm.auto import tqdm
 
 from diffusers_curriculum.checkpointing import check_fresh_start, check_writable, save_pipeline
 from diffusers_curriculum.config import OptimizerSettings, RunConfig, from_flags
@@ -35,13 +33,12 @@ from diffusers_curriculum.hub import training_facts, write_model_card
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import unet_config_from_args
 from diffusers_curriculum.noise import NOISE_PROCESSES, make_process
-from diffusers_curriculum.preemption import Preemption
 from diffusers_curriculum.regimes import add_regime_args, build_regime, regime_spec
 from diffusers_curriculum.regimes.words import regime_in_words
+from diffusers_curriculum.loop import TrainingLoop
 from diffusers_curriculum.training import (
-    after_sync_step, already_done, begin_run, checkpoint_and_preempt, checkpoint_uploader, configure_logging, end_training,
-    epoch_batches, log_images, make_accelerator, make_ema, make_optimizer, optimizer_step, place_ema, publish_run, resume,
-    run_record, shipped_weights, tracker_config,
+    configure_logging, end_training, log_images, make_accelerator, make_ema, make_optimizer, publish_run, shipped_weights,
+    tracker_config,
 )
 from diffusers_curriculum.tasks import TASKS, Unconditional
 
@@ -277,101 +274,55 @@ def main(args, evaluate=None):
     ema_model = make_ema(model, args.use_ema, args.foreach_ema,
                          warmup={"decay": args.ema_max_decay, "inv_gamma": args.ema_inv_gamma, "power": args.ema_power})
     optimizer = make_optimizer(args.optimizer_settings, model.parameters(), device=accelerator.device)
-    resume_path = begin_run(accelerator, run, logger)  # every check passed: only now is --output_dir touched
-    done = already_done(accelerator, run, resume_path, "model_index.json", regime)  # a finished run's re-run: nothing to train
-    if done is not None:
+    loop = TrainingLoop(accelerator, run, regime, logger, task.name, done_file="model_index.json")
+    done = loop.begin()  # every check passed: only now is --output_dir touched
+    if done is not None:  # the re-run of a finished command: nothing to train
         return done
-    uploader = checkpoint_uploader(accelerator, run)  # --push_checkpoints: each checkpoint to the Hub, in the background
     lr_scheduler = get_scheduler(
         args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=run.max_train_steps * accelerator.num_processes,
     )
-    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(model, optimizer, train_dataloader, lr_scheduler)
-    if ema_model is not None:
-        place_ema(ema_model, accelerator, run.offload_ema)
-        accelerator.register_for_checkpointing(ema_model)
-    accelerator.register_for_checkpointing(regime)
-    if hasattr(task, "state_dict"):  # e.g. the class-dropout generator
-        accelerator.register_for_checkpointing(task)
-    regime.attach(optimizer=optimizer, ema_model=ema_model)
-
-    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
-    num_epochs = math.ceil(run.max_train_steps / num_update_steps_per_epoch)
-    record = run_record(run, regime, task.name)
-    global_step, first_epoch, resume_step = resume(
-        accelerator, resume_path, num_update_steps_per_epoch, args.gradient_accumulation_steps, record, regime
+    model, optimizer, train_dataloader, lr_scheduler = loop.prepare(
+        model, optimizer, train_dataloader, lr_scheduler, ema_model,
+        checkpointed=[task] if hasattr(task, "state_dict") else [],  # e.g. the class-dropout generator
     )
-    if resume_path is not None:  # load_state hands the EMA its weights on the CPU
-        place_ema(ema_model, accelerator, run.offload_ema)
 
-    if accelerator.is_main_process:
-        accelerator.init_trackers(f"train_{task.name}", config=tracker_config(vars(args)))
+    def step(batch):
+        """A batch's per-sample denoising losses and their noise levels."""
+        clean_images = batch["pixel_values"].to(accelerator.device)
+        noise, timesteps = regime.sample(clean_images)  # noise levels: DDPM's integer t or the flow's real t
+        noisy_images = noise_process.add_noise(clean_images, noise, timesteps)
+        model_output = model(noisy_images, noise_process.model_timesteps(timesteps),
+                             **task.model_kwargs(batch, accelerator.device)).sample
+        return denoising_loss(model_output, noise_process, clean_images, noise, timesteps), timesteps
+
+    def on_step_end(global_step):
+        if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+            validate(args, task, accelerator, model, ema_model, noise_process, global_step, f"step_{global_step}", evaluate)
+
+    def on_epoch_end(epoch, global_step):  # diffusers' per-epoch grid and pipeline (the last epoch's: finish)
+        if not accelerator.is_main_process:
+            return
+        if (epoch + 1) % args.save_images_epochs == 0:
+            validate(args, task, accelerator, model, ema_model, noise_process, global_step, f"epoch_{epoch}")
+        if (epoch + 1) % args.save_model_epochs == 0:
+            with shipped_weights(accelerator, model, ema_model) as shipped:
+                save_pipeline(build_pipeline(args, task, shipped, noise_process), args.output_dir,
+                              training_regime=saved_record(args, regime, global_step))
+            logger.info(f"Saved the pipeline of epoch {epoch} (step {global_step}) to {args.output_dir}")
+
+    def on_finish(global_step):
+        validated = bool(args.validation_steps) and global_step % args.validation_steps == 0  # this step's grid is out
+        finish(args, loop, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
+               evaluate, validated)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(dataset)}")
-    logger.info(f"  Regime = {json.dumps(regime.describe())}")
-    logger.info(f"  Total train batch size (w. parallel & accumulation) = {total_batch_size}")
-    logger.info(f"  Total optimization steps = {run.max_train_steps}")
-
-    loss_history = []
-    progress_bar = tqdm(
-        total=run.max_train_steps, initial=global_step, disable=not accelerator.is_local_main_process, desc="Steps"
-    )
-    # SIGTERM: checkpoint after the current step, then exit; during the final save: finish it first.
-    with Preemption() as preemption:
-        for epoch in range(first_epoch, num_epochs):
-            model.train()
-            for batch in epoch_batches(accelerator, train_dataloader, epoch, first_epoch, resume_step):
-                if global_step >= run.max_train_steps:  # before the step: a resumed finished run trains no more
-                    break
-                clean_images = batch["pixel_values"].to(accelerator.device)
-                noise, timesteps = regime.sample(clean_images)  # noise levels: DDPM's integer t or the flow's real t
-                noisy_images = noise_process.add_noise(clean_images, noise, timesteps)
-
-                with accelerator.accumulate(model), regime.forward_context(accelerator, model):
-                    model_output = model(noisy_images, noise_process.model_timesteps(timesteps),
-                                         **task.model_kwargs(batch, accelerator.device)).sample
-                    per_sample_loss = denoising_loss(model_output, noise_process, clean_images, noise, timesteps)
-                    loss = regime.backward(accelerator, per_sample_loss, timesteps, model)
-                    optimizer_step(accelerator, model.parameters(), optimizer, lr_scheduler, args.max_grad_norm)
-
-                if accelerator.sync_gradients:
-                    global_step += 1
-                    progress_bar.update(1)
-                    loss_history.append(loss.item())
-                    logs = after_sync_step(accelerator, regime, model, ema_model, loss_history[-1], lr_scheduler, global_step,
-                                           args.offload_ema)
-                    progress_bar.set_postfix(**logs)
-                    accelerator.log({**logs, "step": global_step}, step=global_step)
-
-                    if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                        validate(args, task, accelerator, model, ema_model, noise_process, global_step, f"step_{global_step}", evaluate)
-                    checkpoint_and_preempt(accelerator, run, global_step, preemption, logger, record, uploader)
-                if global_step >= run.max_train_steps:
-                    break
-            if global_step >= run.max_train_steps:
-                break
-            if accelerator.is_main_process:  # diffusers' per-epoch grid and pipeline (the last epoch's: finish)
-                if (epoch + 1) % args.save_images_epochs == 0:
-                    validate(args, task, accelerator, model, ema_model, noise_process, global_step, f"epoch_{epoch}")
-                if (epoch + 1) % args.save_model_epochs == 0:
-                    with shipped_weights(accelerator, model, ema_model) as shipped:
-                        save_pipeline(build_pipeline(args, task, shipped, noise_process), args.output_dir,
-                                      training_regime=saved_record(args, regime, global_step))
-                    logger.info(f"Saved the pipeline of epoch {epoch} (step {global_step}) to {args.output_dir}")
-        progress_bar.close()
-
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            validated = bool(args.validation_steps) and global_step % args.validation_steps == 0  # this step's grid is out
-            finish(args, run, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
-                   evaluate, validated, uploader)
-        if preemption.signalled:
-            logger.warning("SIGTERM arrived during the final save; the save was finished first")
-    del model, optimizer, train_dataloader, lr_scheduler  # the DDP wrapper goes before its process group
+    summary = loop.train(step, max_grad_norm=args.max_grad_norm, tracker=(f"train_{task.name}", tracker_config(vars(args))),
+                         describe=[f"Num examples = {len(dataset)}", f"Total train batch size (w. parallel & accumulation) = {total_batch_size}"],
+                         on_step_end=on_step_end, on_epoch_end=on_epoch_end, finish=on_finish)
+    model = optimizer = train_dataloader = lr_scheduler = None  # the DDP wrapper goes before its process group
     end_training(accelerator)
-    return {"global_step": global_step, "losses": loss_history, "regime_state": regime.state_dict()}
+    return summary
 
 
 def validate(args, task, accelerator, model, ema_model, noise_process, global_step, name, evaluate=None):
@@ -385,8 +336,8 @@ def validate(args, task, accelerator, model, ema_model, noise_process, global_st
             evaluate(global_step, pipeline)
 
 
-def finish(args, run, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
-           evaluate=None, validated=False, uploader=None):
+def finish(args, loop, task, accelerator, model, ema_model, noise_process, regime, global_step, dataset, total_batch_size,
+           evaluate=None, validated=False):
     """Saves the pipeline (the EMA weights with --use_ema), a sample grid and the model card; unless the last
     step was ``validated`` already, sends the grid to the trackers and calls ``evaluate``; then pushes when asked."""
     with shipped_weights(accelerator, model, ema_model, final=True) as shipped:  # training is over: no restore
@@ -400,8 +351,8 @@ def finish(args, run, task, accelerator, model, ema_model, noise_process, regime
         validation_image = "samples/final.png"
     if evaluate is not None and not validated:
         evaluate(global_step, pipeline)
-    settings = {**{key: getattr(args, key) for key in CARD_SETTINGS}, "max_train_steps": run.max_train_steps,
-                "mixed_precision": run.mixed_precision}
+    settings = {**{key: getattr(args, key) for key in CARD_SETTINGS}, "max_train_steps": loop.run.max_train_steps,
+                "mixed_precision": loop.run.mixed_precision}
     if args.noise_process == "flow":
         settings = {**{k: v for k, v in settings.items() if k not in ("prediction_type", "ddpm_beta_schedule")},
                     **{key: getattr(args, key) for key in FLOW_CARD_SETTINGS}}
@@ -422,9 +373,8 @@ def finish(args, run, task, accelerator, model, ema_model, noise_process, regime
         **task.card_kwargs(dataset),
     )
     logger.info(f"Saved {type(pipeline).__name__} to {args.output_dir}")
-    if uploader is not None:  # the checkpoints' commits first: one writer to the repo at a time
-        uploader.close(run.push_checkpoints_timeout)
-    publish_run(run, write_card)
+    loop.close_uploads()  # the checkpoints' commits first: one writer to the repo at a time
+    publish_run(loop.run, write_card)
     return pipeline
 
 
