@@ -254,7 +254,7 @@ def fid_images(pipeline, n, steps, seed):
 
 def sampling_flops(pipeline, steps):
     from diffusers_curriculum.experts import is_routed_experts
-    from diffusers_curriculum.pruning import count_flops, flops_report
+    from diffusers_curriculum.experts.pruning import count_flops, flops_report
 
     scheduler = fid_sampler(pipeline)
     scheduler.set_timesteps(steps)

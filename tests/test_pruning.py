@@ -10,7 +10,8 @@ from diffusers import DDPMPipeline, DDPMScheduler, DiffusionPipeline, UNet2DMode
 from torch import nn
 
 import diffusers_curriculum  # noqa: F401
-from diffusers_curriculum import pruning, read_training_regime
+from diffusers_curriculum import read_training_regime
+from diffusers_curriculum.experts import pruning
 from diffusers_curriculum.data import build_dataset
 from diffusers_curriculum.experts import TimestepRoutedExperts
 from diffusers_curriculum.models import tiny_unet_config

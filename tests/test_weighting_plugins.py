@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler
 
 from diffusers_curriculum.errors import UsageError
 from diffusers_curriculum.noise import make_process
-from diffusers_curriculum.pruning import FinetuneObjective
+from diffusers_curriculum.experts.pruning import FinetuneObjective
 from diffusers_curriculum.regimes import build_regime
 from diffusers_curriculum.regimes.words import regime_in_words
 from diffusers_curriculum.weighting import WEIGHTINGS

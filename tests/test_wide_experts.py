@@ -8,11 +8,11 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from safetensors.torch import load_file
 
-from diffusers_curriculum import wide_experts
+from diffusers_curriculum.experts import wide as wide_experts
 from diffusers_curriculum.experts import TimestepRoutedExperts
 from diffusers_curriculum.models import tiny_unet_config
-from diffusers_curriculum.pruning import pruned_copy
-from diffusers_curriculum.wide_experts import BatchedExpertStep, WideExperts, why_not_wide
+from diffusers_curriculum.experts.pruning import pruned_copy
+from diffusers_curriculum.experts.wide import BatchedExpertStep, WideExperts, why_not_wide
 
 BOUNDARIES = [0, 25, 50, 75, 100]
 
@@ -114,7 +114,7 @@ def test_a_failed_first_batch_check_falls_back_for_good(monkeypatch, caplog):
     reference = copy.deepcopy(model)
     reference.batched = None
     x, t = batch()
-    with caplog.at_level(logging.WARNING, logger="diffusers_curriculum.wide_experts"):
+    with caplog.at_level(logging.WARNING, logger="diffusers_curriculum.experts.wide"):
         out = model(x, t).sample
     assert "differs from the per-group forward" in caplog.text
     torch.testing.assert_close(out, reference(x, t).sample)

@@ -30,7 +30,7 @@ from diffusers_curriculum.export import read_training_regime, stock_scheduler
 from diffusers_curriculum.hub import (
     base_model_fields, publish_or_exit, resolve_hub_token, write_model_card,
 )
-from diffusers_curriculum.pruning import FinetuneObjective, flops_report, prune_experts
+from diffusers_curriculum.experts.pruning import FinetuneObjective, flops_report, prune_experts
 
 REPORT_FILE = "pruning_report.json"
 

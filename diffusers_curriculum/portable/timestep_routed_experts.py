@@ -105,7 +105,7 @@ class TimestepRoutedExperts(ModelMixin, ConfigMixin):
         self.experts = nn.ModuleList(experts)
         # When set, every sample goes to this expert (TDC stage 1 trains the base model only).
         self.route_all_to: Optional[int] = None
-        # Training may set a batched step here (diffusers_curriculum.wide_experts): called as
+        # Training may set a batched step here (diffusers_curriculum.experts.wide): called as
         # batched(self, sample, t, groups, **inputs) with the call's other arguments by name, it returns the model
         # output or None to fall back to one forward per group.
         self.batched = None

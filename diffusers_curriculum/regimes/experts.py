@@ -13,7 +13,7 @@ the UNet per cluster:
   - ``stratified`` (the default): batches are stratified over the experts' clusters and each sample is routed
     to its cluster's expert, so every step trains all k experts on B/k samples each. With ``batched``
     (``--experts_forward batched``, the default) the k experts run as one wide model
-    (:mod:`diffusers_curriculum.wide_experts`) instead of one forward per group;
+    (:mod:`diffusers_curriculum.experts.wide`) instead of one forward per group;
   - ``round_robin``: each step draws the whole batch from one cluster and trains that cluster's expert alone,
     the experts in turn (as the paper fine-tunes each copy on its group, interleaved): every expert gets as
     many samples as under ``stratified``, in k times fewer updates of k times the batch, and a step costs what
@@ -32,7 +32,7 @@ import torch
 from ..clustering import bucketize
 from ..experts import TimestepRoutedExperts, count_flops, count_params
 from ..sampling import GroupCycleSampler, StratifiedSampler
-from ..wide_experts import BatchedExpertStep
+from ..experts.wide import BatchedExpertStep
 
 # Salt of the stage-2 sampler's seed, away from the timestep axis' generator.
 GROUP_SEED_SALT = 1

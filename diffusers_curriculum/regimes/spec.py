@@ -170,7 +170,7 @@ class RegimeSpec:
                 raise UsageError(f"{self.flag('clusters')} {self.clusters} differs from {self.flag('experts')} {self.experts}: "
                                  "each expert serves one cluster")
             if self.experts_base_steps is None or self.experts_base_steps < 1:
-                name = "--regime tdc" if self.preset == "tdc" and "experts" not in dict(self.flags) else self.flag("experts")
+                name = "--regime tdc" if self.preset == "tdc" and self.flag("experts") != "--experts" else self.flag("experts")
                 raise UsageError(f"{name} needs {self.flag('experts_base_steps')} >= 1, got {self.experts_base_steps}")
         elif self.experts_base_steps is not None:
             raise UsageError(f"{self.flag('experts_base_steps')} needs --experts K")

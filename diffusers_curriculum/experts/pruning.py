@@ -27,13 +27,13 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from .experts import count_flops, count_params, example_inputs, sync_sampler_widths
-from .clustering import bucketize
-from .losses import denoising_loss
-from .noise import as_process
-from .sampling import uniform_levels
-from .weighting import loss_weights
-from .weightings import PLUGINS
+from . import count_flops, count_params, example_inputs, sync_sampler_widths
+from ..clustering import bucketize
+from ..losses import denoising_loss
+from ..noise import as_process
+from ..sampling import uniform_levels
+from ..weighting import loss_weights
+from ..weightings import PLUGINS
 
 Config = Dict[str, float]
 

@@ -18,7 +18,7 @@ from torch.utils.flop_counter import FlopCounterMode
 # base class up on it (`getattr(module, "ModelMixin")`) to find `from_pretrained`. Keep it importable here.
 from diffusers import ModelMixin  # noqa: F401
 
-from .portable.timestep_routed_experts import (  # noqa: F401
+from ..portable.timestep_routed_experts import (  # noqa: F401
     PRUNING_FILE,
     TimestepRoutedExperts,
     check_boundaries,
