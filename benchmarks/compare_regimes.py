@@ -325,18 +325,17 @@ def training_argv(args, out, seed, steps):
     ]
 
 
-def prune_experts(source, out, seed, ratio, finetune_steps, batch_size, learning_rate, distill_weight, num_inference_steps,
-                  ema=False, max_loss_increase="0.1"):
+def prune_experts(source, out, seed, ratio, finetune_steps, batch_size, distill_weight, num_inference_steps, recipe,
+                  max_loss_increase="0.1"):
     """``prune_experts.py`` on the TDC pipeline in ``source``: 3 search rounds per expert, each proxy fine-tuning a
-    fifth of ``finetune_steps``; ``ema`` ships each expert's EMA (decay 0.999) of its fine-tuning."""
+    fifth of ``finetune_steps``; ``recipe``: the script's flags for when it prunes (``--prune_at``) and how it
+    fine-tunes."""
     script = load_script("prune_experts")
     script.main(script.parse_args([
         "--pretrained_model_name_or_path", str(source), "--output_dir", str(out), "--overwrite_output_dir",
         "--prune_ratio", str(ratio), "--search_rounds", "3", "--proxy_steps", str(max(1, finetune_steps // 5)),
-        "--finetune_steps", str(finetune_steps), "--train_batch_size", str(batch_size), "--learning_rate", str(learning_rate),
-        "--num_inference_steps", str(num_inference_steps), "--validation_size", "64", "--seed", str(seed),
-        "--distill_weight", str(distill_weight), "--max_loss_increase", str(max_loss_increase),
-        *(["--use_ema", "--ema_max_decay", "0.999"] if ema else []),
+        "--train_batch_size", str(batch_size), "--num_inference_steps", str(num_inference_steps), "--validation_size", "64",
+        "--seed", str(seed), "--distill_weight", str(distill_weight), "--max_loss_increase", str(max_loss_increase), *recipe,
     ]))
 
 
@@ -357,15 +356,15 @@ def prune_arm(args, seed, real, extractor, record):
         source, finetune_steps, batch_size = run_dir(args, "tdc_branch", seed), args.max_train_steps - base - 1, args.train_batch_size // TDC_EXPERTS
         train = load_script("train_unconditional")
         train.main(train.parse_args([*training_argv(args, source, seed, base + 1), *tdc_flags]))
-        recipe = dict(learning_rate=args.learning_rate, ema=True)
+        recipe = ["--prune_at", "branch", "--total_train_steps", str(args.max_train_steps)]  # the run's lr, EMA 0.999
     else:
         source, finetune_steps, batch_size = run_dir(args, "tdc", seed), args.prune_finetune_steps, args.train_batch_size
         if not (source / "model_index.json").exists():
             train = load_script("train_unconditional")
             train.main(train.parse_args([*training_argv(args, source, seed, args.max_train_steps), *tdc_flags]))
-        recipe = dict(learning_rate=args.learning_rate / 4, ema=False)
+        recipe = ["--finetune_steps", str(finetune_steps), "--learning_rate", str(args.learning_rate / 4)]
     prune_experts(source, out, seed, args.prune_ratio, finetune_steps, batch_size, distill_weight=args.prune_distill_weight,
-                  num_inference_steps=args.num_inference_steps, **recipe)
+                  num_inference_steps=args.num_inference_steps, recipe=recipe)
     seconds = round(time.perf_counter() - started, 1)
     pipeline = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
     fake = fid_images(pipeline, args.num_fid_images, args.num_inference_steps, seed)

@@ -166,8 +166,10 @@ def main(argv=None):
             if (seed, name) not in done:
                 started = time.perf_counter()
                 target = out / "runs" / f"pruned-{label.replace(',', '-').replace('=', '')}-seed{seed}"
-                prune_experts(snapshot, target, seed, args.prune_ratio, args.finetune_steps, args.finetune_batch_size,
-                              args.prune_learning_rate, weight, args.num_inference_steps, args.prune_ema, args.max_loss_increase)
+                recipe = ["--finetune_steps", str(args.finetune_steps), "--learning_rate", str(args.prune_learning_rate),
+                          *(["--use_ema", "--ema_max_decay", "0.999"] if args.prune_ema else [])]
+                prune_experts(snapshot, target, seed, args.prune_ratio, args.finetune_steps, args.finetune_batch_size, weight,
+                              args.num_inference_steps, recipe, args.max_loss_increase)
                 seconds = base_seconds + time.perf_counter() - started
                 report = json.loads((target / "pruning_report.json").read_text())
                 record({"seed": seed, "model": name, "steps": n + extra, "seconds": round(seconds, 1),

@@ -141,6 +141,27 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
     assert read_training_regime(tdc_pipeline)["optimizer"]["betas"] == [0.95, 0.999]
 
 
+@pytest.mark.slow
+def test_prune_at_branch_fine_tunes_each_expert_for_the_rest_of_the_run_at_its_learning_rate(tdc_pipeline, tmp_path, monkeypatch):
+    """The recipe of the README's pruned-TDC result as a flag: the run (5 steps, lr 1e-3) planned for 8 gives each
+    pruned expert 3 fine-tuning steps at 1e-3 and ships their EMA (0.999)."""
+    prune = load_script("prune_experts")
+    seen = {}
+    real = prune.prune_experts
+    monkeypatch.setattr(prune, "prune_experts", lambda *a, **k: seen.update(k) or real(*a, **k))
+    argv = ["--pretrained_model_name_or_path", str(tdc_pipeline), "--output_dir", str(tmp_path / "pruned"), "--prune_at", "branch",
+            "--search_rounds", "1", "--proxy_steps", "1", "--max_train_samples", "32", "--validation_size", "8",
+            "--train_batch_size", "4", "--num_inference_steps", "4", "--max_loss_increase", "inf"]
+    summary = prune.main(prune.parse_args([*argv, "--total_train_steps", "8"]))
+    assert read_training_regime(tdc_pipeline)["trained_steps"] == 5
+    assert (seen["finetune_steps"], seen["learning_rate"], seen["ema_decay"]) == (3, 1e-3, 0.999)
+    assert (summary["prune_at"], summary["finetune_steps"]) == ("branch", 3)
+    assert read_training_regime(tmp_path / "pruned")["pruning"]["learning_rate"] == 1e-3
+    with pytest.raises(diffusers_curriculum.errors.UsageError, match="--total_train_steps 5 leaves no fine-tuning: the run trained 5 steps"):
+        prune.main(prune.parse_args([*argv[:3], str(tmp_path / "other"), *argv[4:], "--total_train_steps", "5"]))
+    assert not (tmp_path / "other").exists()
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--prune_ratio", "1.0"], "--prune_ratio must be in (0, 1), got 1.0"),
     (["--prune_ratio", "0"], "--prune_ratio must be in (0, 1), got 0.0"),
@@ -149,6 +170,10 @@ def test_prune_script_writes_a_smaller_pipeline_that_generates(tdc_pipeline, tmp
     (["--max_loss_increase", "-0.1"], "--max_loss_increase must be >= 0 (inf: no limit), got -0.1"),
     (["--relaxations", "-1"], "--relaxations must be >= 0, got -1"),
     (["--ema_max_decay", "1"], "--ema_max_decay must be in (0, 1), got 1.0"),
+    (["--prune_at", "branch"], "--prune_at branch needs --total_train_steps (the run's planned length)"),
+    (["--total_train_steps", "9"], "--total_train_steps applies to --prune_at branch"),
+    (["--prune_at", "branch", "--total_train_steps", "9", "--finetune_steps", "3"],
+     "--finetune_steps is set by --prune_at branch (--total_train_steps minus the steps trained); give one"),
 ])
 def test_prune_script_bad_flags_are_one_line_errors(tmp_path, capsys, extra, message):
     prune = load_script("prune_experts")

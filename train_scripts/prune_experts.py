@@ -9,6 +9,16 @@ Every expert gets a FLOPs budget (easy high-noise groups the smallest), ``--sear
 by ``--proxy_steps`` of fine-tuning plus a validation loss, then ``--finetune_steps`` on its group, on the
 device accelerate picks (a GPU when there is one; ``CUDA_VISIBLE_DEVICES=""`` keeps it on the CPU). The
 ``training_regime.json`` and the model card record each expert's size and FLOPs and the FLOPs per generated sample.
+
+``--prune_at branch`` prunes right after TDC's branch instead of after the run (the recipe the README's pruned-TDC
+result uses): train the TDC run to ``--experts_base_steps + 1`` steps, then
+
+    python train_scripts/prune_experts.py --pretrained_model_name_or_path fmnist-tdc-branch \
+        --output_dir fmnist-tdc-pruned --prune_at branch --total_train_steps 1400 --train_batch_size 2
+
+and each pruned expert is fine-tuned for the rest of the run (``--total_train_steps`` minus the steps trained) at the
+run's learning rate, shipping the EMA of its fine-tuning (decay 0.999); with ``--train_batch_size`` the run's batch
+divided by the number of experts, each expert sees the samples the run's stage 2 would have given it.
 """
 
 import argparse
@@ -45,7 +55,13 @@ def build_parser() -> ArgumentParser:
                         help="FLOPs fraction removed from the easiest (highest-noise) expert; harder experts lose less.")
     parser.add_argument("--search_rounds", type=int, default=4, help="Proposals scored per expert.")
     parser.add_argument("--proxy_steps", type=int, default=20, help="Fine-tuning steps of the proxy score.")
-    parser.add_argument("--finetune_steps", type=int, default=200, help="Fine-tuning steps of each chosen pruned expert.")
+    parser.add_argument("--prune_at", type=str, default="end", choices=["end", "branch"],
+                        help="end: prune a finished TDC run, fine-tune --finetune_steps at --learning_rate. branch: prune a run "
+                             "stopped right after its branch; fine-tune for the rest of --total_train_steps at the run's "
+                             "learning rate and ship each expert's EMA (decay 0.999).")
+    parser.add_argument("--total_train_steps", type=int, default=None,
+                        help="--prune_at branch: the run's planned length; each expert fine-tunes for it minus the steps trained.")
+    parser.add_argument("--finetune_steps", type=int, default=None, help="Fine-tuning steps of each chosen pruned expert (default 200).")
     parser.add_argument("--distill_weight", type=float, default=0.0,
                         help="Weight of output distillation from each expert's unpruned self, added to the denoising loss "
                              "in the proxy's and the final fine-tuning (0: off; on the tiny CPU benchmark it made no measurable "
@@ -57,7 +73,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--relaxations", type=int, default=2, help="Budget relaxations per expert under --max_loss_increase.")
     parser.add_argument("--use_ema", action="store_true",
                         help="Ship each pruned expert's EMA of its fine-tuning (warm-up schedule as the training scripts').")
-    parser.add_argument("--ema_max_decay", type=float, default=0.9999, help="The EMA's decay cap with --use_ema.")
+    parser.add_argument("--ema_max_decay", type=float, default=None, help="The EMA's decay cap with --use_ema (default 0.9999; "
+                                                                         "0.999 with --prune_at branch).")
     parser.add_argument("--validation_size", type=int, default=64, help="Images in each expert's validation batch.")
     parser.add_argument("--dataset_name", type=str, default="fashion_mnist", help=f"Hub id or one of {BUILTIN_DATASETS}.")
     parser.add_argument("--train_data_dir", type=str, default=None, help="A folder of training images (overrides --dataset_name).")
@@ -65,7 +82,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--max_train_samples", type=int, default=None, help="Use the first N images only.")
     parser.add_argument("--resolution", type=int, default=None, help="Defaults to the experts' sample_size.")
     parser.add_argument("--train_batch_size", type=int, default=16, help="Images per fine-tuning batch.")
-    parser.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate of the fine-tuning.")
+    parser.add_argument("--learning_rate", type=float, default=None,
+                        help="AdamW learning rate of the fine-tuning (default 1e-4; the run's with --prune_at branch).")
     parser.add_argument("--num_inference_steps", type=int, default=1000, help="Sampling steps the FLOPs per sample are counted for.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the search, the fine-tuning and the validation batches.")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the pruned pipeline and its model card.")
@@ -87,17 +105,24 @@ def validate_args(args):
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     for flag in ("proxy_steps", "finetune_steps"):
-        if getattr(args, flag) < 0:
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
             raise UsageError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
+    if args.prune_at == "branch":
+        if args.total_train_steps is None:
+            raise UsageError("--prune_at branch needs --total_train_steps (the run's planned length)")
+        if args.finetune_steps is not None:
+            raise UsageError("--finetune_steps is set by --prune_at branch (--total_train_steps minus the steps trained); give one")
+    elif args.total_train_steps is not None:
+        raise UsageError("--total_train_steps applies to --prune_at branch")
     if args.distill_weight < 0:
         raise UsageError(f"--distill_weight must be >= 0, got {args.distill_weight}")
     if not args.max_loss_increase >= 0:
         raise UsageError(f"--max_loss_increase must be >= 0 (inf: no limit), got {args.max_loss_increase}")
     if args.relaxations < 0:
         raise UsageError(f"--relaxations must be >= 0, got {args.relaxations}")
-    if not 0 < args.ema_max_decay < 1:
+    if args.ema_max_decay is not None and not 0 < args.ema_max_decay < 1:
         raise UsageError(f"--ema_max_decay must be in (0, 1), got {args.ema_max_decay}")
-    if not args.learning_rate > 0:
+    if args.learning_rate is not None and not args.learning_rate > 0:
         raise UsageError(f"--learning_rate must be > 0, got {args.learning_rate}")
     if os.path.abspath(args.output_dir) == os.path.abspath(args.pretrained_model_name_or_path):
         raise UsageError("--output_dir must differ from --pretrained_model_name_or_path (the unpruned pipeline is kept)")
@@ -135,6 +160,24 @@ def load_tdc_pipeline(path):
     return DDPMPipeline(unet=experts, scheduler=stock_scheduler(pipeline.scheduler, sampler))
 
 
+def finetune_recipe(args, record):
+    """The fine-tuning of each pruned expert: ``finetune_steps``, ``learning_rate`` and ``ema_decay`` (None: no EMA).
+    At the end of a run: the flags (200 steps, 1e-4). At the branch: the rest of the run at its learning rate, and the
+    EMA of the fine-tuning (decay 0.999)."""
+    if args.prune_at == "end":
+        return {"finetune_steps": 200 if args.finetune_steps is None else args.finetune_steps,
+                "learning_rate": args.learning_rate or 1e-4,
+                "ema_decay": (args.ema_max_decay or 0.9999) if args.use_ema else None}
+    trained = record.get("trained_steps")
+    if trained is None or trained >= args.total_train_steps:
+        raise UsageError(f"--total_train_steps {args.total_train_steps} leaves no fine-tuning: the run trained {trained} steps")
+    learning_rate = args.learning_rate or (record.get("optimizer") or {}).get("learning_rate")
+    if learning_rate is None:
+        raise UsageError("--prune_at branch: the run's record has no learning rate; give --learning_rate")
+    return {"finetune_steps": args.total_train_steps - trained, "learning_rate": learning_rate,
+            "ema_decay": args.ema_max_decay or 0.999}
+
+
 def main(args):
     torch.manual_seed(args.seed)
     pipeline = load_tdc_pipeline(args.pretrained_model_name_or_path)
@@ -154,12 +197,12 @@ def main(args):
     objective = FinetuneObjective.from_record(regime)  # fine-tune as the run trained: its AdamW settings and weighting
     if objective.note:
         print(f"warning: {objective.note}")
+    recipe = finetune_recipe(args, regime)
     reports = prune_experts(
         experts, dataset, scheduler, args.prune_ratio, rounds=args.search_rounds, proxy_steps=args.proxy_steps,
-        finetune_steps=args.finetune_steps, batch_size=args.train_batch_size, learning_rate=args.learning_rate,
-        validation_size=args.validation_size, seed=args.seed, distill_weight=args.distill_weight,
+        batch_size=args.train_batch_size, validation_size=args.validation_size, seed=args.seed, distill_weight=args.distill_weight,
         max_loss_increase=None if math.isinf(args.max_loss_increase) else args.max_loss_increase, relaxations=args.relaxations,
-        ema_decay=args.ema_max_decay if args.use_ema else None, objective=objective,
+        objective=objective, **recipe,
     )
     after = flops_report(experts, scheduler.timesteps.tolist())
     summary = {
@@ -170,13 +213,14 @@ def main(args):
         "num_inference_steps": args.num_inference_steps,
         "experts": after["experts"],
         "finetune_objective": asdict(objective),
+        "prune_at": args.prune_at, **recipe,
     }
     regime["pruning"] = summary
     save_pipeline(pipeline, args.output_dir, training_regime=regime)
     with open(os.path.join(args.output_dir, REPORT_FILE), "w") as f:
         json.dump({**summary, "search": reports}, f, indent=2)
-    settings = {k: getattr(args, k) for k in ("prune_ratio", "search_rounds", "proxy_steps", "finetune_steps", "distill_weight",
-                                         "max_loss_increase", "relaxations", "use_ema", "ema_max_decay", "seed")}
+    settings = {**{k: getattr(args, k) for k in ("prune_at", "prune_ratio", "search_rounds", "proxy_steps", "distill_weight",
+                                                 "max_loss_increase", "relaxations", "seed")}, **recipe}
     write_card = functools.partial(
         write_model_card, args.output_dir, "unconditional", regime=regime, settings=settings,
         pipeline_class=type(pipeline).__name__, pipeline_tag="unconditional-image-generation",
