@@ -39,8 +39,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
-from compare_regimes import arms, load_script
-from compare_regimes import parse_args as compare_args
+from harness import DEFAULT_BLOCK_OUT_CHANNELS, arms, load_script
 from diffusers_curriculum.data import build_dataset
 from diffusers_curriculum.losses import denoising_loss
 from diffusers_curriculum.models import tiny_unet_config
@@ -140,7 +139,7 @@ def regime_variant(train, accelerator, scheduler, clean, resolution, widths, fla
 def arm_variants(args, accelerator, scheduler, clean):
     """``{arm: (label, step)}``: each compare_regimes.py arm's regime, built from its flags."""
     train = load_script("train_unconditional")
-    widths = args.block_out_channels or compare_args([]).block_out_channels
+    widths = args.block_out_channels or DEFAULT_BLOCK_OUT_CHANNELS
     steps = 10 ** 6  # long enough that no curriculum stage or TDC base stage ends while timed
     flags = {arm: f for arm, f in arms(steps).items() if f is not None and "--noise_process" not in f}
     flags["tdc_stage2"] = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "1"]  # branches in warm-up

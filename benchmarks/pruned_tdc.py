@@ -26,7 +26,7 @@ import statistics
 import time
 from pathlib import Path
 
-from compare_regimes import fid_images, load_script, prune_experts, real_images, sampling_flops
+from harness import fid_images, load_script, prune_experts, real_images, sampling_flops
 
 NUM_EXPERTS = 4
 

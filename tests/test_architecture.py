@@ -241,3 +241,23 @@ def test_the_loop_steps_as_a_hand_written_loop_and_calls_its_hooks(tmp_path, acc
         torch.testing.assert_close(trained.state_dict()[name], value, rtol=1e-5, atol=1e-6)
     unweighted = by_hand(lambda t: torch.ones(len(t)))  # the comparison can tell: without the weight it differs
     assert not torch.allclose(trained.weight, unweighted.weight, rtol=1e-5, atol=1e-6)
+
+
+def test_the_readme_architecture_table_names_every_module_and_only_modules_that_exist():
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Architecture"):text.index("## Extending")]
+    rows = [line for line in table.splitlines() if line.startswith("| `diffusers_curriculum")]
+    named = set()
+    for row in rows:
+        first, rest = row.split("|")[1], "|".join(row.split("|")[2:])
+        named |= {name.split(".")[-1] for name in re.findall(r"`([\w.]+)`", first)}
+        # sub-modules named in the description as `package.module` or `module` (the first column's package's)
+        named |= {name.split(".")[-1] for name in re.findall(r"`(\w+\.\w+)`", rest)}
+    top = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"} | {
+        p.parent.name for p in PACKAGE.glob("*/__init__.py") if p.parent.name != "model_cards"}
+    missing = sorted(top - named)
+    assert not missing, f"modules missing from the README's architecture table: {missing}"
+    for row in rows:
+        for name in re.findall(r"`([\w.]+)`", row.split("|")[1]):
+            module = name if name.startswith("diffusers_curriculum") else f"diffusers_curriculum.{name}"
+            assert module in MODULES, f"the README's architecture table names {name}, which does not exist"

@@ -181,7 +181,7 @@ def test_every_arm_builds_the_regime_its_name_says(train_unconditional):
         if flags is None:
             continue
         args = train_unconditional.parse_args(["--output_dir", "unused", "--max_train_steps", "300", *flags])
-        axes = build_regime(args.regime_spec, DDPMScheduler(num_train_timesteps=1000)).axes()
+        axes = build_regime(args.regime_spec, DDPMScheduler(num_train_timesteps=1000), max_train_steps=300).axes()
         found = {"weighting": axes["weighting"]["weighting"], "timestep_sampling": axes["timestep_sampling"],
                  "balancer": axes["balancer"]["method"], "experts": (axes["experts"] or {}).get("num_experts")}
         for part in arm.split("+"):
