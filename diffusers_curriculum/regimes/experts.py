@@ -67,6 +67,17 @@ class ExpertLayout:
         self._group_count = torch.zeros(self.num_groups)
 
     @property
+    def branched(self) -> bool:
+        """Whether the base has branched into the experts (stage 2): the group sampler then draws the timesteps."""
+        return self.stage == 2
+
+    @property
+    def trains_together(self) -> bool:
+        """Whether a step trains several experts on one batch (stage 2, stratified): each then takes the mean of its
+        own samples' losses."""
+        return self.stage == 2 and self.schedule == "stratified"
+
+    @property
     def num_groups(self) -> int:
         return len(self.boundaries) - 1
 

@@ -97,7 +97,7 @@ class Regime:
     @property
     def active_sampler(self) -> TimestepSampler:
         """The sampler drawing this step's timesteps: the timestep axis, or the experts' groups once branched."""
-        if self.experts is not None and self.experts.stage == 2:
+        if self.experts is not None and self.experts.branched:
             return self.experts.group_sampler
         return self.sampler
 
@@ -148,7 +148,7 @@ class Regime:
     @property
     def per_expert_means(self) -> bool:
         """Whether this step trains several experts at once on one batch (TDC's stratified stage 2)."""
-        return self.experts is not None and self.experts.stage == 2 and self.experts.schedule == "stratified"
+        return self.experts is not None and self.experts.trains_together
 
     def expert_objective(self, terms: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The objective of a stratified stage-2 step, from the weighted per-sample ``terms`` (:meth:`weighted`):
@@ -176,6 +176,8 @@ class Regime:
         else:
             losses, present = self.cluster_losses(per_sample_loss, timesteps)
             loss = self.balancer.backward(accelerator, losses, present, model, self.optimizer_steps)
+        # A loss-aware draw learns from the losses of what it drew (the sampler drawing now); the curriculum's pacing
+        # follows the run's loss on every step, also once TDC's groups draw (its record says how far it got).
         sampler = self.active_sampler
         if sampler.observes_losses:  # the same history on every rank keeps their draws identical
             sampler.observe(accelerator.gather(timesteps), accelerator.gather(per_sample_loss.detach()))

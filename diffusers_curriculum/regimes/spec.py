@@ -12,7 +12,7 @@ Everything here takes the spec and plain values; no function reads an argparse n
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple
 
 from ..affinity import load_affinity
@@ -311,16 +311,14 @@ def build_regime(spec: RegimeSpec, noise_process, accelerator=None, max_train_st
         warning = curriculum_warning(spec, max_train_steps) if max_train_steps else None
         if warning and (accelerator is None or accelerator.is_main_process):
             logger.warning(warning[0].upper() + warning[1:])
-    bias = {key: getattr(spec, f"timestep_bias_{key}") for key in ("strategy", "multiplier", "portion", "begin", "end")}
     switch_step = None
     if sampling == "two_phase":
         if not max_train_steps:
             raise UsageError("--timestep_sampling two_phase needs the run's --max_train_steps to place --two_phase_switch")
         switch_step = round(spec.two_phase_switch * max_train_steps)
     try:
-        sampler = make_timestep_sampler(sampling, T, spec.seed, boundaries, pacing, spec.logit_mean, spec.logit_std,
-                                        spec.mode_scale, spec.speed_tau, spec.speed_suppression, bias, switch_step,
-                                        continuous=process.continuous)
+        sampler = make_timestep_sampler(sampling, T, spec.seed, settings=asdict(spec), boundaries=boundaries, pacing=pacing,
+                                        switch_step=switch_step, continuous=process.continuous)
     except ValueError as e:
         if sampling != "timestep_bias":
             raise

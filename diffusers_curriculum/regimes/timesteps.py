@@ -18,7 +18,7 @@ the noise-level grid.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,8 +28,6 @@ from ..sampling import (
     speed_weights, timestep_bias_weights,
 )
 
-TIMESTEP_SAMPLING = ("uniform", "logit_normal", "mode", "speed", "timestep_bias", "loss_aware", "stratified", "curriculum",
-                     "two_phase")
 # Sources that need the clusters.
 CLUSTERED = ("stratified", "curriculum")
 
@@ -245,55 +243,40 @@ class TwoPhaseSampler(TimestepSampler):
         self.phase, self.switched_at = state["phase"], state["switched_at"]
 
 
-def make_timestep_sampler(
-    kind: str,
-    num_train_timesteps: int,
-    seed: int = 0,
-    boundaries: Optional[Sequence[int]] = None,
-    pacing=None,
-    logit_mean: float = 0.0,
-    logit_std: float = 1.0,
-    mode_scale: float = 1.29,
-    speed_tau: float = 0.7,
-    speed_suppression: float = 0.25,
-    bias: Optional[Dict[str, Any]] = None,
-    switch_step: Optional[int] = None,
-    continuous: bool = False,
-) -> TimestepSampler:
-    """The sampler ``kind`` (one of :data:`TIMESTEP_SAMPLING`) for T = ``num_train_timesteps``, drawing real-valued
-    levels when ``continuous`` (rectified flow).
+def _timestep_bias(T, seed, settings, **_):
+    bias = {key: settings[f"timestep_bias_{key}"] for key in ("strategy", "multiplier", "portion", "begin", "end")}
+    bias["end"] = min(bias["end"], T)
+    return WeightedSampler(T, timestep_bias_weights(T, **bias), seed=seed)
 
-    ``boundaries`` are the clusters of ``stratified`` and ``curriculum``; ``pacing`` the curriculum's;
-    ``bias`` holds diffusers' ``timestep_bias_{strategy, multiplier, portion, begin, end}`` without the prefix;
-    ``switch_step`` is ``two_phase``'s.
-    """
-    sampler = _make_sampler(kind, num_train_timesteps, seed, boundaries, pacing, logit_mean, logit_std, mode_scale,
-                            speed_tau, speed_suppression, bias, switch_step)
+
+# The registry of ``--timestep_sampling``: name -> builder(T, seed, settings, boundaries=, pacing=, switch_step=). A
+# builder reads its own settings (the regime spec's fields, e.g. ``logit_mean``) from ``settings``.
+SAMPLERS: Dict[str, Callable[..., TimestepSampler]] = {
+    "uniform": lambda T, seed, settings, **_: UniformSampler(T, seed=seed),
+    "logit_normal": lambda T, seed, settings, **_: LogitNormalSampler(T, settings["logit_mean"], settings["logit_std"], seed=seed),
+    "mode": lambda T, seed, settings, **_: ModeSampler(T, settings["mode_scale"], seed=seed),
+    "speed": lambda T, seed, settings, **_: WeightedSampler(
+        T, speed_weights(T, settings["speed_tau"], settings["speed_suppression"]), seed=seed),
+    "timestep_bias": _timestep_bias,
+    "loss_aware": lambda T, seed, settings, **_: LossAwareSampler(T, seed=seed),
+    "stratified": lambda T, seed, settings, boundaries, **_: StratifiedSampler(T, boundaries, seed=seed),
+    "curriculum": lambda T, seed, settings, boundaries, pacing, **_: CurriculumSampler(T, boundaries, pacing, seed=seed),
+    "two_phase": lambda T, seed, settings, switch_step, **_: TwoPhaseSampler(
+        T, switch_step, settings["logit_mean"], settings["logit_std"], seed=seed),
+}
+TIMESTEP_SAMPLING = tuple(SAMPLERS)
+
+
+def make_timestep_sampler(kind: str, num_train_timesteps: int, seed: int = 0, *, settings: Optional[Mapping[str, Any]] = None,
+                          boundaries: Optional[Sequence[int]] = None, pacing=None, switch_step: Optional[int] = None,
+                          continuous: bool = False) -> TimestepSampler:
+    """The sampler ``kind`` (one of :data:`SAMPLERS`) for T = ``num_train_timesteps``, drawing real-valued levels when
+    ``continuous`` (rectified flow). ``settings``: the samplers' settings by name (a regime spec's fields:
+    ``logit_mean``, ``speed_tau``, ``timestep_bias_strategy``, ...); ``boundaries`` are the clusters of ``stratified``
+    and ``curriculum``; ``pacing`` the curriculum's; ``switch_step`` is ``two_phase``'s."""
+    if kind not in SAMPLERS:
+        raise ValueError(f"unknown timestep sampling {kind!r}; choose one of {TIMESTEP_SAMPLING}")
+    sampler = SAMPLERS[kind](num_train_timesteps, seed, settings or {}, boundaries=boundaries, pacing=pacing,
+                             switch_step=switch_step)
     sampler.continuous = continuous
     return sampler
-
-
-def _make_sampler(kind, num_train_timesteps, seed, boundaries, pacing, logit_mean, logit_std, mode_scale, speed_tau,
-                  speed_suppression, bias, switch_step) -> TimestepSampler:
-    T = num_train_timesteps
-    if kind == "uniform":
-        return UniformSampler(T, seed=seed)
-    if kind == "logit_normal":
-        return LogitNormalSampler(T, logit_mean, logit_std, seed=seed)
-    if kind == "mode":
-        return ModeSampler(T, mode_scale, seed=seed)
-    if kind == "speed":
-        return WeightedSampler(T, speed_weights(T, speed_tau, speed_suppression), seed=seed)
-    if kind == "timestep_bias":
-        bias = dict(bias or {})
-        bias["end"] = min(bias.get("end", T), T)
-        return WeightedSampler(T, timestep_bias_weights(T, **bias), seed=seed)
-    if kind == "loss_aware":
-        return LossAwareSampler(T, seed=seed)
-    if kind == "stratified":
-        return StratifiedSampler(T, boundaries, seed=seed)
-    if kind == "curriculum":
-        return CurriculumSampler(T, boundaries, pacing, seed=seed)
-    if kind == "two_phase":
-        return TwoPhaseSampler(T, switch_step, logit_mean, logit_std, seed=seed)
-    raise ValueError(f"unknown timestep sampling {kind!r}; choose one of {TIMESTEP_SAMPLING}")
