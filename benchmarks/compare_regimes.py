@@ -73,8 +73,20 @@ def chosen_arms(args):
     return chosen
 
 
+# Budgets of round 3 (README, "Which regime to use"): round 2's update-starved CPU protocol and a longer one with as
+# many samples per run in 4x the updates. A protocol sets these flags' defaults; flags given explicitly win.
+PROTOCOLS = {
+    "cpu_round2": {"max_train_steps": 500, "train_batch_size": 32, "eval_every": 125, "num_fid_images": 250,
+                   "num_inference_steps": 10, "curriculum_share": 0.2},
+    "cpu_long": {"max_train_steps": 2000, "train_batch_size": 8, "eval_every": 250, "num_fid_images": 250,
+                 "num_inference_steps": 10, "curriculum_share": 0.2},
+}
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--protocol", type=str, default=None, choices=sorted(PROTOCOLS),
+                        help="A budget's settings as defaults (steps, batch, evaluation); explicit flags win.")
     parser.add_argument("--output_dir", type=str, default="benchmarks/results/compare")
     parser.add_argument("--regimes", type=str, default=None, help="Comma-separated arms (default: all).")
     parser.add_argument("--seeds", type=str, default="0,1,2")
@@ -121,6 +133,9 @@ def parse_args(argv=None):
     parser.add_argument("--quick", action="store_true", help="Tiny settings that finish in minutes (CI).")
     parser.add_argument("--summarize_only", action="store_true",
                         help="Train nothing: write the table and plot from results.jsonl (e.g. one brought back from a GPU run).")
+    protocol = parser.parse_known_args(argv)[0].protocol
+    if protocol is not None:
+        parser.set_defaults(**PROTOCOLS[protocol])
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
@@ -405,7 +420,7 @@ def plot(table, args, path):
 # Flags that do not change the results (a resumed arm continues exactly where it stopped)
 # Settings added since results were first written, with the value every run before them had.
 SETTINGS_ADDED = {"prune_at": "end"}
-SETTINGS_IGNORED = ("threads", "output_dir", "inception_weights", "step_costs", "workers", "job", "summarize_only",
+SETTINGS_IGNORED = ("protocol", "threads", "output_dir", "inception_weights", "step_costs", "workers", "job", "summarize_only",
                     "checkpointing_steps", "wall_clock_tolerance")
 
 

@@ -64,6 +64,12 @@ def arms(total_steps, curriculum_share=0.5, curriculum_clusters=5):
     flow["flow_logit_normal"] = [*flow["flow_uniform"], *single["logit_normal"]]
     flow["flow_two_phase"] = [*flow["flow_uniform"], "--timestep_sampling", "two_phase"]
     flow["flow_learned"] = [*flow["flow_uniform"], *single["learned"]]
+    # round 3's flow arms: SD3's mode density, ANT, TDC, and the compositions that led on DDPM (round 2)
+    flow["flow_mode"] = [*flow["flow_uniform"], "--timestep_sampling", "mode"]
+    flow["flow_ant_uw"] = [*flow["flow_uniform"], *single["ant_uw"]]
+    flow["flow_tdc"] = [*flow["flow_uniform"], *single["tdc"]]
+    flow["flow_learned+logit_normal"] = [*flow["flow_learned"], *single["logit_normal"]]
+    flow["flow_ant_uw+logit_normal"] = [*flow["flow_ant_uw"], *single["logit_normal"]]
     return {**single, **composed, **flow, "tdc_pruned": None}  # tdc_pruned prunes the tdc run
 
 

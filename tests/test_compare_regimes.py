@@ -420,3 +420,57 @@ def test_pruned_tdc_counts_a_smaller_fine_tuning_batch_in_training_steps(monkeyp
     with pytest.raises(SystemExit):
         pruned_tdc.parse_args(["--finetune_batch_size", "0"])
     assert "--finetune_batch_size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def write_summary(folder, table, steps=500, batch=32):
+    """A compare_regimes summary.json holding ``table``: {arm: (mean, std)} at the last step, 3 seeds."""
+    folder.mkdir(parents=True)
+    rows = [{"arm": arm, "fid": {"250": [mean + 50, std, 3], str(steps): [mean, std, 3]}} for arm, (mean, std) in table.items()]
+    (folder / "summary.json").write_text(json.dumps({"settings": {"max_train_steps": steps, "train_batch_size": batch, "seeds": "0,1,2"},
+                                                     "target_fid": None, "table": rows}))
+
+
+def test_rank_stability_judges_each_arm_against_uniform_and_the_best_baseline_in_every_setting(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("rank_stability", ROOT / "benchmarks" / "rank_stability.py")
+    rank = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rank)
+    write_summary(tmp_path / "ddpm", {"uniform": (100, 5), "p2": (90, 3), "min_snr": (95, 10), "learned": (80, 4), "tdc": (98, 2),
+                                      "ant_uw": (70, 2), "learned+logit_normal": (60, 1)})
+    write_summary(tmp_path / "flow", {"uniform": (300, 5), "flow_uniform": (50, 2), "flow_logit_normal": (40, 1),
+                                      "flow_learned": (45, 2), "flow_ant_uw": (30, 1)}, steps=2000, batch=8)
+    summary = rank.main([f"cpu500={tmp_path / 'ddpm'}", f"flow2000={tmp_path / 'flow'}", "--output_dir", str(tmp_path / "out")])
+    rows = json.loads((tmp_path / "out" / "rank_stability.json").read_text())["rows"]
+    # by hand: a win needs a gap above the larger std
+    assert (rows["cpu500"]["p2"]["vs_uniform"], rows["cpu500"]["p2"]["best_baseline"], rows["cpu500"]["p2"]["vs_best_baseline"]) == (
+        "beats", "min_snr", "ties")  # 10 > 5; 95 - 90 = 5 within 10
+    assert (rows["cpu500"]["learned"]["vs_uniform"], rows["cpu500"]["learned"]["best_baseline"],
+            rows["cpu500"]["learned"]["vs_best_baseline"]) == ("beats", "p2", "beats")  # 20 > 5; 10 > 4
+    assert rows["cpu500"]["tdc"]["vs_uniform"] == "ties" and rows["cpu500"]["min_snr"]["vs_uniform"] == "ties"  # 2 < 5; 5 = 5... within 10
+    assert "uniform" in rows["flow2000"] and rows["flow2000"]["uniform"]["fid"] == [50, 2]  # the flow arms, not the DDPM one
+    assert (rows["flow2000"]["learned"]["vs_uniform"], rows["flow2000"]["learned"]["vs_best_baseline"]) == ("beats", "loses")
+    assert "vs_best_baseline" not in rows["flow2000"]["logit_normal"]  # the only baseline there: nothing to judge it by
+    assert summary["learned"] == {"settings": ["cpu500", "flow2000"], "holds": False, "flips": ["vs_best_baseline"], "missing": []}
+    assert summary["p2"] == {"settings": ["cpu500"], "holds": False, "flips": [], "missing": ["flow2000"]}
+    assert summary["ant_uw"]["holds"] and not summary["ant_uw"]["flips"]  # 70 vs 100 and 90; 30 vs 50 and 40
+    assert [name for name, entry in summary.items() if entry["holds"]] == ["ant_uw"]  # not one that ran in one setting only
+    assert summary["learned+logit_normal"]["missing"] == ["flow2000"]
+    text = (tmp_path / "out" / "rank_stability.md").read_text()
+    assert "cpu500: 500 steps × batch 32" in text and "flow2000: 2000 steps × batch 8" in text
+    assert text.index("| ant_uw |") < text.index("| learned |")  # what holds comes first
+    assert "| learned | 80.0 ± 4.0 U+ B+ (p2) | 45.0 ± 2.0 U+ B− (logit_normal) | no | vs_best_baseline |" in text
+    assert rank.verdict((95, 1), (100, 5)) == "ties" and rank.verdict((94.9, 1), (100, 5)) == "beats"
+    with pytest.raises(SystemExit):
+        rank.parse_args([f"x={tmp_path / 'missing'}"])
+
+
+def test_a_protocol_sets_its_budget_and_explicit_flags_win():
+    bench = load_benchmark()
+    long = bench.parse_args(["--protocol", "cpu_long"])
+    assert (long.max_train_steps, long.train_batch_size, long.eval_every, long.num_fid_images) == (2000, 8, 250, 250)
+    assert bench.parse_args(["--protocol", "cpu_long", "--max_train_steps", "3000"]).max_train_steps == 3000
+    round2 = bench.parse_args(["--protocol", "cpu_round2"])
+    saved = json.loads((ROOT / "benchmarks" / "results" / "compare_round2" / "settings.json").read_text())
+    for key in ("max_train_steps", "train_batch_size", "eval_every", "num_fid_images", "num_inference_steps", "curriculum_share"):
+        assert getattr(round2, key) == saved[key], key  # the protocol is round 2's, as its results folder records it
+    assert bench.parse_args([]).max_train_steps == 1500  # no protocol: the defaults as before
