@@ -440,9 +440,12 @@ def plan(chosen, seeds, done):
 
 def same_settings(saved, current, chosen):
     """Whether results written under the ``saved`` settings are what the ``current`` ones ask for: a setting added
-    since counts at the value every run before it had (:data:`SETTINGS_ADDED`), and the pruning settings count only
-    when ``tdc_pruned`` is among the ``chosen`` arms."""
+    since counts at the value every run before it had (:data:`SETTINGS_ADDED`), the pruning settings count only
+    when ``tdc_pruned`` is among the ``chosen`` arms, and ``--regimes`` / ``--seeds`` not at all (more arms or seeds
+    may join a results folder)."""
     saved = {**SETTINGS_ADDED, **saved}
+    # which arms and seeds a call trains is not a setting of the rows (each names its arm and seed): a later call may add some
+    saved, current = ({k: v for k, v in d.items() if k not in ("regimes", "seeds")} for d in (saved, current))
     if "tdc_pruned" not in chosen:
         saved, current = ({k: v for k, v in d.items() if not k.startswith("prune_")} for d in (saved, current))
     return saved == current

@@ -474,3 +474,14 @@ def test_a_protocol_sets_its_budget_and_explicit_flags_win():
     for key in ("max_train_steps", "train_batch_size", "eval_every", "num_fid_images", "num_inference_steps", "curriculum_share"):
         assert getattr(round2, key) == saved[key], key  # the protocol is round 2's, as its results folder records it
     assert bench.parse_args([]).max_train_steps == 1500  # no protocol: the defaults as before
+
+
+def test_more_arms_and_seeds_may_join_a_results_folder_but_not_other_settings():
+    bench = load_benchmark()
+    first = {k: v for k, v in vars(bench.parse_args(["--protocol", "cpu_long", "--regimes", "uniform,p2"])).items()
+             if k not in bench.SETTINGS_IGNORED}
+    later = bench.parse_args(["--protocol", "cpu_long", "--regimes", "min_snr", "--seeds", "3"])
+    current = {k: v for k, v in vars(later).items() if k not in bench.SETTINGS_IGNORED}
+    assert bench.same_settings(first, current, ["min_snr"])
+    other = {**current, "learning_rate": 1e-3}
+    assert not bench.same_settings(first, other, ["min_snr"])
