@@ -243,12 +243,13 @@ class RegimeSpec:
             raise UsageError(f"{name} writes each parameter's gradient itself and cannot run on sharded parameters "
                              f"({kind}); launch with plain DDP or use --balancer uw")
 
-    def check_schedule(self, max_train_steps: int) -> None:
-        """Checks against the run's total optimizer steps, once the script knows them."""
+    def check_schedule(self, max_train_steps: int) -> Optional[str]:
+        """Checks against the run's total optimizer steps, once the script knows them; returns the curriculum's
+        warning when its last stage may be out of reach (:func:`curriculum_warning`), else None."""
         if self.experts is not None and self.experts_base_steps >= max_train_steps:
             raise UsageError(f"{self.flag('experts_base_steps')} {self.experts_base_steps} leaves no stage-2 steps: it must be "
                              f"below the {max_train_steps} total training steps")
-        curriculum_warning(self, max_train_steps)  # raises when the curriculum would never leave its first stage
+        return curriculum_warning(self, max_train_steps)  # raises when the curriculum would never leave its first stage
 
 
 # ---- curriculum pacing ----------------------------------------------------------------------------------------
@@ -299,8 +300,7 @@ def build_regime(spec: RegimeSpec, noise_process, accelerator=None, max_train_st
     process = as_process(noise_process)
     T = process.num_train_timesteps
     affinity, group_size = spec.check_process(T, process.name)
-    if max_train_steps is not None:
-        spec.check_schedule(max_train_steps)
+    warning = spec.check_schedule(max_train_steps) if max_train_steps else None
     sampling, k, cost = spec.timestep_sampling, spec.clusters, spec.cluster_cost
     boundaries = None
     if k is not None:
@@ -308,7 +308,6 @@ def build_regime(spec: RegimeSpec, noise_process, accelerator=None, max_train_st
     pacing = None
     if sampling == "curriculum":
         pacing = build_pacing(spec, k, max_train_steps)
-        warning = curriculum_warning(spec, max_train_steps) if max_train_steps else None
         if warning and (accelerator is None or accelerator.is_main_process):
             logger.warning(warning[0].upper() + warning[1:])
     switch_step = None
