@@ -307,30 +307,38 @@ def modelled_seconds(arm, step, costs, args):
 WALL_CLOCK_TOLERANCE = 0.02
 
 
+def reference_arm(arm):
+    """The uniform arm ``arm`` is measured against: ``flow_uniform`` for a rectified-flow arm, ``uniform`` otherwise."""
+    return "flow_uniform" if arm.startswith("flow_") else "uniform"
+
+
 def summarize(rows, args, costs=None):
     """Table rows: per arm, FID mean ± std at each evaluated step, steps to reach the target, FLOPs, and the
-    FID at the uniform arm's wall-clock budget: per seed, the last evaluation within the training time of
-    that seed's uniform run (+ ``--wall_clock_tolerance``), on the jobs' own clocks or, with per-step ``costs``,
-    on modelled clocks."""
+    FID at its uniform arm's wall-clock budget (:func:`reference_arm`: each noise process has its own): per seed,
+    the last evaluation within the training time of that seed's uniform run (+ ``--wall_clock_tolerance``), on the
+    jobs' own clocks or, with per-step ``costs``, on modelled clocks. Returns the table and ``{reference: target
+    FID}``: ``--target_fid``, else the reference arm's mean final FID (None where it has no final rows)."""
     by_arm = {}
     for row in rows:
         by_arm.setdefault(row["arm"], []).append(row)
     final = args.max_train_steps
-    uniform_final = [r["fid"] for r in by_arm.get("uniform", []) if r["step"] == final]
-    target = args.target_fid if args.target_fid is not None else (statistics.mean(uniform_final) if uniform_final else None)
 
     def seconds(row):
         return modelled_seconds(row["arm"], row["step"], costs, args) if costs else row["train_seconds"]
 
+    finals = {ref: [r for r in by_arm.get(ref, []) if r["step"] == final] for ref in map(reference_arm, by_arm)}
+    targets = {ref: args.target_fid if args.target_fid is not None else statistics.mean(r["fid"] for r in done) if done else None
+               for ref, done in finals.items()}
     # Each seed's budget is its own uniform run's time: jobs of one seed run side by side (see plan), so on
     # shared machines they saw the same load.
-    budget = {r["seed"]: seconds(r) for r in by_arm.get("uniform", []) if r["step"] == final}
+    budgets = {ref: {r["seed"]: seconds(r) for r in done} for ref, done in finals.items()}
     table = []
     for arm, arm_rows in by_arm.items():
+        target, budget = targets[reference_arm(arm)], budgets[reference_arm(arm)]
         steps = sorted({r["step"] for r in arm_rows})
         last = [r for r in arm_rows if r["step"] == steps[-1]]  # each seed's last evaluation
         # FLOPs: the mean over seeds (pruned experts' FLOPs differ by seed)
-        entry = {"arm": arm, "flops_per_sample": statistics.mean(r["flops_per_sample"] for r in last), "fid": {}}
+        entry = {"arm": arm, "reference": reference_arm(arm), "flops_per_sample": statistics.mean(r["flops_per_sample"] for r in last), "fid": {}}
         for step in steps:
             values = [r["fid"] for r in arm_rows if r["step"] == step]
             entry["fid"][step] = (*mean_std(values), len(values))
@@ -356,18 +364,19 @@ def summarize(rows, args, costs=None):
         table.append(entry)
     order = list(arms(final))
     table.sort(key=lambda e: order.index(e["arm"]) if e["arm"] in order else len(order))
-    return table, target
+    return table, targets
 
 
-def print_table(table, target, args):
+def print_table(table, targets, args):
     steps = sorted({s for e in table for s in e["fid"]})
     wall = any(e["equal_wall_clock"] for e in table)
     shared = f"; s / step from each job's clock while {args.workers} jobs shared the machine" if args.workers > 1 else ""
     clock = ("modelled from --step_costs" if args.step_costs else "the jobs' own clocks") + f", +{args.wall_clock_tolerance:.0%} tolerance"
     agreement = any("class_agreement" in e for e in table)
-    lines = [f"feature-FID (mean ± std over seeds {args.seeds}; lower is better); target FID {target if target is None else round(target, 2)}{shared}",
+    target = ", ".join(f"{ref}: {t if t is None else round(t, 2)}" for ref, t in targets.items())
+    lines = [f"feature-FID (mean ± std over seeds {args.seeds}; lower is better); target FID ({'--target_fid' if args.target_fid is not None else 'the mean final FID'} of each arm's uniform arm) {target}{shared}",
              "| arm | " + " | ".join(f"FID @ {s}" for s in steps) + " | steps to target | GFLOPs / image | s / step |"
-             + (f" FID @ uniform's wall-clock, {clock} (step) |" if wall else "") + (" class agreement (mean) |" if agreement else ""),
+             + (f" FID @ its uniform arm's wall-clock, {clock} (step) |" if wall else "") + (" class agreement (mean) |" if agreement else ""),
              "| --- | " + " | ".join("---" for _ in steps) + " | --- | --- | --- |" + (" --- |" if wall else "") + (" --- |" if agreement else "")]
     for e in table:
         cells = [f"{e['fid'][s][0]:.1f} ± {e['fid'][s][1]:.1f}" if s in e["fid"] else "" for s in steps]
@@ -435,7 +444,7 @@ def plan(chosen, seeds, done):
                 continue
             jobs.append((seed, [arm, "tdc_pruned"] if arm == "tdc" and "tdc_pruned" in todo else [arm]))
     # The longest jobs first, then seed by seed: parallel workers run one seed's arms side by side.
-    return sorted(jobs, key=lambda job: not any(arm.startswith("tdc") for arm in job[1]))
+    return sorted(jobs, key=lambda job: not any(arm.startswith(("tdc", "flow_tdc")) for arm in job[1]))
 
 
 def same_settings(saved, current, chosen):
@@ -561,12 +570,12 @@ def main(argv=None):
             failed = run_workers(args, jobs, argv, output)
 
     rows = [r for r in map(json.loads, results.read_text().splitlines()) if r["arm"] in chosen]
-    table, target = summarize(rows, args, costs)
-    text = print_table(table, target, args)
+    table, targets = summarize(rows, args, costs)
+    text = print_table(table, targets, args)
     print(text)
     verb = "Table written" if args.summarize_only else "Run"
     (output / "table.md").write_text(f"{text}\n\n{verb} {date.today().isoformat()}: python benchmarks/compare_regimes.py {' '.join(argv)}\n")
-    (output / "summary.json").write_text(json.dumps({"settings": settings, "target_fid": target, "table": table}, indent=2, default=str))
+    (output / "summary.json").write_text(json.dumps({"settings": settings, "target_fid": targets, "table": table}, indent=2, default=str))
     plot(table, args, output / "fid_vs_steps.png")
     if failed:
         sys.exit(f"error: {len(failed)} jobs failed ({', '.join(failed)}); their logs are in {output / 'logs'}")

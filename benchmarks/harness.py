@@ -70,6 +70,9 @@ def arms(total_steps, curriculum_share=0.5, curriculum_clusters=5):
     flow["flow_tdc"] = [*flow["flow_uniform"], *single["tdc"]]
     flow["flow_learned+logit_normal"] = [*flow["flow_learned"], *single["logit_normal"]]
     flow["flow_ant_uw+logit_normal"] = [*flow["flow_ant_uw"], *single["logit_normal"]]
+    # DDPM's weighting baselines under flow (their velocity-loss forms, weighting.py)
+    flow["flow_p2"] = [*flow["flow_uniform"], *single["p2"]]
+    flow["flow_min_snr"] = [*flow["flow_uniform"], *single["min_snr"]]
     return {**single, **composed, **flow, "tdc_pruned": None}  # tdc_pruned prunes the tdc run
 
 

@@ -81,8 +81,8 @@ def test_summary_statistics_and_steps_to_target():
     rows = [row("uniform", 0, 10, 50.0, 10), row("uniform", 0, 20, 30.0, 20),
             row("uniform", 1, 10, 40.0, 10), row("uniform", 1, 20, 34.0, 22),
             row("fast", 0, 10, 31.0, 10, flops=2), row("fast", 0, 20, 20.0, 20, flops=2)]
-    table, target = bench.summarize(rows, args)
-    assert target == pytest.approx(32.0)  # the uniform arm's mean final FID
+    table, targets = bench.summarize(rows, args)
+    assert targets == {"uniform": pytest.approx(32.0)}  # the uniform arm's mean final FID
     entry = {e["arm"]: e for e in table}
     assert entry["uniform"]["fid"][20][:2] == pytest.approx((32.0, 2 ** 1.5))
     # median over seeds: uniform seed 0 reaches 32 at step 20, seed 1 never does
@@ -97,6 +97,30 @@ def test_plan_puts_pruning_after_its_tdc_run_and_long_jobs_first():
     chosen = ["uniform", "tdc", "tdc_pruned"]
     jobs = bench.plan(chosen, [0, 1], done={("uniform", 0), ("tdc", 1)})
     assert jobs == [(0, ["tdc", "tdc_pruned"]), (1, ["tdc_pruned"]), (1, ["uniform"])]
+    assert bench.plan(["flow_uniform", "flow_tdc"], [0], done=set()) == [(0, ["flow_tdc"]), (0, ["flow_uniform"])]
+
+
+def test_flow_arms_are_measured_against_flow_uniform_and_ddpm_arms_against_uniform():
+    bench = load_benchmark()
+    args = bench.parse_args(["--max_train_steps", "20", "--seeds", "0"])
+    rows = [row("uniform", 0, 10, 300.0, 10), row("uniform", 0, 20, 200.0, 20),
+            row("p2", 0, 10, 190.0, 10), row("p2", 0, 20, 150.0, 20),
+            row("flow_uniform", 0, 10, 150.0, 40), row("flow_uniform", 0, 20, 100.0, 80),
+            # twice as fast per step as flow_uniform, slower than uniform; reaches 100 only at step 20
+            row("flow_logit_normal", 0, 10, 120.0, 20), row("flow_logit_normal", 0, 20, 90.0, 40)]
+    table, targets = bench.summarize(rows, args)
+    assert targets == {"uniform": 200.0, "flow_uniform": 100.0}
+    entry = {e["arm"]: e for e in table}
+    assert entry["p2"]["steps_to_target"] == 10 and entry["p2"]["reference"] == "uniform"
+    # against DDPM uniform's 200 it would reach the target at step 10 and have 20 s of budget (step 10 only)
+    assert entry["flow_logit_normal"]["steps_to_target"] == 20 and entry["flow_logit_normal"]["reference"] == "flow_uniform"
+    assert entry["flow_logit_normal"]["equal_wall_clock"] == pytest.approx((20, 90.0, 0.0))
+    assert entry["flow_uniform"]["equal_wall_clock"] == pytest.approx((20, 100.0, 0.0))
+    header = bench.print_table(table, targets, args).splitlines()[0]
+    assert "uniform: 200.0, flow_uniform: 100.0" in header
+    # a flow-only folder: the wall-clock column is there
+    flow_only = bench.summarize(rows[4:], args)
+    assert flow_only[1] == {"flow_uniform": 100.0} and "its uniform arm's wall-clock" in bench.print_table(*flow_only, args)
 
 
 def test_equal_wall_clock_takes_each_seeds_last_evaluation_within_its_uniform_runs_time():
