@@ -10,8 +10,10 @@ the two standard deviations; it *loses* when higher by more than that; else it *
 ``flow_learned`` are one row measured on both processes. With an ``equal_wall_clock`` entry (the folder's
 ``--step_costs`` or its own clocks) the arm is also judged at uniform's wall-clock.
 
-An arm **holds** when it was run in every setting and beats uniform and the best baseline in each; it **flips** when
-it beats a reference in one setting and ties or loses against it in another.
+An arm **holds** when it was run in every setting and beats uniform and the best baseline in each; it holds **on a
+noise process** when it does so in every setting of that process (an arm defined for one process only, such as
+Curriculum Sampling's ``two_phase``, can hold there). It **flips** when it beats a reference in one setting and ties
+or loses against it in another.
 
     python benchmarks/rank_stability.py cpu500=benchmarks/results/compare_round2 \\
         flow500=benchmarks/results/compare_flow_round1 --output_dir benchmarks/results/rank_stability
@@ -31,12 +33,17 @@ def regime_of(arm: str) -> str:
     return arm[len(FLOW_PREFIX):] if arm.startswith(FLOW_PREFIX) else arm
 
 
+def process_of(summary) -> str:
+    """``flow`` for a folder with flow-matching arms (:func:`final_fids` keeps those), else ``ddpm``."""
+    return "flow" if any(e["arm"].startswith(FLOW_PREFIX) for e in summary["table"]) else "ddpm"
+
+
 def final_fids(summary):
     """``{regime: (mean, std, seeds)}`` at each arm's last evaluated step, and ``{regime: (mean, std)}`` at uniform's
     wall-clock where the table has it. A folder holding both processes' arms keeps the flow arms (the other process's
     arms are another setting: give them their own folder)."""
     table = summary["table"]
-    flow = any(e["arm"].startswith(FLOW_PREFIX) for e in table)
+    flow = process_of(summary) == "flow"
     final, wall = {}, {}
     for entry in table:
         if flow != entry["arm"].startswith(FLOW_PREFIX):
@@ -73,9 +80,16 @@ def setting_rows(final, wall):
     return rows
 
 
-def stability(settings):
-    """``settings``: ``{label: rows}`` (:func:`setting_rows`). Per regime: the verdicts by setting, whether it holds
-    (beats uniform and the best baseline wherever it ran) and which comparisons flip between settings."""
+def wins(rows) -> bool:
+    """Whether every one of ``rows`` beats both uniform and the best baseline."""
+    return all(row.get("vs_uniform") == "beats" and row.get("vs_best_baseline") == "beats" for row in rows)
+
+
+def stability(settings, processes=None):
+    """``settings``: ``{label: rows}`` (:func:`setting_rows`); ``processes``: ``{label: noise process}``. Per regime:
+    the verdicts by setting, whether it holds (beats uniform and the best baseline in every setting), the processes
+    it holds on (in every setting of that process) and which comparisons flip between settings."""
+    processes = processes or {}
     regimes = sorted({r for rows in settings.values() for r in rows if r != UNIFORM})
     out = {}
     for regime in regimes:
@@ -84,9 +98,11 @@ def stability(settings):
                  if len({row.get(key) for row in where.values() if key in row}) > 1
                  and any(row.get(key) == "beats" for row in where.values())]
         missing = sorted(set(settings) - set(where))
-        holds = not missing and all(row.get("vs_uniform") == "beats" and row.get("vs_best_baseline") == "beats"
-                                    for row in where.values())
-        out[regime] = {"settings": sorted(where), "holds": holds, "flips": flips, "missing": missing}
+        holds_on = [process for process in sorted(set(processes.values()))
+                    if all(label in where for label in settings if processes.get(label) == process)
+                    and wins(where[label] for label in settings if processes.get(label) == process)]
+        out[regime] = {"settings": sorted(where), "holds": not missing and wins(where.values()), "holds_on": holds_on,
+                       "flips": flips, "missing": missing}
     return out
 
 
@@ -94,9 +110,9 @@ def render(settings, summary) -> str:
     """The Markdown table: one row per regime, one column per setting (FID mean ± std, verdicts), then holds/flips."""
     labels = list(settings)
     short = {"beats": "+", "loses": "−", "ties": "="}
-    lines = ["| regime | " + " | ".join(labels) + " | holds everywhere | flips |",
-             "| --- |" + " --- |" * (len(labels) + 2)]
-    for regime in sorted(summary, key=lambda r: (not summary[r]["holds"], r)):
+    lines = ["| regime | " + " | ".join(labels) + " | holds everywhere | holds on | flips |",
+             "| --- |" + " --- |" * (len(labels) + 3)]
+    for regime in sorted(summary, key=lambda r: (not summary[r]["holds"], not summary[r]["holds_on"], r)):
         cells = []
         for label in labels:
             row = settings[label].get(regime)
@@ -110,7 +126,8 @@ def render(settings, summary) -> str:
             cells.append(f"{cell} {' '.join(marks)}")
         entry = summary[regime]
         holds = "yes" if entry["holds"] else f"not run in {', '.join(entry['missing'])}" if entry["missing"] else "no"
-        lines.append(f"| {regime} | " + " | ".join(cells) + f" | {holds} | {', '.join(entry['flips']) or '—'} |")
+        holds_on = ", ".join(entry["holds_on"]) or "—"
+        lines.append(f"| {regime} | " + " | ".join(cells) + f" | {holds} | {holds_on} | {', '.join(entry['flips']) or '—'} |")
     legend = ("U: against uniform, B: against the best single baseline, W: at uniform's wall-clock against uniform's final "
               "FID; + beats by more than the seed spread (the larger std), − loses by more, = within it.")
     return "\n".join(lines) + "\n\n" + legend + "\n"
@@ -140,12 +157,12 @@ def main(argv=None):
         summary = json.loads((folder / "summary.json").read_text())
         settings[label] = setting_rows(*final_fids(summary))
         s = summary["settings"]
-        context[label] = {"folder": str(folder), "max_train_steps": s["max_train_steps"], "train_batch_size": s["train_batch_size"],
-                          "seeds": s["seeds"]}
-    summary = stability(settings)
+        context[label] = {"folder": str(folder), "process": process_of(summary), "max_train_steps": s["max_train_steps"],
+                          "train_batch_size": s["train_batch_size"], "seeds": s["seeds"]}
+    summary = stability(settings, {label: c["process"] for label, c in context.items()})
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    budgets = ", ".join(f"{label}: {c['max_train_steps']} steps × batch {c['train_batch_size']}, seeds {c['seeds']}"
+    budgets = ", ".join(f"{label}: {c['process']}, {c['max_train_steps']} steps × batch {c['train_batch_size']}, seeds {c['seeds']}"
                         for label, c in context.items())
     command = "python benchmarks/rank_stability.py " + " ".join(f"{label}={c['folder']}" for label, c in context.items())
     text = f"Settings ({budgets}).\n\n" + render(settings, summary) + f"\n{command} --output_dir {args.output_dir}\n"

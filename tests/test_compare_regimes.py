@@ -462,7 +462,7 @@ def test_rank_stability_judges_each_arm_against_uniform_and_the_best_baseline_in
     write_summary(tmp_path / "ddpm", {"uniform": (100, 5), "p2": (90, 3), "min_snr": (95, 10), "learned": (80, 4), "tdc": (98, 2),
                                       "ant_uw": (70, 2), "learned+logit_normal": (60, 1)})
     write_summary(tmp_path / "flow", {"uniform": (300, 5), "flow_uniform": (50, 2), "flow_logit_normal": (40, 1),
-                                      "flow_learned": (45, 2), "flow_ant_uw": (30, 1)}, steps=2000, batch=8)
+                                      "flow_learned": (45, 2), "flow_ant_uw": (30, 1), "flow_two_phase": (20, 1)}, steps=2000, batch=8)
     summary = rank.main([f"cpu500={tmp_path / 'ddpm'}", f"flow2000={tmp_path / 'flow'}", "--output_dir", str(tmp_path / "out")])
     rows = json.loads((tmp_path / "out" / "rank_stability.json").read_text())["rows"]
     # by hand: a win needs a gap above the larger std
@@ -474,15 +474,20 @@ def test_rank_stability_judges_each_arm_against_uniform_and_the_best_baseline_in
     assert "uniform" in rows["flow2000"] and rows["flow2000"]["uniform"]["fid"] == [50, 2]  # the flow arms, not the DDPM one
     assert (rows["flow2000"]["learned"]["vs_uniform"], rows["flow2000"]["learned"]["vs_best_baseline"]) == ("beats", "loses")
     assert "vs_best_baseline" not in rows["flow2000"]["logit_normal"]  # the only baseline there: nothing to judge it by
-    assert summary["learned"] == {"settings": ["cpu500", "flow2000"], "holds": False, "flips": ["vs_best_baseline"], "missing": []}
-    assert summary["p2"] == {"settings": ["cpu500"], "holds": False, "flips": [], "missing": ["flow2000"]}
+    assert summary["learned"] == {"settings": ["cpu500", "flow2000"], "holds": False, "holds_on": ["ddpm"], "flips": ["vs_best_baseline"],
+                                  "missing": []}
+    assert summary["p2"] == {"settings": ["cpu500"], "holds": False, "holds_on": [], "flips": [], "missing": ["flow2000"]}
     assert summary["ant_uw"]["holds"] and not summary["ant_uw"]["flips"]  # 70 vs 100 and 90; 30 vs 50 and 40
     assert [name for name, entry in summary.items() if entry["holds"]] == ["ant_uw"]  # not one that ran in one setting only
     assert summary["learned+logit_normal"]["missing"] == ["flow2000"]
+    assert summary["learned+logit_normal"]["holds_on"] == ["ddpm"]  # 60 vs 100 and 90: the one DDPM setting
+    assert summary["ant_uw"]["holds_on"] == ["ddpm", "flow"]
+    # a flow-only regime holds on flow, not everywhere
+    assert (summary["two_phase"]["holds"], summary["two_phase"]["holds_on"]) == (False, ["flow"])
     text = (tmp_path / "out" / "rank_stability.md").read_text()
-    assert "cpu500: 500 steps × batch 32" in text and "flow2000: 2000 steps × batch 8" in text
+    assert "cpu500: ddpm, 500 steps × batch 32" in text and "flow2000: flow, 2000 steps × batch 8" in text
     assert text.index("| ant_uw |") < text.index("| learned |")  # what holds comes first
-    assert "| learned | 80.0 ± 4.0 U+ B+ (p2) | 45.0 ± 2.0 U+ B− (logit_normal) | no | vs_best_baseline |" in text
+    assert "| learned | 80.0 ± 4.0 U+ B+ (p2) | 45.0 ± 2.0 U+ B− (logit_normal) | no | ddpm | vs_best_baseline |" in text
     assert rank.verdict((95, 1), (100, 5)) == "ties" and rank.verdict((94.9, 1), (100, 5)) == "beats"
     with pytest.raises(SystemExit):
         rank.parse_args([f"x={tmp_path / 'missing'}"])
