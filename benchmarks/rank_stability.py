@@ -21,6 +21,7 @@ or loses against it in another.
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 BASELINES = ("min_snr", "p2", "logit_normal", "mode")
@@ -39,21 +40,22 @@ def process_of(summary) -> str:
 
 
 def final_fids(summary):
-    """``{regime: (mean, std, seeds)}`` at each arm's last evaluated step, and ``{regime: (mean, std)}`` at uniform's
-    wall-clock where the table has it. A folder holding both processes' arms keeps the flow arms (the other process's
-    arms are another setting: give them their own folder)."""
+    """``{regime: (mean, std, seeds)}`` at each arm's last evaluated step, ``{regime: (mean, std)}`` at uniform's
+    wall-clock where the table has it, and ``{regime: steps to uniform's final FID}``. A folder holding both
+    processes' arms keeps the flow arms (the other process's arms are another setting: give them their own folder)."""
     table = summary["table"]
     flow = process_of(summary) == "flow"
-    final, wall = {}, {}
+    final, wall, reach = {}, {}, {}
     for entry in table:
         if flow != entry["arm"].startswith(FLOW_PREFIX):
             continue
         last = max(entry["fid"], key=int)
         mean, std, seeds = entry["fid"][last]
         final[regime_of(entry["arm"])] = (mean, std, seeds)
+        reach[regime_of(entry["arm"])] = float(entry.get("steps_to_target", math.inf))
         if entry.get("equal_wall_clock"):
             wall[regime_of(entry["arm"])] = tuple(entry["equal_wall_clock"][1:3])
-    return final, wall
+    return final, wall, reach
 
 
 def verdict(arm, reference) -> str:
@@ -62,12 +64,13 @@ def verdict(arm, reference) -> str:
     return "beats" if gap > spread else "loses" if -gap > spread else "ties"
 
 
-def setting_rows(final, wall):
-    """Per regime of one setting: its final FID, the best baseline it is judged against and the verdicts."""
+def setting_rows(final, wall, reach=None):
+    """Per regime of one setting: its final FID, steps to uniform's final FID, the best baseline it is judged against
+    and the verdicts, at equal steps and (where the folder has clocks) at uniform's wall-clock."""
     present = [b for b in BASELINES if b in final]
     rows = {}
     for regime, fid in final.items():
-        row = {"fid": fid[:2], "seeds": fid[2]}
+        row = {"fid": fid[:2], "seeds": fid[2], "steps_to_target": (reach or {}).get(regime, math.inf)}
         if UNIFORM in final and regime != UNIFORM:
             row["vs_uniform"] = verdict(fid, final[UNIFORM])
             if regime in wall:
@@ -76,6 +79,8 @@ def setting_rows(final, wall):
         if others and regime != UNIFORM:
             best = min(others, key=lambda b: final[b][0])
             row["best_baseline"], row["vs_best_baseline"] = best, verdict(fid, final[best])
+            if regime in wall and best in wall:
+                row["vs_best_baseline_equal_wall_clock"] = verdict(wall[regime], wall[best])
         rows[regime] = row
     return rows
 
@@ -106,6 +111,45 @@ def stability(settings, processes=None):
     return out
 
 
+def moonshot(settings, context):
+    """Round 3's moonshot, per composed regime (a name with ``+``) and noise process it ran on: in that process's
+    longest budget it reaches uniform's final FID within half the steps, and in every setting of the process it
+    beats the best single baseline by more than the seed spread at equal steps and at uniform's wall-clock.
+    ``{regime: {process: [the conditions it misses]}}`` (an empty list: met)."""
+    longest = {}
+    for c in context.values():
+        longest[c["process"]] = max(longest.get(c["process"], 0), c["max_train_steps"])
+    out = {}
+    for regime in sorted({r for rows in settings.values() for r in rows if "+" in r}):
+        for process in sorted(longest):
+            labels = [label for label, c in context.items() if c["process"] == process]
+            if not any(regime in settings[label] for label in labels):
+                continue
+            misses = []
+            for label in labels:
+                row, steps = settings[label].get(regime), context[label]["max_train_steps"]
+                if row is None:
+                    misses.append(f"{label}: not run")
+                    continue
+                if steps == longest[process] and not row["steps_to_target"] <= steps / 2:
+                    misses.append(f"{label}: uniform's final FID at step {row['steps_to_target']:g}, not by {steps // 2}")
+                for key, where in (("vs_best_baseline", "equal steps"), ("vs_best_baseline_equal_wall_clock", "uniform's wall-clock")):
+                    if row.get(key) != "beats":
+                        misses.append(f"{label}: {row.get(key, 'not judged against')} the best baseline at {where}")
+            out.setdefault(regime, {})[process] = misses
+    return out
+
+
+def render_moonshot(result) -> str:
+    lines = ["Moonshot (a composed regime: uniform's final FID in at most half the steps at the longest budget, and a win "
+             "over the best single baseline beyond the seed spread at equal steps and at uniform's wall-clock in every "
+             "setting of its process):", ""]
+    for regime, by_process in result.items():
+        for process, misses in by_process.items():
+            lines.append(f"- {regime} ({process}): " + ("met" if not misses else "not met; " + "; ".join(misses)))
+    return "\n".join(lines) + "\n"
+
+
 def render(settings, summary) -> str:
     """The Markdown table: one row per regime, one column per setting (FID mean ± std, verdicts), then holds/flips."""
     labels = list(settings)
@@ -122,14 +166,16 @@ def render(settings, summary) -> str:
             cell = f"{row['fid'][0]:.1f} ± {row['fid'][1]:.1f}"
             marks = [f"U{short[row['vs_uniform']]}"] if "vs_uniform" in row else []
             marks += [f"B{short[row['vs_best_baseline']]} ({row['best_baseline']})"] if "vs_best_baseline" in row else []
+            marks += [f"BW{short[row['vs_best_baseline_equal_wall_clock']]}"] if "vs_best_baseline_equal_wall_clock" in row else []
             marks += [f"W{short[row['vs_uniform_equal_wall_clock']]}"] if "vs_uniform_equal_wall_clock" in row else []
             cells.append(f"{cell} {' '.join(marks)}")
         entry = summary[regime]
         holds = "yes" if entry["holds"] else f"not run in {', '.join(entry['missing'])}" if entry["missing"] else "no"
         holds_on = ", ".join(entry["holds_on"]) or "—"
         lines.append(f"| {regime} | " + " | ".join(cells) + f" | {holds} | {holds_on} | {', '.join(entry['flips']) or '—'} |")
-    legend = ("U: against uniform, B: against the best single baseline, W: at uniform's wall-clock against uniform's final "
-              "FID; + beats by more than the seed spread (the larger std), − loses by more, = within it.")
+    legend = ("U: against uniform, B: against the best single baseline, BW: both at uniform's wall-clock, W: at uniform's "
+              "wall-clock against uniform's final FID; + beats by more than the seed spread (the larger std), − loses by "
+              "more, = within it.")
     return "\n".join(lines) + "\n\n" + legend + "\n"
 
 
@@ -160,14 +206,16 @@ def main(argv=None):
         context[label] = {"folder": str(folder), "process": process_of(summary), "max_train_steps": s["max_train_steps"],
                           "train_batch_size": s["train_batch_size"], "seeds": s["seeds"]}
     summary = stability(settings, {label: c["process"] for label, c in context.items()})
+    shot = moonshot(settings, context)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     budgets = ", ".join(f"{label}: {c['process']}, {c['max_train_steps']} steps × batch {c['train_batch_size']}, seeds {c['seeds']}"
                         for label, c in context.items())
     command = "python benchmarks/rank_stability.py " + " ".join(f"{label}={c['folder']}" for label, c in context.items())
-    text = f"Settings ({budgets}).\n\n" + render(settings, summary) + f"\n{command} --output_dir {args.output_dir}\n"
+    text = (f"Settings ({budgets}).\n\n" + render(settings, summary) + "\n" + render_moonshot(shot)
+            + f"\n{command} --output_dir {args.output_dir}\n")
     (out / "rank_stability.md").write_text(text)
-    (out / "rank_stability.json").write_text(json.dumps({"settings": context, "rows": settings, "summary": summary}, indent=2))
+    (out / "rank_stability.json").write_text(json.dumps({"settings": context, "rows": settings, "summary": summary, "moonshot": shot}, indent=2))
     print(text)
     return summary
 

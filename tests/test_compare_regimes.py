@@ -446,10 +446,12 @@ def test_pruned_tdc_counts_a_smaller_fine_tuning_batch_in_training_steps(monkeyp
     assert "--finetune_batch_size must be >= 1, got 0" in capsys.readouterr().err
 
 
-def write_summary(folder, table, steps=500, batch=32):
-    """A compare_regimes summary.json holding ``table``: {arm: (mean, std)} at the last step, 3 seeds."""
+def write_summary(folder, table, steps=500, batch=32, extra=None):
+    """A compare_regimes summary.json holding ``table``: {arm: (mean, std)} at the last step, 3 seeds; ``extra``:
+    more entries per arm (``steps_to_target``, ``equal_wall_clock``)."""
     folder.mkdir(parents=True)
-    rows = [{"arm": arm, "fid": {"250": [mean + 50, std, 3], str(steps): [mean, std, 3]}} for arm, (mean, std) in table.items()]
+    rows = [{"arm": arm, "fid": {"250": [mean + 50, std, 3], str(steps): [mean, std, 3]}, **(extra or {}).get(arm, {})}
+            for arm, (mean, std) in table.items()]
     (folder / "summary.json").write_text(json.dumps({"settings": {"max_train_steps": steps, "train_batch_size": batch, "seeds": "0,1,2"},
                                                      "target_fid": None, "table": rows}))
 
@@ -491,6 +493,33 @@ def test_rank_stability_judges_each_arm_against_uniform_and_the_best_baseline_in
     assert rank.verdict((95, 1), (100, 5)) == "ties" and rank.verdict((94.9, 1), (100, 5)) == "beats"
     with pytest.raises(SystemExit):
         rank.parse_args([f"x={tmp_path / 'missing'}"])
+
+
+def test_the_moonshot_needs_half_the_steps_at_the_longest_budget_and_wins_over_the_best_baseline_at_both_clocks(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    spec = importlib.util.spec_from_file_location("rank_stability", ROOT / "benchmarks" / "rank_stability.py")
+    rank = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rank)
+
+    def wall(mean, std):
+        return {"equal_wall_clock": [0, mean, std]}
+
+    write_summary(tmp_path / "short", {"uniform": (100, 5), "p2": (90, 3), "min_snr": (95, 10), "ant_uw+p2": (80, 2), "tdc+p2": (70, 1)},
+                  extra={"p2": wall(92, 3), "ant_uw+p2": wall(85, 2), "tdc+p2": wall(88, 1)})
+    write_summary(tmp_path / "long", {"uniform": (60, 2), "p2": (50, 2), "ant_uw+p2": (40, 2), "tdc+p2": (45, 1), "curriculum+p2": (30, 1)},
+                  steps=2000, batch=8,
+                  extra={"p2": wall(52, 2), "ant_uw+p2": {**wall(44, 2), "steps_to_target": 1000},
+                         "tdc+p2": {**wall(51, 1), "steps_to_target": 750}, "curriculum+p2": {**wall(35, 1), "steps_to_target": 1250}})
+    rank.main([f"ddpm500={tmp_path / 'short'}", f"ddpm2000={tmp_path / 'long'}", "--output_dir", str(tmp_path / "out")])
+    result = json.loads((tmp_path / "out" / "rank_stability.json").read_text())
+    # by hand: ant_uw+p2 beats P2 by 10 > 3 and 10 > 2 at equal steps, by 7 > 3 and 8 > 2 at the wall-clock; step 1000 of 2000
+    assert result["moonshot"]["ant_uw+p2"] == {"ddpm": []}
+    assert result["moonshot"]["tdc+p2"] == {"ddpm": ["ddpm2000: ties the best baseline at uniform's wall-clock"]}  # 52 - 51 < 2
+    assert result["moonshot"]["curriculum+p2"] == {"ddpm": ["ddpm500: not run", "ddpm2000: uniform's final FID at step 1250, not by 1000"]}
+    assert result["rows"]["ddpm500"]["tdc+p2"]["vs_best_baseline_equal_wall_clock"] == "beats"  # 92 - 88 > 3
+    assert "p2" not in result["moonshot"]  # single regimes are not candidates
+    text = (tmp_path / "out" / "rank_stability.md").read_text()
+    assert "- ant_uw+p2 (ddpm): met" in text and "BW=" in text
 
 
 def test_a_protocol_sets_its_budget_and_explicit_flags_win():
