@@ -73,6 +73,8 @@ def arms(total_steps, curriculum_share=0.5, curriculum_clusters=5):
     # DDPM's weighting baselines under flow (their velocity-loss forms, weighting.py)
     flow["flow_p2"] = [*flow["flow_uniform"], *single["p2"]]
     flow["flow_min_snr"] = [*flow["flow_uniform"], *single["min_snr"]]
+    # the two leading flow arms at 2,000 CPU steps (round 3), composed
+    flow["flow_logit_normal+min_snr"] = [*flow["flow_logit_normal"], *single["min_snr"]]
     return {**single, **composed, **flow, "tdc_pruned": None}  # tdc_pruned prunes the tdc run
 
 
