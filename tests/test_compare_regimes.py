@@ -9,8 +9,8 @@ import torch
 from conftest import ROOT, load_script
 
 
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("compare_regimes", ROOT / "benchmarks" / "compare_regimes.py")
+def load_benchmark(name="compare_regimes"):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -458,9 +458,7 @@ def write_summary(folder, table, steps=500, batch=32, extra=None):
 
 def test_rank_stability_judges_each_arm_against_uniform_and_the_best_baseline_in_every_setting(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("rank_stability", ROOT / "benchmarks" / "rank_stability.py")
-    rank = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rank)
+    rank = load_benchmark("rank_stability")
     write_summary(tmp_path / "ddpm", {"uniform": (100, 5), "p2": (90, 3), "min_snr": (95, 10), "learned": (80, 4), "tdc": (98, 2),
                                       "ant_uw": (70, 2), "learned+logit_normal": (60, 1)})
     write_summary(tmp_path / "flow", {"uniform": (300, 5), "flow_uniform": (50, 2), "flow_logit_normal": (40, 1),
@@ -497,9 +495,7 @@ def test_rank_stability_judges_each_arm_against_uniform_and_the_best_baseline_in
 
 def test_the_moonshot_needs_half_the_steps_at_the_longest_budget_and_wins_over_the_best_baseline_at_both_clocks(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("rank_stability", ROOT / "benchmarks" / "rank_stability.py")
-    rank = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rank)
+    rank = load_benchmark("rank_stability")
 
     def wall(mean, std):
         return {"equal_wall_clock": [0, mean, std]}
