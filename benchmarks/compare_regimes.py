@@ -277,13 +277,13 @@ def load_step_costs(path):
     except (OSError, ValueError, KeyError) as e:
         sys.exit(f"error: --step_costs {path}: not benchmarks/overhead.py output ({type(e).__name__}: {e})")
     costs = {r["arm"]: r["median_s"] for r in rows if "arm" in r}
-    if "uniform" not in costs:
-        sys.exit(f"error: --step_costs {path} times no 'uniform' arm; rerun benchmarks/overhead.py")
+    if "uniform" not in costs and "flow_uniform" not in costs:
+        sys.exit(f"error: --step_costs {path} times no 'uniform' arm (nor 'flow_uniform'); rerun benchmarks/overhead.py --arms")
     return costs
 
 
 # The overhead.py row timing the stage-2 step of each TDC arm.
-STAGE2_COSTS = {"tdc": "tdc_stage2", "tdc_round_robin": "tdc_round_robin_stage2"}
+STAGE2_COSTS = {"tdc": "tdc_stage2", "tdc_round_robin": "tdc_round_robin_stage2", "flow_tdc": "flow_tdc_stage2"}
 
 
 def modelled_seconds(arm, step, costs, args):

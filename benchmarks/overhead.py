@@ -137,14 +137,17 @@ def regime_variant(train, accelerator, scheduler, clean, resolution, widths, fla
 
 
 def arm_variants(args, accelerator, scheduler, clean):
-    """``{arm: (label, step)}``: each compare_regimes.py arm's regime, built from its flags."""
+    """``{arm: (label, step)}``: each compare_regimes.py arm's regime of ``--noise_process`` (the ``flow_*`` arms
+    under flow, the others under DDPM), built from its flags."""
     train = load_script("train_unconditional")
     widths = args.block_out_channels or DEFAULT_BLOCK_OUT_CHANNELS
     steps = 10 ** 6  # long enough that no curriculum stage or TDC base stage ends while timed
-    flags = {arm: f for arm, f in arms(steps).items() if f is not None and "--noise_process" not in f}
-    flags["tdc_stage2"] = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "1"]  # branches in warm-up
-    flags["tdc_stage2_per_group"] = [*flags["tdc_stage2"], "--experts_forward", "per_group"]  # the fallback path
-    flags["tdc_round_robin_stage2"] = [*flags["tdc_stage2"], "--experts_schedule", "round_robin"]  # one expert a step
+    flow = args.noise_process == "flow"
+    flags = {arm: f for arm, f in arms(steps).items() if f is not None and ("--noise_process" in f) == flow}
+    prefix = "flow_" if flow else ""
+    flags[f"{prefix}tdc_stage2"] = ["--regime", "tdc", "--tdc_groups", "4", "--tdc_base_steps", "1"]  # branches in warm-up
+    flags[f"{prefix}tdc_stage2_per_group"] = [*flags[f"{prefix}tdc_stage2"], "--experts_forward", "per_group"]  # the fallback path
+    flags[f"{prefix}tdc_round_robin_stage2"] = [*flags[f"{prefix}tdc_stage2"], "--experts_schedule", "round_robin"]  # one expert a step
     only = args.only.split(",") if args.only else flags
     return {arm: (f"arm {arm}", regime_variant(train, accelerator, scheduler, clean, args.resolution, widths, arm_flags, steps))
             for arm, arm_flags in flags.items() if arm in only}

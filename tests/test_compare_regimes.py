@@ -398,6 +398,23 @@ def test_overhead_times_every_variant_as_a_flow_against_the_sd3_step(tmp_path, m
     assert step.args[5].noise_process.name == "flow"
 
 
+def test_overhead_times_the_flow_arms_under_flow_and_their_costs_model_a_flow_folders_clocks(tmp_path, monkeypatch):
+    overhead = load_overhead(monkeypatch)
+    out = tmp_path / "overhead.json"
+    overhead.main(["--noise_process", "flow", "--arms", "--only", "flow_uniform,flow_tdc,flow_tdc_stage2,uniform", "--steps", "1",
+                   "--warmup", "1", "--batch_size", "8", "--resolution", "16", "--block_out_channels", "8,16", "--output", str(out)])
+    rows = {r["arm"]: r for r in json.loads(out.read_text())["rows"] if "arm" in r}
+    assert set(rows) == {"flow_uniform", "flow_tdc", "flow_tdc_stage2"}  # the DDPM arm is another process's
+    assert rows["flow_tdc_stage2"]["experts_forward"] == "batched"
+    bench = load_benchmark()
+    costs = bench.load_step_costs(out)
+    assert costs.keys() == rows.keys()
+    args = bench.parse_args(["--max_train_steps", "20"])
+    costs = {"flow_uniform": 1.0, "flow_tdc": 1.0, "flow_tdc_stage2": 3.0}
+    assert bench.modelled_seconds("flow_tdc", 20, costs, args) == 10 * 1.0 + 10 * 3.0  # its stage 2 after the branch
+    assert bench.modelled_seconds("flow_tdc+p2", 20, {**costs, "flow_tdc+p2": 1.0}, args) == 10 * 1.0 + 10 * 3.0
+
+
 def load_pruned_tdc(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("pruned_tdc", ROOT / "benchmarks" / "pruned_tdc.py")
