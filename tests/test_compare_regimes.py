@@ -354,9 +354,7 @@ def load_overhead(monkeypatch):
     import sys
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
-    overhead = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(overhead)
+    overhead = load_benchmark("overhead")
     monkeypatch.setitem(sys.modules, "overhead", overhead)
     return overhead
 
@@ -417,10 +415,7 @@ def test_overhead_times_the_flow_arms_under_flow_and_their_costs_model_a_flow_fo
 
 def load_pruned_tdc(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    spec = importlib.util.spec_from_file_location("pruned_tdc", ROOT / "benchmarks" / "pruned_tdc.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pruned_tdc")
 
 
 def test_pruned_tdc_judges_each_pruned_model_against_tdc_at_the_same_steps(monkeypatch):
